@@ -1,0 +1,78 @@
+"""Rule rewards on real-looking answers, with the orderings a reader would expect."""
+
+from __future__ import annotations
+
+import pytest
+
+from toushi.rewards import (
+    RULE_REWARDS,
+    format_reward,
+    length_reward,
+    post_complexity,
+    repetition_reward,
+    target_length,
+)
+
+SHORT_POST = "Failed my driving test again today. Third time."
+LONG_POST = (
+    "I got laid off on Monday after six years at the same company. They called me into a room with HR and "
+    "it was over in ten minutes. I haven't told my wife yet because she is pregnant and already anxious. "
+    "We have a mortgage and about two months of savings. I keep refreshing job boards at 3am. My dad keeps "
+    "asking how work is going and I lie every time. I feel like a fraud and a failure as a husband. "
+    "Everyone on LinkedIn seems to be getting promoted. I don't even know where to start."
+)
+GOOD_EN = (
+    "Three tries is exhausting, and it makes sense that today stings. Lots of good drivers needed several "
+    "attempts; the test measures one nervous half hour, not who you are. If you can, ask the examiner's "
+    "sheet which points cost you and practise just those before booking again."
+)
+MARKDOWN_EN = "**You are not alone.**\n\n- Take a breath\n- Practise more\n- Try again"
+ZH_POST = "考研又没过，家里人都在问，我真的不知道怎么面对他们。"
+ZH_ANSWER = "连着准备这么久还没过，心里肯定又累又委屈。家里人的关心有时会变成压力，你可以先只跟一个最信任的人说说真实的感受。"
+
+
+def test_format_orders_clean_over_markdown_over_leak():
+    clean = format_reward(GOOD_EN, SHORT_POST)
+    md = format_reward(MARKDOWN_EN, SHORT_POST)
+    leak = format_reward("<think>they want comfort</think> Sorry to hear that.", SHORT_POST)
+    assert clean == 1.0 and md == 0.5 and leak < md
+    assert format_reward("", SHORT_POST) == -1.0
+    # zh post answered in English loses the language point; answered in zh keeps it.
+    assert format_reward(ZH_ANSWER, ZH_POST) == 1.0
+    assert format_reward(GOOD_EN, ZH_POST) == 0.5
+
+
+def test_repetition_punishes_loops():
+    loop = "I am so sorry. " * 20
+    assert repetition_reward(GOOD_EN) == 1.0
+    assert repetition_reward(loop) == -1.0
+    half = GOOD_EN + " " + "you will be fine you will be fine you will be fine you will be fine"
+    assert -1.0 < repetition_reward(half) < 1.0
+
+
+def test_complexity_and_bilateral_length():
+    assert post_complexity(SHORT_POST) < 0.2 < 0.6 < post_complexity(LONG_POST)
+    lo_s, hi_s = target_length(SHORT_POST)
+    lo_l, hi_l = target_length(LONG_POST)
+    assert lo_s < lo_l and hi_s < hi_l
+    curt = "That sucks, sorry."
+    essay = " ".join([GOOD_EN] * 6)
+    # A short post: a focused reply beats both a one-liner and an essay.
+    assert length_reward(GOOD_EN, SHORT_POST) == 1.0
+    assert length_reward(curt, SHORT_POST) < 1.0 and length_reward(essay, SHORT_POST) < 0.0
+    # A long, tangled post: the same one-liner is punished harder, a fuller reply is in band.
+    fuller = " ".join([GOOD_EN] * 2)
+    assert length_reward(curt, LONG_POST) < length_reward(curt, SHORT_POST)
+    assert length_reward(fuller, LONG_POST) == 1.0
+    assert length_reward("", LONG_POST) == -1.0
+
+
+def test_trl_adapters_follow_trl_signature():
+    completions = [[{"role": "assistant", "content": GOOD_EN}], [{"role": "assistant", "content": MARKDOWN_EN}]]
+    prompts = [[{"role": "user", "content": "x"}]] * 2
+    out = RULE_REWARDS["format"](prompts, completions, post=[SHORT_POST, SHORT_POST], trainer_state=None)
+    assert out == [1.0, 0.5]
+    assert RULE_REWARDS["format"].__name__ == "format"
+    assert RULE_REWARDS["repetition"](prompts, ["a b c d " * 10, GOOD_EN]) == [-1.0, 1.0]
+    with pytest.raises(ValueError, match="needs a 'post' column"):
+        RULE_REWARDS["length"](prompts, completions)

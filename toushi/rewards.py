@@ -1,0 +1,102 @@
+"""Rule rewards for GRPO: cheap, deterministic, hard to game. Each is a plain function of an answer and
+its post, usable alone; ``trl_reward`` adapts one to TRL's reward-function signature.
+
+After the bilateral-reward idea of Psy-Interpreter ("From Stimuli to Minds"): format and repetition
+guard the surface, and the length reward is two-sided, punishing both the curt reply to a long, tangled
+post and the essay under a one-line post.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from toushi.metrics import detect_lang, markdown_count, repetition_ratio, sentences, tokens
+
+THINK_MARKERS = ("<think>", "</think>")
+
+
+def format_reward(answer: str, post: str) -> float:
+    """1.0 for a clean plain-text reply in the post's language; each fault subtracts:
+    Markdown/HTML 0.5, wrong language 0.5, leaked ``<think>`` text 1.0; empty answer -1. Range [-1, 1]."""
+    if not answer.strip():
+        return -1.0
+    score = 1.0
+    if markdown_count(answer):
+        score -= 0.5
+    post_lang, answer_lang = detect_lang(post), detect_lang(answer)
+    if post_lang and answer_lang != post_lang:
+        score -= 0.5
+    if any(m in answer for m in THINK_MARKERS):
+        score -= 1.0
+    return max(-1.0, score)
+
+
+def repetition_reward(answer: str, n: int = 4) -> float:
+    """1 - 4 x (share of n-grams repeating an earlier one), floored at -1: fresh text scores 1, a quarter
+    repeated 0, half or more (a loop) -1."""
+    return max(-1.0, 1.0 - 4.0 * repetition_ratio(answer, n))
+
+
+def post_complexity(post: str) -> float:
+    """How much a post asks of a reply, in [0, 1].
+
+    Two observable signals, averaged: its length (tokens: zh characters or en words, saturating at 300 zh
+    characters / 150 en words) and how many separate things it says (sentences, saturating at 8). A
+    one-line "I failed my exam" scores near 0; a long post about a lost job, debt and a breakup near 1.
+    """
+    toks = tokens(post)
+    cap = 300 if detect_lang(post) == "zh" else 150
+    length = min(1.0, len(toks) / cap)
+    parts = min(1.0, len(sentences(post)) / 8)
+    return round((length + parts) / 2, 4)
+
+
+def target_length(post: str) -> tuple[int, int]:
+    """Comfortable reply length (tokens, as ``metrics.tokens`` counts them) for a post: grows with its
+    complexity from 30-70 en words (60-140 zh characters) to 90-180 words (180-360 characters)."""
+    c = post_complexity(post)
+    if detect_lang(post) == "zh":
+        return int(60 + 120 * c), int(140 + 220 * c)
+    return int(30 + 60 * c), int(70 + 110 * c)
+
+
+def length_reward(answer: str, post: str) -> float:
+    """Two-sided: 1 inside the target band, falling linearly to 0 at half the lower bound and at twice
+    the upper bound, and to -1 beyond (empty answers and rambles both lose)."""
+    n = len(tokens(answer))
+    lo, hi = target_length(post)
+    if lo <= n <= hi:
+        return 1.0
+    if n < lo:
+        return max(-1.0, (n - lo / 2) / (lo / 2))
+    return max(-1.0, 1.0 - (n - hi) / hi)
+
+
+def completion_text(completion) -> str:
+    """TRL passes conversational completions as message lists and standard ones as strings."""
+    if isinstance(completion, list):
+        return "".join(m.get("content", "") for m in completion if m.get("role", "assistant") == "assistant")
+    return completion
+
+
+def trl_reward(fn: Callable[..., float], name: str, uses_post: bool = True) -> Callable[..., list[float]]:
+    """Adapt ``fn(answer, post)`` (or ``fn(answer)``) to TRL: ``f(prompts, completions, post=[...], **kw)``.
+    The dataset must carry the raw post in a ``post`` column."""
+
+    def reward(prompts, completions, post=None, **kwargs) -> list[float]:
+        answers = [completion_text(c) for c in completions]
+        if uses_post:
+            if post is None:
+                raise ValueError(f"reward {name!r} needs a 'post' column in the GRPO dataset")
+            return [fn(a, p) for a, p in zip(answers, post)]
+        return [fn(a) for a in answers]
+
+    reward.__name__ = name  # TRL logs rewards under the function's name
+    return reward
+
+
+RULE_REWARDS: dict[str, Callable[..., list[float]]] = {
+    "format": trl_reward(format_reward, "format"),
+    "repetition": trl_reward(repetition_reward, "repetition", uses_post=False),
+    "length": trl_reward(length_reward, "length"),
+}
