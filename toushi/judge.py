@@ -1,0 +1,299 @@
+"""Pairwise LLM judge with the usual biases controlled.
+
+* Position: every pair is judged in both orders (A/B, then B/A); a pair whose two verdicts disagree
+  counts as a tie.
+* Length: besides the raw win rate we report a length-controlled one (``toushi.stats``).
+* Injection: the post and both replies are fenced between per-prompt markers and every quoted line is
+  prefixed with "│", so a reply cannot close its fence or start a line the parser would read; the judge
+  is told that quoted text is material, not instructions; the parser skips quoted lines and fenced
+  blocks in the judge's output, and takes the judge's *last* verdict line.
+* Parse failures: one retry asking for the bare answer lines, then the call is recorded as invalid
+  (never silently turned into a tie) and counted.
+
+Any engine can judge: it only needs ``generate(conversations, sampling) -> [[completion with .text]]``.
+Calls are cached in a StageStore keyed by a content hash of (judge model, sampling, prompt), so a
+rerun makes no call it already made and a crash loses at most one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from toushi.recipe import Sampling
+from toushi.store import StageStore, stable_id
+from toushi.templates import TEMPLATE_DIR, render
+
+QUOTE = "│ "
+Verdict = str  # "A" | "B" | "tie"
+
+
+# ------------------------------------------------------------------------------------ dimensions
+
+
+def rubric(lang: str) -> list[dict]:
+    """The standard emotional-support rubric for a language: [{"name", "definition"}]."""
+    path = TEMPLATE_DIR / lang / "judge_rubric.yaml"
+    return [{"name": d["name"], "definition": d["definition"]} for d in yaml.safe_load(path.read_text("utf-8"))]
+
+
+def guidance_dimensions(run_dir: Path) -> list[dict]:
+    """The run's guidance dimensions (runs/<run>/guidance/guidance.json), [] when there is none."""
+    path = Path(run_dir) / "guidance" / "guidance.json"
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    dims = []
+    for i, d in enumerate(data.get("dimensions") or []):
+        if not isinstance(d, dict) or not str(d.get("name", "")).strip():
+            raise ValueError(f"{path}: dimensions[{i}] has no name")
+        # One line per dimension in the answer format, so names and definitions must be single-line.
+        name = " ".join(str(d["name"]).split())
+        definition = " ".join(str(d.get("definition") or "").split())
+        dims.append({"name": name, "definition": definition})
+    return dims
+
+
+def judge_dimensions(lang: str, run_dir: Path | None = None) -> list[dict]:
+    """Rubric dimensions plus the run's guidance dimensions (deduplicated by name)."""
+    dims = rubric(lang)
+    seen = {d["name"].lower() for d in dims}
+    for d in guidance_dimensions(run_dir) if run_dir else []:
+        if d["name"].lower() not in seen and d["name"].lower() != "verdict":
+            dims.append(d)
+            seen.add(d["name"].lower())
+    return dims
+
+
+# ------------------------------------------------------------------------------------ prompt
+
+
+_MARKER = re.compile(r"\[\[\s*(?:END\s+)?(?:POST|REPLY)\b[^\]]*\]\]", re.I)
+
+
+def quote(text: str) -> str:
+    """Neutralise a post or reply for fencing: defuse anything that looks like one of our markers and
+    prefix every line with "│", so the text can neither close its fence nor begin a line the
+    parser reads as a verdict."""
+    text = _MARKER.sub(lambda m: m.group(0).replace("[[", "[ [").replace("]]", "] ]"), text)
+    return "\n".join(QUOTE + line for line in (text.strip() or "(empty reply)").split("\n"))
+
+
+def build_prompt(lang: str, post: str, response_a: str, response_b: str, dimensions: list[dict]) -> str:
+    # The fence tag is a hash of the content, so a reply cannot contain its own fence's tag.
+    tag = stable_id("fence", post, response_a, response_b)[:8]
+    return render(
+        "judge_pairwise", lang, tag=tag, post=quote(post), response_a=quote(response_a),
+        response_b=quote(response_b), dimensions=dimensions,
+    )
+
+
+def build_retry(lang: str, dimensions: list[dict]) -> str:
+    return render("judge_pairwise_retry", lang, dimensions=dimensions)
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+# A, B are case-sensitive (so "verdict: a tie" is not A); "tie" and the key names are not.
+_CHOICE = r"[\s*_\"'`\[(<]*(?:(?i:response|reply|answer|回复|回答)\s*)?(A|B|(?i:tie|draw)|平局|平手)(?![A-Za-z])"
+_LEAD = r"^[ \t]*(?:[-*#>]+\s*|\d+[.)]\s*)?[*_]*"
+_VERDICT_LINE = re.compile(_LEAD + r"(?i:verdict|overall verdict|final verdict|裁决|总体裁决|结论)[*_]*\s*[:：]" + _CHOICE,
+                           re.M)
+_FENCED = re.compile(r"\[\[\s*(POST|REPLY\s+[AB])\b[^\]]*\]\].*?\[\[\s*END\s+\1\b[^\]]*\]\]", re.S | re.I)
+
+
+def _norm(choice: str) -> Verdict:
+    return choice if choice in ("A", "B") else "tie"
+
+
+def _judge_text(output: str) -> str:
+    """The judge's own words: fenced blocks it copied and quoted ("│") lines removed."""
+    output = _FENCED.sub("", output)
+    return "\n".join(line for line in output.split("\n") if not line.lstrip().startswith("│"))
+
+
+def parse_verdict(output: str, dimensions: Sequence[dict]) -> dict | None:
+    """{"verdict": "A"|"B"|"tie", "dims": {name: "A"|"B"|"tie"|None}} or None when there is no verdict.
+
+    The overall verdict is the last verdict line the judge wrote; dimension lines are optional (a
+    missing one is None).
+    """
+    text = _judge_text(output)
+    found = _VERDICT_LINE.findall(text)
+    if not found:
+        return None
+    dims = {}
+    for d in dimensions:
+        pat = re.compile(_LEAD + r"(?i:" + re.escape(d["name"]) + r")[*_]*\s*[:：]" + _CHOICE, re.M)
+        hits = pat.findall(text)
+        dims[d["name"]] = _norm(hits[-1]) if hits else None
+    return {"verdict": _norm(found[-1]), "dims": dims}
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True)
+class PairTask:
+    """One comparison: `system`'s answer vs `reference`'s answer to the same post."""
+
+    prompt_id: str
+    lang: str
+    post: str
+    system: str
+    text: str
+    reference: str
+    ref_text: str
+
+    @property
+    def pair_id(self) -> str:
+        return stable_id("pair", self.prompt_id, self.system, self.reference, self.text, self.ref_text)
+
+
+def _calls(task: PairTask, dimensions: list[dict], cache_key: str) -> list[dict]:
+    """The two orders of a pair: "sr" (system is A) and "rs" (reference is A)."""
+    out = []
+    for order, (a, b) in (("sr", (task.text, task.ref_text)), ("rs", (task.ref_text, task.text))):
+        prompt = build_prompt(task.lang, task.post, a, b, dimensions)
+        out.append({"id": stable_id("judge", cache_key, prompt), "pair_id": task.pair_id, "order": order,
+                    "prompt": prompt})
+    return out
+
+
+def run_judge(
+    engine,
+    tasks: Sequence[PairTask],
+    store: StageStore,
+    dimensions: list[dict],
+    sampling: Sampling,
+    judge_model: str,
+    batch_size: int = 32,
+    progress=None,
+) -> list[dict]:
+    """Judge every task in both orders; returns the call records (cached ones read back, new ones
+    written as each batch finishes). ``progress`` is an optional callable(n_done) for progress bars."""
+    sampling = sampling.model_copy(update={"n": 1})
+    cache_key = stable_id(judge_model, sampling.model_dump(mode="json"))
+    calls = [c for t in tasks for c in _calls(t, dimensions, cache_key)]
+    done = store.ids()
+    todo = [c for c in calls if c["id"] not in done]
+    lang_of = {t.pair_id: t.lang for t in tasks}
+    with store.writer(batch_size=batch_size) as w:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            convs = [[{"role": "user", "content": c["prompt"]}] for c in batch]
+            first = [outs[0].text for outs in engine.generate(convs, sampling)]
+            parsed = [parse_verdict(t, dimensions) for t in first]
+            retry_idx = [i for i, p in enumerate(parsed) if p is None]
+            retried: dict[int, str] = {}
+            if retry_idx:
+                retry_convs = [
+                    convs[i] + [{"role": "assistant", "content": first[i]},
+                                {"role": "user", "content": build_retry(lang_of[batch[i]["pair_id"]], dimensions)}]
+                    for i in retry_idx
+                ]
+                for i, outs in zip(retry_idx, engine.generate(retry_convs, sampling)):
+                    retried[i] = outs[0].text
+                    parsed[i] = parse_verdict(outs[0].text, dimensions)
+            for i, c in enumerate(batch):
+                p = parsed[i]
+                w.write({**c, "judge_model": judge_model, "raw": first[i], "retry_raw": retried.get(i),
+                         "valid": p is not None, "verdict": p["verdict"] if p else None,
+                         "dims": p["dims"] if p else None})
+            w.flush()
+            if progress:
+                progress(len(batch))
+    wanted = [c["id"] for c in calls]
+    return store.records(wanted)
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+
+def _outcome_for_system(order: str, verdict: Verdict | None) -> float | None:
+    """1 win, 0.5 tie, 0 loss for the evaluated system, given the order it was shown in."""
+    if verdict is None:
+        return None
+    if verdict == "tie":
+        return 0.5
+    system_is = "A" if order == "sr" else "B"
+    return 1.0 if verdict == system_is else 0.0
+
+
+def _combine(a: float | None, b: float | None) -> float | None:
+    """Both orders agree: that outcome. They disagree: a tie. Either missing: None."""
+    if a is None or b is None:
+        return None
+    return a if a == b else 0.5
+
+
+def aggregate(tasks: Sequence[PairTask], calls: Sequence[dict], dimensions: Sequence[dict]) -> list[dict]:
+    """One outcome per task from its two calls. A pair with an invalid call is marked invalid and gets
+    no outcome (it is counted, not scored as a tie)."""
+    by_pair: dict[str, dict[str, dict]] = defaultdict(dict)
+    for c in calls:
+        by_pair[c["pair_id"]][c["order"]] = c
+    out = []
+    for t in tasks:
+        got = by_pair.get(t.pair_id, {})
+        sr, rs = got.get("sr"), got.get("rs")
+        valid = bool(sr and rs and sr["valid"] and rs["valid"])
+        o_sr = _outcome_for_system("sr", sr["verdict"]) if sr and sr["valid"] else None
+        o_rs = _outcome_for_system("rs", rs["verdict"]) if rs and rs["valid"] else None
+        dims = {}
+        for d in dimensions:
+            name = d["name"]
+            a = _outcome_for_system("sr", (sr.get("dims") or {}).get(name)) if valid else None
+            b = _outcome_for_system("rs", (rs.get("dims") or {}).get(name)) if valid else None
+            dims[name] = _combine(a, b)
+        out.append({
+            "pair_id": t.pair_id, "prompt_id": t.prompt_id, "system": t.system, "reference": t.reference,
+            "valid": valid, "outcome": _combine(o_sr, o_rs), "consistent": valid and o_sr == o_rs,
+            "len_system": len(t.text), "len_reference": len(t.ref_text), "dims": dims,
+            "invalid_calls": sum(1 for c in (sr, rs) if c is not None and not c["valid"]),
+        })
+    return out
+
+
+def win_rates(pairs: Sequence[dict], dimensions: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per system: raw and length-controlled win rate vs the reference (95% bootstrap CIs), per-dimension
+    win rates, position consistency and invalid counts."""
+    from toushi.stats import bootstrap_ci, length_controlled_ci
+
+    by_system: dict[str, list[dict]] = defaultdict(list)
+    for p in pairs:
+        by_system[p["system"]].append(p)
+    out = {}
+    for system, ps in by_system.items():
+        valid = [p for p in ps if p["valid"]]
+        outcomes = [p["outcome"] for p in valid]
+        out[system] = {
+            "reference": ps[0]["reference"],
+            "pairs": len(ps),
+            "valid": len(valid),
+            "invalid": len(ps) - len(valid),
+            "invalid_calls": sum(p["invalid_calls"] for p in ps),
+            "wins": sum(1 for o in outcomes if o == 1.0),
+            "ties": sum(1 for o in outcomes if o == 0.5),
+            "losses": sum(1 for o in outcomes if o == 0.0),
+            "consistency": (sum(p["consistent"] for p in valid) / len(valid)) if valid else None,
+            "win_rate": bootstrap_ci(outcomes, n_boot=n_boot, seed=seed),
+            "lc_win_rate": length_controlled_ci(
+                outcomes, [p["len_system"] for p in valid], [p["len_reference"] for p in valid],
+                n_boot=n_boot, seed=seed,
+            ),
+            "dims": {
+                d["name"]: bootstrap_ci([p["dims"].get(d["name"]) for p in valid], n_boot=n_boot, seed=seed)
+                for d in dimensions
+            },
+        }
+    return out
