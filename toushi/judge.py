@@ -169,6 +169,21 @@ def _calls(task: PairTask, dimensions: list[dict], cache_key: str) -> list[dict]
     return out
 
 
+def plan_calls(tasks: Sequence[PairTask], dimensions: list[dict], sampling: Sampling, judge_model: str) -> list[dict]:
+    """Every call the tasks need (two per task), each with its cache id."""
+    sampling = sampling.model_copy(update={"n": 1})
+    cache_key = stable_id(judge_model, sampling.model_dump(mode="json"))
+    return [c for t in tasks for c in _calls(t, dimensions, cache_key)]
+
+
+def pending_calls(
+    tasks: Sequence[PairTask], store: StageStore, dimensions: list[dict], sampling: Sampling, judge_model: str
+) -> int:
+    """How many calls are not cached yet (0: no judge engine needs to start)."""
+    done = store.ids()
+    return sum(1 for c in plan_calls(tasks, dimensions, sampling, judge_model) if c["id"] not in done)
+
+
 def run_judge(
     engine,
     tasks: Sequence[PairTask],
@@ -182,8 +197,7 @@ def run_judge(
     """Judge every task in both orders; returns the call records (cached ones read back, new ones
     written as each batch finishes). ``progress`` is an optional callable(n_done) for progress bars."""
     sampling = sampling.model_copy(update={"n": 1})
-    cache_key = stable_id(judge_model, sampling.model_dump(mode="json"))
-    calls = [c for t in tasks for c in _calls(t, dimensions, cache_key)]
+    calls = plan_calls(tasks, dimensions, sampling, judge_model)
     done = store.ids()
     todo = [c for c in calls if c["id"] not in done]
     lang_of = {t.pair_id: t.lang for t in tasks}

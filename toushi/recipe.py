@@ -319,7 +319,10 @@ class EvalSection(Section):
         default_factory=lambda: ["weak", "guided", "strong", "student", "sft", "dpo", "grpo"],
         description="Systems compared (those the run produced; others are skipped).",
     )
-    judge: bool = Field(True, description="Run the pairwise judge (needs models.judge).")
+    judge: bool = Field(True, description="Run the pairwise judge (models.judge, else models.strong).")
+    judge_sampling: Sampling | None = Field(
+        None, description="Override the judge role's sampling for eval (n is always 1)."
+    )
     reference: str = Field("weak", description="System every other one is compared to by the judge.")
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% CIs.")
     embeddings: bool = Field(False, description="Embedding similarity to the strong answer (MiniLM).")

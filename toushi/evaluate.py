@@ -1,0 +1,428 @@
+"""The ``eval`` stage: compare every system a run produced on the held-out prompts.
+
+Systems: ``weak`` and ``strong`` (pairs stage), ``guided`` (guided stage), ``student`` (the base student,
+no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo>/adapter/``. For each:
+
+1. rule metrics per answer (``toushi.metrics``), aggregated with bootstrap 95% CIs;
+2. held-out NLL of the strong answers under the base student and each adapter (transformers + PEFT);
+3. pairwise judge against ``eval.reference`` (``toushi.judge``): both orders, raw and length-controlled
+   win rates.
+
+Outputs in ``runs/<run>/eval/``: ``records.jsonl`` (one record per system x prompt: answer + metrics),
+``summary.json`` (everything the report draws), and caches that make a rerun do only what is missing:
+``students/`` (student generations), ``nll/`` (per-answer NLL), ``judge/`` (judge calls).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.progress import Progress
+
+from toushi import metrics as M
+from toushi.recipe import ModelSpec, Sampling
+from toushi.runner import StageContext
+from toushi.store import StageStore, atomic_write_text, file_hash, stable_id
+
+ADAPTER_STAGES = ("sft", "dpo", "grpo")
+# Report order: baselines first, then the students, the teacher last.
+SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "strong")
+RATE_METRICS = ("markdown", "empty", "refusal", "lang_match")
+
+
+class EvalError(RuntimeError):
+    """Eval cannot run (e.g. no held-out prompts); the message says which stage output is missing."""
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def heldout_prompts(pairs: list[dict], max_prompts: int | None) -> list[dict]:
+    """Held-out pairs records, in a stable order (by id), capped at max_prompts."""
+    held = sorted((r for r in pairs if r.get("split") == "heldout"), key=lambda r: r["id"])
+    return held[:max_prompts] if max_prompts else held
+
+
+def first_text(completions: list[dict] | None) -> str | None:
+    """The first completion's answer text (None when the record has none)."""
+    return (completions[0].get("text") or "") if completions else None
+
+
+def find_adapters(run_dir: Path, wanted: list[str]) -> dict[str, Path]:
+    """name -> adapter dir for each training stage in ``wanted`` that saved one."""
+    found = {}
+    for name in ADAPTER_STAGES:
+        d = Path(run_dir) / name / "adapter"
+        if name in wanted and (d / "adapter_config.json").exists():
+            found[name] = d
+    return found
+
+
+def adapter_fingerprint(path: Path) -> str:
+    """Content hash of an adapter's weights: a retrained adapter invalidates its cached outputs."""
+    weights = sorted(Path(path).glob("adapter_model.*"))
+    return stable_id(*(file_hash(w) for w in weights)) if weights else stable_id(str(path))
+
+
+def user_conversation(prompt: str) -> list[dict]:
+    """The student sees the same user message the training set used (no system prompt)."""
+    return [{"role": "user", "content": prompt}]
+
+
+# --------------------------------------------------------------------------------------- students
+
+
+def generate_students(
+    spec: ModelSpec, adapters: dict[str, Path], convs: list[list[dict]], sampling: Sampling, console
+) -> tuple[dict[str, list[str]], str]:
+    """Answers of the base student and each adapter: name -> texts. Returns (answers, engine used).
+
+    vLLM with LoRA serves every adapter from one engine; if that fails (LoRA support varies on CPU),
+    fall back to transformers + PEFT generation and say so.
+    """
+    from toushi.engines import make_engine
+
+    vspec = spec.model_copy(update={"enable_lora": bool(adapters), "lora_adapters": dict(adapters)})
+    try:
+        out = {}
+        with make_engine(vspec) as engine:
+            out["student"] = [c[0].text for c in engine.generate(convs, sampling)]
+            for name in adapters:
+                out[name] = [c[0].text for c in engine.generate(convs, sampling, lora_name=name)]
+        return out, spec.engine
+    except Exception as e:  # noqa: BLE001 - any engine failure gets the fallback, with the reason shown
+        if not adapters or spec.engine != "vllm":
+            raise
+        console.print(f"[yellow]eval: vLLM with LoRA failed ({type(e).__name__}: {e}); "
+                      "falling back to transformers + PEFT generation[/yellow]")
+    return hf_generate(spec, adapters, convs, sampling), "hf-peft (vLLM LoRA failed)"
+
+
+def _load_student(spec: ModelSpec, adapters: dict[str, Path]):
+    """(model, tokenizer): the base student with every adapter loaded (PEFT), in eval mode."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toushi.models import resolve_model
+
+    path = resolve_model(spec.name)
+    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}.get(spec.dtype, torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:  # training may have given the student a template; the adapter dir keeps it
+        for d in adapters.values():
+            if (d / "tokenizer_config.json").exists():
+                tok = AutoTokenizer.from_pretrained(d)
+                break
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    names = list(adapters)
+    if names:
+        model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(adapters[name]), adapter_name=name)
+    model.eval()
+    return model, tok
+
+
+def _use(model, name: str | None):
+    """Context manager selecting an adapter (None / "student": the base model with adapters off)."""
+    import contextlib
+
+    if name in (None, "student"):
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    model.set_adapter(name)
+    return contextlib.nullcontext()
+
+
+def hf_generate(
+    spec: ModelSpec, adapters: dict[str, Path], convs: list[list[dict]], sampling: Sampling
+) -> dict[str, list[str]]:
+    import torch
+
+    model, tok = _load_student(spec, adapters)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+    kw = dict(max_new_tokens=sampling.max_tokens, pad_token_id=tok.pad_token_id)
+    if sampling.temperature > 0:
+        kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    else:
+        kw.update(do_sample=False)
+    out: dict[str, list[str]] = {}
+    for name in ["student", *adapters]:
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        answers = []
+        for i in range(0, len(texts), spec.hf_batch_size):
+            enc = tok(texts[i : i + spec.hf_batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad(), _use(model, name):
+                gen = model.generate(**enc, **kw)
+            answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        out[name] = [a.strip() for a in answers]
+    return out
+
+
+# --------------------------------------------------------------------------------------- NLL
+
+
+def answer_nll(model, tok, conv: list[dict], answer: str) -> tuple[float, int]:
+    """(summed NLL, token count) of ``answer`` as the assistant turn after ``conv``, under the model's
+    chat template; only the answer's tokens (and the template's end-of-turn) are scored."""
+    import torch
+
+    prompt = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(conv + [{"role": "assistant", "content": answer}], tokenize=False)
+    if not full.startswith(prompt):
+        raise EvalError("the student's chat template renders the prompt differently with an answer appended; "
+                        "cannot locate the answer tokens for NLL")
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tok(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + a_ids])
+    labels = torch.tensor([[-100] * len(p_ids) + a_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return float(loss), len(a_ids)
+
+
+def heldout_nll(
+    spec: ModelSpec, adapters: dict[str, Path], items: list[dict], store: StageStore, progress: Progress | None = None
+) -> list[dict]:
+    """Per-token NLL of each item's reference answer under the base student and each adapter.
+
+    items: {"prompt_id", "prompt", "answer"}. Cached in ``store`` by (model, adapter weights, prompt,
+    answer); returns records {"id", "system", "prompt_id", "nll_sum", "tokens", "nll"}.
+    """
+    fps = {name: adapter_fingerprint(p) for name, p in adapters.items()}
+    fps["student"] = "base"
+    wanted = []
+    for name in ["student", *adapters]:
+        for it in items:
+            rid = stable_id("nll", spec.name, fps[name], it["prompt"], it["answer"])
+            wanted.append((rid, name, it))
+    done = store.ids()
+    todo = [w for w in wanted if w[0] not in done]
+    if todo:
+        model, tok = _load_student(spec, adapters)
+        task = progress.add_task("held-out NLL", total=len(todo)) if progress else None
+        with store.writer(batch_size=8) as w:
+            for rid, name, it in todo:
+                with _use(model, name):
+                    s, n = answer_nll(model, tok, user_conversation(it["prompt"]), it["answer"])
+                w.write({"id": rid, "system": name, "prompt_id": it["prompt_id"], "nll_sum": s, "tokens": n,
+                         "nll": s / n if n else None})
+                if progress:
+                    progress.advance(task)
+        del model
+    by_id = {r["id"]: r for r in store.records()}
+    # The same (prompt, answer) may be wanted under several systems' ids: relabel from `wanted`.
+    return [{**by_id[rid], "system": name, "prompt_id": it["prompt_id"]} for rid, name, it in wanted]
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+def answer_metrics(post: str, text: str) -> dict:
+    """Rule metrics of one answer (per-answer values; rates are 0/1 here and averaged later)."""
+    lm = M.lang_match(post, text)
+    return {
+        "chars": len(text),
+        "tokens": len(M.tokens(text)),
+        "markdown": float(M.has_markdown(text)),
+        "markdown_count": M.markdown_count(text),
+        "distinct_1": M.distinct_n(text, 1),
+        "distinct_2": M.distinct_n(text, 2),
+        "repetition_4": M.repetition_ratio(text, 4),
+        "jargon": M.jargon_score(text)["score"],
+        "lang_match": None if lm is None else float(lm),
+        "empty": float(M.is_empty(text)),
+        "refusal": float(M.is_refusal(text)),
+    }
+
+
+METRIC_NAMES = ("chars", "tokens", "markdown", "markdown_count", "distinct_1", "distinct_2", "repetition_4",
+                "jargon", "lang_match", "empty", "refusal", "embed_sim")
+
+
+def summarise(answers: list[dict], nll: list[dict], judge: dict | None, n_boot: int, seed: int) -> dict:
+    """Aggregate per-answer records into the summary the report draws (pure: no models, no files)."""
+    from toushi.stats import bootstrap_ci
+
+    systems = sorted({a["system"] for a in answers} | {r["system"] for r in nll},
+                     key=lambda s: (SYSTEM_ORDER.index(s) if s in SYSTEM_ORDER else len(SYSTEM_ORDER), s))
+    metrics = {}
+    for s in systems:
+        rows = [a["metrics"] for a in answers if a["system"] == s]
+        if rows:
+            metrics[s] = {m: bootstrap_ci([r.get(m) for r in rows], n_boot=n_boot, seed=seed) for m in METRIC_NAMES}
+    nll_out = {}
+    for s in systems:
+        rows = [r for r in nll if r["system"] == s and r["tokens"]]
+        if rows:
+            ci = bootstrap_ci([r["nll"] for r in rows], n_boot=n_boot, seed=seed)
+            tok_mean = sum(r["nll_sum"] for r in rows) / sum(r["tokens"] for r in rows)
+            nll_out[s] = {**ci, "token_mean": tok_mean, "perplexity": math.exp(tok_mean),
+                          "tokens": sum(r["tokens"] for r in rows)}
+    return {"systems": systems, "metric_names": list(METRIC_NAMES), "metrics": metrics, "nll": nll_out,
+            "judge": judge}
+
+
+# --------------------------------------------------------------------------------------- stage
+
+
+def run_stage(ctx: StageContext) -> dict:
+    r, cfg, console = ctx.recipe, ctx.recipe.eval, ctx.console
+    run_dir = ctx.run_dir
+    notes: list[str] = []
+    prompts = heldout_prompts(ctx.stage("pairs").records(), cfg.max_prompts)
+    if not prompts:
+        raise EvalError(f"{ctx.stage('pairs').records_path}: no held-out prompts (split == 'heldout'); "
+                        "run the pairs stage with pairs.include_heldout: true and corpus.heldout_fraction > 0")
+    ids = [p["id"] for p in prompts]
+    convs = [user_conversation(p["prompt"]) for p in prompts]
+    answers: dict[str, list[str | None]] = {}
+    for role in ("weak", "strong"):
+        if role in cfg.systems:
+            answers[role] = [first_text(p.get(role)) for p in prompts]
+    if "guided" in cfg.systems:
+        guided = {g["id"]: g for g in ctx.stage("guided").records(ids)}
+        if guided:
+            answers["guided"] = [first_text(guided[i].get("guided")) if i in guided else None for i in ids]
+        else:
+            notes.append("guided: no guided stage output, skipped")
+
+    # ---- students: base + adapters, generated once and cached by (model, adapter weights, prompt, sampling)
+    spec = r.models.student
+    adapters = find_adapters(run_dir, cfg.systems)
+    for name in ADAPTER_STAGES:
+        if name in cfg.systems and name not in adapters:
+            notes.append(f"{name}: no adapter at {run_dir / name / 'adapter'}, skipped")
+    students = ([n for n in ("student",) if n in cfg.systems] + list(adapters)) if spec else []
+    if spec is None and ("student" in cfg.systems or adapters):
+        notes.append("students: models.student is not set, skipped")
+    sstore = StageStore(ctx.store.dir, "students")
+    fps = {n: adapter_fingerprint(p) for n, p in adapters.items()} | {"student": "base"}
+    sampling = cfg.sampling.model_copy(update={"n": 1})
+    if students:
+        key = {n: [stable_id("gen", spec.name, fps[n], sampling.model_dump(mode="json"), c) for c in convs]
+               for n in students}
+        have = sstore.ids()
+        missing = [n for n in students if any(k not in have for k in key[n])]
+        if missing:
+            use = {n: adapters[n] for n in missing if n in adapters}
+            console.print(f"eval: generating {len(prompts)} answers for {', '.join(missing)}")
+            gen, engine_used = generate_students(spec, use, convs, sampling, console)
+            if engine_used != spec.engine:
+                notes.append(f"students generated with {engine_used}")
+            with sstore.writer() as w:
+                for n in missing:
+                    for k, pid, text in zip(key[n], ids, gen[n]):
+                        w.write({"id": k, "system": n, "prompt_id": pid, "text": text})
+        cached = {rec["id"]: rec["text"] for rec in sstore.records()}
+        for n in students:
+            answers[n] = [cached[k] for k in key[n]]
+
+    # ---- per-answer records with rule metrics (+ embedding similarity to the strong answer)
+    strong = answers.get("strong") or [first_text(p.get("strong")) for p in prompts]
+    sims: dict[str, list[float | None]] = {}
+    if cfg.embeddings:
+        try:
+            embedder = M.load_embedder()
+        except M.EmbeddingUnavailable as e:
+            notes.append(str(e))
+            console.print(f"[yellow]eval: {e}[/yellow]")
+        else:
+            for s, texts in answers.items():
+                if s == "strong":
+                    continue
+                idx = [i for i, t in enumerate(texts) if t is not None and strong[i]]
+                vals = M.embedding_similarity([texts[i] for i in idx], [strong[i] for i in idx], embedder)
+                sims[s] = [None] * len(texts)
+                for i, v in zip(idx, vals):
+                    sims[s][i] = v
+    records = []
+    for s, texts in answers.items():
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            if t is None:
+                continue
+            m = answer_metrics(p["post"], t)
+            m["embed_sim"] = sims[s][i] if s in sims else None
+            records.append({"id": stable_id(s, p["id"]), "system": s, "prompt_id": p["id"], "lang": p.get("lang"),
+                            "post": p["post"], "text": t, "metrics": m})
+    # Per-answer metrics are cheap: rewrite the file whole, so it always matches this summary.
+    atomic_write_text(ctx.store.records_path,
+                      "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+
+    with Progress(console=console, transient=True) as progress:
+        # ---- held-out NLL of the strong answers under each student
+        nll_records: list[dict] = []
+        if spec is not None and students:
+            items = [{"prompt_id": p["id"], "prompt": p["prompt"], "answer": t}
+                     for p, t in zip(prompts, strong) if t]
+            nll_records = heldout_nll(spec, {n: adapters[n] for n in students if n in adapters}, items,
+                                      StageStore(ctx.store.dir, "nll"), progress)
+            if "student" not in students:
+                nll_records = [x for x in nll_records if x["system"] != "student"]
+
+        # ---- pairwise judge vs the reference system
+        judge_block = None
+        if cfg.judge:
+            judge_block = _judge(ctx, prompts, answers, notes, progress)
+
+    summary = summarise(records, nll_records, judge_block, cfg.bootstrap, r.run.seed)
+    summary.update(run=r.run.name, lang=r.run.lang, n_prompts=len(prompts), prompt_ids=ids, notes=notes,
+                   student_model=spec.name if spec else None)
+    atomic_write_text(ctx.store.path("summary.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    for n in notes:
+        console.print(f"[dim]eval: {n}[/dim]")
+    counts = {"prompts": len(prompts), "systems": len(summary["systems"]), "answers": len(records),
+              "nll": len(nll_records)}
+    if judge_block:
+        counts.update(judge_calls=judge_block["calls"], judge_invalid_calls=judge_block["invalid_calls"])
+    return counts
+
+
+def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[str], progress: Progress) -> dict | None:
+    from toushi.engines import make_engine
+    from toushi.judge import PairTask, aggregate, judge_dimensions, pending_calls, run_judge, win_rates
+
+    r, cfg = ctx.recipe, ctx.recipe.eval
+    spec = r.models.judge or r.models.strong
+    if spec is None:
+        notes.append("judge: neither models.judge nor models.strong is set, skipped")
+        return None
+    ref = cfg.reference
+    if ref not in answers:
+        notes.append(f"judge: reference system {ref!r} has no answers, skipped")
+        return None
+    dims = judge_dimensions(r.run.lang, ctx.run_dir)
+    tasks = [
+        PairTask(prompt_id=p["id"], lang=r.run.lang, post=p["post"], system=s, text=texts[i],
+                 reference=ref, ref_text=answers[ref][i])
+        for s, texts in answers.items() if s != ref
+        for i, p in enumerate(prompts) if texts[i] is not None and answers[ref][i] is not None
+    ]
+    sampling = (cfg.judge_sampling or spec.sampling).model_copy(update={"n": 1})
+    store = StageStore(ctx.store.dir, "judge")
+    task = progress.add_task("judge", total=2 * len(tasks))
+    # Open the engine only when some call is not cached (a vLLM start costs a minute on CPU).
+    if pending_calls(tasks, store, dims, sampling, spec.name):
+        with make_engine(spec) as engine:
+            calls = run_judge(engine, tasks, store, dims, sampling, spec.name,
+                              progress=lambda n: progress.advance(task, n))
+    else:
+        calls = run_judge(None, tasks, store, dims, sampling, spec.name)
+    pairs = aggregate(tasks, calls, dims)
+    return {
+        "model": spec.name, "reference": ref, "dimensions": [d["name"] for d in dims],
+        "calls": len(calls), "invalid_calls": sum(1 for c in calls if not c["valid"]),
+        "retried_calls": sum(1 for c in calls if c.get("retry_raw") is not None),
+        "systems": win_rates(pairs, dims, n_boot=cfg.bootstrap, seed=r.run.seed),
+        "pairs": pairs,
+    }
