@@ -38,7 +38,7 @@ _GREETING = re.compile(
     r"^\s*(hi+|hello+|hey+|good (morning|afternoon|evening)|how are you( doing)?( today)?|"
     r"hi,? how are you( doing)?( today)?|i'?m (good|fine|ok|okay),?( thanks?( you)?)?|not (too )?(good|great))"
     r"[\s!.,?]*(how are you( doing)?( today)?)?[\s!.,?]*$",
-    re.I,
+    re.IGNORECASE,
 )
 
 
@@ -176,12 +176,12 @@ def normalise_scene(scene: object, default: str | None = None) -> str:
 
 
 def _get(rec: dict, fields: dict[str, str], name: str, where: str, required: bool) -> object:
+    # Absent is an error; present but null is not (a null scene is 'unspecified', a null text is empty).
     key = fields.get(name, name)
-    value = rec.get(key)
-    if value is None and required:
+    if key not in rec and required:
         mapped = f" (mapped to toushi field {name!r})" if key != name else ""
         raise CorpusError(f"{where}: missing field {key!r}{mapped}")
-    return value
+    return rec.get(key)
 
 
 def _str(value: object) -> str:

@@ -21,7 +21,7 @@ from toushi.store import stable_id
 from toushi.templates import TEMPLATE_DIR, render_any
 
 KEYS = ("age", "occupation", "life_situation", "mbti", "writing_style")
-_MBTI = re.compile(r"\b([EI][NS][TF][JP])(?:-[AT])?\b", re.I)
+_MBTI = re.compile(r"\b([EI][NS][TF][JP])(?:-[AT])?\b", re.IGNORECASE)
 # Key spellings models use, folded to ours (lower-cased, spaces/dashes as underscores).
 _ALIASES = {
     "age": "age", "年龄": "age",

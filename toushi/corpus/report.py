@@ -56,8 +56,8 @@ def diversity_markdown(rep: dict, counts: dict) -> str:
         f"{rep['posts']} posts over {rep['scenes']} scenes; splits {rep['splits']}; languages {rep['langs']}.",
         f"Sources: {rep['sources']}. Flags: {rep['flags'] or 'none'}. Persona posts: {rep['personas']}.",
         "",
-        f"Length (chars): median {lc.get('median', 0)}, p10 {lc.get('p10', 0)}, p90 {lc.get('p90', 0)}, "
-        f"max {lc.get('max', 0)}. Length (words for en, characters for zh): median {lt.get('median', 0)}.",
+        (f"Length (chars): median {lc.get('median', 0)}, p10 {lc.get('p10', 0)}, p90 {lc.get('p90', 0)}, "
+         f"max {lc.get('max', 0)}. Length (words for en, characters for zh): median {lt.get('median', 0)}."),
         f"Corpus distinct-1 {rep['distinct_1']}, distinct-2 {rep['distinct_2']}.",
         "",
         "Pipeline counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",

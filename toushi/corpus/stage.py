@@ -56,6 +56,7 @@ def run_stage(ctx: StageContext) -> dict:
     if not cfg.sources:
         raise CorpusError("corpus.sources: no sources given; add at least one {path, format}")
     counts: Counter = Counter()
+    store.errors_path.unlink(missing_ok=True)  # the stage redoes all loading: old errors are stale
 
     # ---- load and clean, source by source (recipe order = preference order for dedup)
     pool: list[Post] = []
