@@ -199,7 +199,8 @@ def run_judge(
     sampling = sampling.model_copy(update={"n": 1})
     calls = plan_calls(tasks, dimensions, sampling, judge_model)
     done = store.ids()
-    todo = [c for c in calls if c["id"] not in done]
+    # Identical prompts (same post and replies) share one call; ids are content hashes.
+    todo = list({c["id"]: c for c in calls if c["id"] not in done}.values())
     lang_of = {t.pair_id: t.lang for t in tasks}
     with store.writer(batch_size=batch_size) as w:
         for start in range(0, len(todo), batch_size):
@@ -226,8 +227,9 @@ def run_judge(
             w.flush()
             if progress:
                 progress(len(batch))
-    wanted = [c["id"] for c in calls]
-    return store.records(wanted)
+    by_id = {r["id"]: r for r in store.records()}
+    # A cached call may have been made for another pair with the same prompt: label it with ours.
+    return [{**by_id[c["id"]], "pair_id": c["pair_id"], "order": c["order"]} for c in calls]
 
 
 # ------------------------------------------------------------------------------------ aggregation
