@@ -1,0 +1,70 @@
+"""`toushi run` training stages: launch ``accelerate launch train/<script>.py`` as a subprocess.
+
+Training runs in its own process (or processes, under DDP/DeepSpeed/FSDP) exactly as a user would
+launch it by hand, with the run's saved recipe. Its output streams through; a failure raises with the
+exit code. The script writes its counts into the stage manifest, which this returns to the runner.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from toushi.paths import repo_root
+from toushi.runner import StageContext
+
+
+class TrainingFailed(RuntimeError):
+    """The training subprocess exited non-zero; the message has the command and exit code."""
+
+
+def accelerate_command(script: str, recipe_path: Path, config_file: Path | None, resume: bool) -> list[str]:
+    """The command line: `python -m accelerate.commands.launch` uses this interpreter's environment."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file is not None:
+        cmd += ["--config_file", str(config_file)]
+    else:
+        # No config: one process, and accelerate stays quiet about defaults it would otherwise warn on.
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [str(repo_root() / "train" / f"{script}.py"), "--recipe", str(recipe_path)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def run_training_stage(ctx: StageContext, script: str) -> dict:
+    """Launch train/<script>.py on the run's saved recipe; return the data counts from its manifest."""
+    section = getattr(ctx.recipe, script)  # the sft / dpo / grpo section: same shape for all three
+    recipe_path = ctx.store.dir / "recipe.yaml"  # the runner saved the resolved recipe here
+    if not recipe_path.exists():
+        from toushi.recipe import save_recipe
+
+        recipe_path = save_recipe(ctx.recipe, ctx.store.dir)
+    # Always ask to resume: the script resumes only from checkpoints of this same recipe (fingerprint),
+    # so a rerun after a crash continues and a changed recipe starts fresh.
+    cmd = accelerate_command(script, recipe_path, section.train.accelerate_config, resume=True)
+    ctx.console.print(f"[dim]$ {' '.join(cmd)}[/dim]", highlight=False)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()  # Ctrl-C: do not leave training processes behind
+        proc.wait()
+        raise
+    if rc != 0:
+        raise TrainingFailed(f"{script} training failed (exit {rc}): {' '.join(cmd)}")
+    manifest = ctx.store.manifest() or {}
+    if "data" not in manifest:
+        raise TrainingFailed(f"{script} training exited 0 but wrote no data counts to {ctx.store.manifest_path}")
+    training = manifest.get("training", {})
+    return {
+        **{k: v for k, v in manifest["data"].items() if k != "by_kind"},
+        "steps": training.get("steps"),
+        "final_loss": training.get("final_loss"),
+        "eval_loss": training.get("eval_loss"),
+    }

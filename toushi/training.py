@@ -1,0 +1,236 @@
+"""Small helpers the training scripts share (train/sft.py, train/dpo.py).
+
+The scripts stay readable top to bottom; what lives here is what both need done the same way:
+recipe parsing, loading the student (LoRA or 4-bit QLoRA), the chat-template check, trainer
+arguments common to SFT and DPO, and the manifest written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import warnings
+from pathlib import Path
+
+from toushi.recipe import Recipe, TrainSpec, load_recipe, save_recipe
+
+# vLLM serves LoRA adapters up to --max-lora-rank, 16 by default; a larger rank needs that flag raised.
+VLLM_MAX_LORA_RANK = 16
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start; the message names the model or recipe key to fix."""
+
+
+def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=f"toushi {stage} training (run it with `accelerate launch`).")
+    p.add_argument("--recipe", type=Path, required=True, help="Recipe YAML.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="Override: key.sub=value.")
+    p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in the output dir.")
+    return p.parse_args(argv)
+
+
+def load_and_save_recipe(args: argparse.Namespace, stage: str, is_main: bool) -> Recipe:
+    """Load the recipe, print it resolved, and save it beside the stage's output."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.models.student is None:
+        raise TrainError(f"{args.recipe}: models.student: {stage} needs a student model")
+    if is_main:
+        print(recipe.to_yaml(), flush=True)
+        save_recipe(recipe, recipe.run_dir / stage)
+    return recipe
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun/accelerate (read from the env: no process group exists yet)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def use_bf16(setting: bool | None) -> bool:
+    import torch
+
+    if setting is not None:
+        return setting
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules, recipe_key: str):
+    """A plain PEFT LoRA (no modules_to_save), so vLLM can serve the adapter as is."""
+    from peft import LoraConfig
+
+    if r > VLLM_MAX_LORA_RANK:
+        warnings.warn(
+            f"{recipe_key}.r={r} is above vLLM's default max_lora_rank ({VLLM_MAX_LORA_RANK}): serve the adapter "
+            f"with --max-lora-rank {r} (vllm.LLM(max_lora_rank={r})) or lower the rank",
+            stacklevel=2,
+        )
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none", task_type="CAUSAL_LM"
+    )
+
+
+def quantization_config(bf16: bool):
+    """4-bit nf4 with double quantization (QLoRA); bitsandbytes >= 0.45 also runs it on CPU."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
+def load_tokenizer(model_path: str, model_name: str, chat_template: Path | None, recipe_key: str):
+    """The student's tokenizer, with a chat template (its own, or the recipe's file) and a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if chat_template is not None:
+        tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    if not tok.chat_template:
+        raise TrainError(
+            f"student model {model_name!r} has no chat template: set {recipe_key}.chat_template to a Jinja "
+            "template file (e.g. one from trl/chat_templates/)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_student(model_path: str, dtype: str, qlora: bool, bf16: bool):
+    """The base student for LoRA (weights as the recipe says) or QLoRA (4-bit, prepared for k-bit training)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            quantization_config=quantization_config(bf16),
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            # each DDP process owns one device; LOCAL_RANK picks it (CPU: the only one)
+            device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"},
+        )
+        # casts norms to fp32 and enables input grads; checkpointing is left to the trainer's argument
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+
+
+def trainer_kwargs(train: TrainSpec, output_dir: Path, seed: int, bf16: bool, has_eval: bool) -> dict:
+    """TrainingArguments fields SFTConfig and DPOConfig share, from the recipe's `train` section."""
+    import torch
+
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_length=train.max_length,
+        gradient_checkpointing=train.gradient_checkpointing,
+        bf16=bf16,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="no",  # one eval at the end (manifest), not a slowdown every N steps
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a share of the total steps
+        lr_scheduler_type=train.lr_scheduler_type,
+        use_liger_kernel=train.use_liger_kernel,
+        seed=seed,
+        data_seed=seed,
+        report_to=["tensorboard"],
+        include_num_input_tokens_seen="non_padding",
+        # no CUDA: each process joins a gloo group (cpu_ddp.yaml) instead of looking for GPUs
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        do_eval=has_eval,
+    )
+
+
+def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): a seeded shuffle, at least one eval example when fraction > 0 and there are >= 2."""
+    import random
+
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    shuffled = examples[:]
+    random.Random(seed).shuffle(shuffled)
+    n_eval = max(1, round(len(examples) * fraction))
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def resume_checkpoint(output_dir: Path, resume: bool, fingerprint: str, is_main: bool) -> str | None:
+    """The checkpoint to resume from, or None. Checkpoints of a different recipe are cleared, not resumed.
+
+    Only rank 0 deletes; it removes the old checkpoints before stamping the new fingerprint, so another
+    rank that already sees the new stamp also sees no stale checkpoint.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = output_dir / "recipe_fingerprint.txt"
+    stale = output_dir.is_dir() and stamp.exists() and stamp.read_text().strip() != fingerprint
+    if stale and resume:
+        print(f"[toushi] {output_dir}: checkpoints belong to another recipe; starting fresh", flush=True)
+    if is_main:
+        if stale:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+    last = get_last_checkpoint(str(output_dir)) if resume and not stale and output_dir.is_dir() else None
+    if resume and last is None:
+        print(f"[toushi] --resume: no checkpoint in {output_dir}; starting from step 0", flush=True)
+    return last
+
+
+def checkpoint_fingerprint(model_path: str, lora: dict, examples: list[dict]) -> str:
+    """What makes a checkpoint resumable: same base, same adapter shape, same training examples.
+
+    Step counts, save/log intervals and the launcher may change between interruption and resume
+    (e.g. resume to a larger max_steps), so they are not part of it.
+    """
+    from toushi.store import stable_id
+
+    return stable_id(model_path, lora, [e["id"] for e in examples])
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU), GiB."""
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+
+
+def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
+    """Losses, throughput and memory for the manifest, from the trainer's own log history."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    runtime = train_result.metrics.get("train_runtime") or 0.0
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    return {
+        "steps": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": train_result.metrics.get("train_loss"),
+        "eval_loss": eval_loss,
+        "train_runtime_s": round(runtime, 2),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
+        "peak_memory_gib": peak_memory_gib(),
+        "num_processes": trainer.accelerator.num_processes,
+    }
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
+    """Only the trained adapter ("default"): DPO from an SFT adapter also holds a frozen "ref" copy."""
+    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(adapter_dir))

@@ -1,0 +1,121 @@
+"""LoRA / QLoRA DPO of the student: strong answers preferred over weak ones (optionally the full ladder).
+
+    accelerate launch [--config_file recipes/accelerate/X.yaml] train/dpo.py --recipe recipes/X.yaml \
+        [--set dpo.beta=0.2] [--resume]
+
+recipe -> student (+ LoRA config, or the SFT adapter with `dpo.from_sft`) -> DPO pairs from
+runs/<run>/pairs (+ guided) -> TRL DPOTrainer -> runs/<run>/dpo/adapter/ and the stage manifest.
+The reference model is the policy with its adapter switched off (fresh LoRA) or a frozen copy of the SFT
+adapter (from_sft): either way no second copy of the base weights is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from datasets import Dataset  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from toushi.datasets import load_dpo  # noqa: E402
+from toushi.models import resolve_model  # noqa: E402
+from toushi.store import StageStore  # noqa: E402
+from toushi.training import (  # noqa: E402
+    checkpoint_fingerprint,
+    TrainError,
+    is_main_process,
+    load_and_save_recipe,
+    load_student,
+    load_tokenizer,
+    lora_config,
+    parse_args,
+    resume_checkpoint,
+    save_adapter,
+    split_eval,
+    train_summary,
+    trainer_kwargs,
+    use_bf16,
+)
+
+
+def to_preference(examples: list[dict]) -> Dataset:
+    return Dataset.from_list(
+        [{"prompt": e["prompt"], "chosen": e["chosen"], "rejected": e["rejected"]} for e in examples]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args("dpo", argv)
+    main_proc = is_main_process()
+
+    # ---- recipe
+    recipe = load_and_save_recipe(args, "dpo", main_proc)
+    cfg, student = recipe.dpo, recipe.models.student
+    store = StageStore(recipe.run_dir, "dpo")
+    output_dir = store.dir / "checkpoints"
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(store.dir / "tensorboard"))
+
+    # ---- model
+    model_path = resolve_model(student.name)
+    tokenizer = load_tokenizer(model_path, student.name, cfg.train.chat_template, "dpo.train")
+    bf16 = use_bf16(cfg.train.bf16)
+    model = load_student(model_path, student.dtype, cfg.lora.qlora, bf16)
+    peft_config = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, "dpo.lora")
+    if cfg.from_sft:
+        from peft import PeftModel
+
+        sft_adapter = recipe.run_dir / "sft" / "adapter"
+        if not (sft_adapter / "adapter_config.json").exists():
+            raise TrainError(f"dpo.from_sft: no SFT adapter at {sft_adapter}: run the sft stage first")
+        # DPOTrainer freezes a copy of this adapter as the reference ("ref"); dpo.lora is not used
+        model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
+        peft_config = None
+
+    # ---- data
+    examples, counts = load_dpo(recipe.run_dir, ladder=cfg.ladder, drop_markdown=cfg.drop_markdown)
+    train_examples, eval_examples = split_eval(examples, cfg.train.eval_fraction, recipe.run.seed)
+    counts.update(train_examples=len(train_examples), eval_examples=len(eval_examples))
+    print(f"[toushi] DPO data: {counts}", flush=True)
+
+    # ---- train
+    training_args = DPOConfig(
+        **trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=bool(eval_examples)),
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=training_args,
+        train_dataset=to_preference(train_examples),
+        eval_dataset=to_preference(eval_examples) if eval_examples else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    fingerprint = checkpoint_fingerprint(
+        model_path, {**cfg.lora.model_dump(mode="json"), "from_sft": cfg.from_sft}, examples
+    )
+    last = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
+    result = trainer.train(resume_from_checkpoint=last)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
+
+    # ---- save
+    if trainer.accelerator.is_main_process:
+        save_adapter(trainer.model, tokenizer, store.dir / "adapter")
+        summary = train_summary(trainer, result, eval_loss)
+        rewards = [h for h in trainer.state.log_history if "rewards/margins" in h]
+        if rewards:
+            summary["final_reward_margin"] = rewards[-1]["rewards/margins"]
+            summary["final_reward_accuracy"] = rewards[-1].get("rewards/accuracies")
+        store.write_manifest(
+            data=counts, training=summary, resumed_from=last, adapter=str(store.dir / "adapter"),
+            base_model=model_path, from_sft=cfg.from_sft,
+        )
+        print(f"[toushi] DPO done: {summary}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

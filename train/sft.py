@@ -1,0 +1,111 @@
+"""LoRA / QLoRA supervised fine-tuning of the student on the run's answers.
+
+    accelerate launch [--config_file recipes/accelerate/X.yaml] train/sft.py --recipe recipes/X.yaml \
+        [--set sft.train.max_steps=20] [--resume]
+
+recipe -> student (+ LoRA config) -> SFT set from runs/<run>/pairs (+ guided) -> TRL SFTTrainer ->
+runs/<run>/sft/adapter/ (PEFT adapter + tokenizer) and the stage manifest (counts, losses, tokens/s, memory).
+Loss is on the assistant answer only: each `messages` example is split into a conversational prompt and
+completion, which TRL masks with any chat template (no `{% generation %}` markers needed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from datasets import Dataset  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from toushi.datasets import load_sft  # noqa: E402
+from toushi.models import resolve_model  # noqa: E402
+from toushi.store import StageStore  # noqa: E402
+from toushi.training import (  # noqa: E402
+    checkpoint_fingerprint,
+    is_main_process,
+    load_and_save_recipe,
+    load_student,
+    load_tokenizer,
+    lora_config,
+    parse_args,
+    resume_checkpoint,
+    save_adapter,
+    split_eval,
+    train_summary,
+    trainer_kwargs,
+    use_bf16,
+)
+
+
+def to_prompt_completion(examples: list[dict]) -> Dataset:
+    return Dataset.from_list(
+        [{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args("sft", argv)
+    main_proc = is_main_process()
+
+    # ---- recipe
+    recipe = load_and_save_recipe(args, "sft", main_proc)
+    cfg, student = recipe.sft, recipe.models.student
+    store = StageStore(recipe.run_dir, "sft")
+    output_dir = store.dir / "checkpoints"
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(store.dir / "tensorboard"))
+
+    # ---- model
+    model_path = resolve_model(student.name)
+    tokenizer = load_tokenizer(model_path, student.name, cfg.train.chat_template, "sft.train")
+    bf16 = use_bf16(cfg.train.bf16)
+    model = load_student(model_path, student.dtype, cfg.lora.qlora, bf16)
+    peft_config = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, "sft.lora")
+
+    # ---- data
+    examples, counts = load_sft(
+        recipe.run_dir,
+        target=cfg.target,
+        context_distillation=cfg.context_distillation,
+        keep_think=cfg.keep_think,
+        drop_markdown=cfg.drop_markdown,
+    )
+    train_examples, eval_examples = split_eval(examples, cfg.train.eval_fraction, recipe.run.seed)
+    counts.update(train_examples=len(train_examples), eval_examples=len(eval_examples))
+    print(f"[toushi] SFT data: {counts}", flush=True)
+
+    # ---- train
+    training_args = SFTConfig(
+        **trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=bool(eval_examples)),
+        packing=cfg.packing,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=to_prompt_completion(train_examples),
+        eval_dataset=to_prompt_completion(eval_examples) if eval_examples else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    fingerprint = checkpoint_fingerprint(model_path, cfg.lora.model_dump(mode="json"), examples)
+    last = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
+    result = trainer.train(resume_from_checkpoint=last)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
+
+    # ---- save
+    if trainer.accelerator.is_main_process:
+        save_adapter(trainer.model, tokenizer, store.dir / "adapter")
+        summary = train_summary(trainer, result, eval_loss)
+        store.write_manifest(
+            data=counts, training=summary, resumed_from=last, adapter=str(store.dir / "adapter"),
+            base_model=model_path,
+        )
+        print(f"[toushi] SFT done: {summary}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
