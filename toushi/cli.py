@@ -132,6 +132,25 @@ def models_list():
     out.print(table)
 
 
+@app.command()
+def report(
+    run: str,
+    open_: Annotated[bool, typer.Option("--open", help="Also open the report in a web browser.")] = False,
+):
+    """Build (or rebuild) a run's HTML + Markdown report from what is on disk and print its path."""
+    from toushi.report import ReportError, build_report
+
+    try:
+        index = build_report(run_path(run))
+    except ReportError as e:
+        _fail(str(e))
+    out.print(str(index.resolve()), soft_wrap=True, highlight=False)  # one unwrapped line, for scripts
+    if open_:
+        import webbrowser
+
+        webbrowser.open(index.resolve().as_uri())
+
+
 def main() -> None:
     app()
 

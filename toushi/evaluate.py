@@ -79,25 +79,28 @@ def generate_students(
 ) -> tuple[dict[str, list[str]], str]:
     """Answers of the base student and each adapter: name -> texts. Returns (answers, engine used).
 
-    vLLM with LoRA serves every adapter from one engine; if that fails (LoRA support varies on CPU),
-    fall back to transformers + PEFT generation and say so.
+    One engine serves the base and every adapter (``lora_name`` per call). If vLLM with LoRA fails
+    (LoRA support varies on CPU builds), fall back to the transformers engine with PEFT and say so.
     """
     from toushi.engines import make_engine
 
-    vspec = spec.model_copy(update={"enable_lora": bool(adapters), "lora_adapters": dict(adapters)})
-    try:
+    def run(s: ModelSpec) -> dict[str, list[str]]:
         out = {}
-        with make_engine(vspec) as engine:
+        with make_engine(s) as engine:
             out["student"] = [c[0].text for c in engine.generate(convs, sampling)]
             for name in adapters:
                 out[name] = [c[0].text for c in engine.generate(convs, sampling, lora_name=name)]
-        return out, spec.engine
-    except Exception as e:  # noqa: BLE001 - any engine failure gets the fallback, with the reason shown
+        return out
+
+    lora = {"enable_lora": bool(adapters), "lora_adapters": dict(adapters)}
+    try:
+        return run(spec.model_copy(update=lora)), spec.engine
+    except Exception as e:  # noqa: BLE001 - any vLLM LoRA failure gets the fallback, with the reason shown
         if not adapters or spec.engine != "vllm":
             raise
         console.print(f"[yellow]eval: vLLM with LoRA failed ({type(e).__name__}: {e}); "
-                      "falling back to transformers + PEFT generation[/yellow]")
-    return hf_generate(spec, adapters, convs, sampling), "hf-peft (vLLM LoRA failed)"
+                      "falling back to the transformers engine with PEFT[/yellow]")
+    return run(spec.model_copy(update={**lora, "engine": "hf"})), "hf+peft (vLLM LoRA failed)"
 
 
 def _load_student(spec: ModelSpec, adapters: dict[str, Path]):
@@ -135,35 +138,6 @@ def _use(model, name: str | None):
         return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     model.set_adapter(name)
     return contextlib.nullcontext()
-
-
-def hf_generate(
-    spec: ModelSpec, adapters: dict[str, Path], convs: list[list[dict]], sampling: Sampling
-) -> dict[str, list[str]]:
-    import torch
-
-    model, tok = _load_student(spec, adapters)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
-    kw = dict(max_new_tokens=sampling.max_tokens, pad_token_id=tok.pad_token_id)
-    if sampling.temperature > 0:
-        kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-    else:
-        kw.update(do_sample=False)
-    out: dict[str, list[str]] = {}
-    for name in ["student", *adapters]:
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        answers = []
-        for i in range(0, len(texts), spec.hf_batch_size):
-            enc = tok(texts[i : i + spec.hf_batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad(), _use(model, name):
-                gen = model.generate(**enc, **kw)
-            answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out[name] = [a.strip() for a in answers]
-    return out
 
 
 # --------------------------------------------------------------------------------------- NLL

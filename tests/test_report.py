@@ -1,0 +1,149 @@
+"""The report renders from a run directory, and every image it references exists and is a real PNG."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from typer.testing import CliRunner
+
+from toushi.evaluate import answer_metrics, summarise
+from toushi.judge import PairTask, aggregate, rubric, win_rates
+from toushi.report import ReportError, build_report
+
+SYSTEMS = ["weak", "guided", "student", "sft", "dpo", "strong"]
+DIMS = rubric("en")
+POSTS = [f"Post {i}: my dog died and I keep setting out two bowls." for i in range(6)]
+
+
+def answer(system: str, i: int) -> str:
+    if system == "weak":
+        return "- Stay strong!\n- **Time heals**" if i % 2 else "Sorry for your loss."
+    if system == "sft" and i == 0:
+        return "<script>alert('x')</script> Setting out two bowls is love with nowhere to go."
+    return f"({system}) Setting out two bowls says how much you loved them. " * (1 + i % 3)
+
+
+def make_run(root: Path, with_extras: bool = True) -> Path:
+    run = root / "runs" / "demo"
+    records = []
+    for s in SYSTEMS:
+        for i, post in enumerate(POSTS):
+            text = answer(s, i)
+            records.append({"id": f"{s}-{i}", "system": s, "prompt_id": f"p{i}", "lang": "en", "post": post,
+                            "text": text, "metrics": {**answer_metrics(post, text), "embed_sim": 0.5 + i / 20}})
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    nll = [{"system": s, "prompt_id": f"p{i}", "nll_sum": 20.0 + i + k, "tokens": 10, "nll": (20.0 + i + k) / 10}
+           for k, s in enumerate(["student", "sft", "dpo"]) for i in range(6)]
+    # judge: real aggregation over hand-written call records (sft always wins, dpo position-biased)
+    tasks = [PairTask(f"p{i}", "en", POSTS[i], s, answer(s, i), "weak", answer("weak", i))
+             for s in SYSTEMS if s != "weak" for i in range(6)]
+    calls = []
+    for t in tasks:
+        for order in ("sr", "rs"):
+            v = ("A" if order == "sr" else "B") if t.system != "dpo" else "A"
+            if t.system == "guided" and t.prompt_id == "p0":
+                calls.append({"pair_id": t.pair_id, "order": order, "valid": False, "verdict": None, "dims": None})
+                continue
+            calls.append({"pair_id": t.pair_id, "order": order, "valid": True, "verdict": v,
+                          "dims": {d["name"]: v for d in DIMS}})
+    pairs = aggregate(tasks, calls, DIMS)
+    judge = {"model": "scripted", "reference": "weak", "dimensions": [d["name"] for d in DIMS],
+             "calls": len(calls), "invalid_calls": 2, "retried_calls": 2,
+             "systems": win_rates(pairs, DIMS, n_boot=50), "pairs": pairs}
+    summary = summarise(records, nll, judge, n_boot=50, seed=0)
+    summary.update(run="demo", lang="en", n_prompts=6, prompt_ids=[f"p{i}" for i in range(6)],
+                   notes=["grpo: no adapter, skipped"], student_model="smollm2-135m-instruct")
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    if with_extras:
+        (run / "guidance").mkdir()
+        (run / "guidance" / "drift.json").write_text(json.dumps(
+            [{"round": r, "score": 0.05 * r, "flagged": r == 3} for r in range(4)]))
+        for stage, key in (("sft", "loss"), ("dpo", "rewards/margins")):
+            ck = run / stage / "checkpoint-4"
+            ck.mkdir(parents=True)
+            hist = [{"step": s, "loss": 2.0 / s, key: 0.1 * s} for s in range(1, 5)]
+            (ck / "trainer_state.json").write_text(json.dumps({"log_history": hist}))
+            (run / stage / "trainer_state.json").write_text(json.dumps({"log_history": hist[:2]}))
+    return run
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs: list[str] = []
+        self.text = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_renders_every_part_and_images_exist(tmp_path):
+    run = make_run(tmp_path)
+    index = build_report(run)
+    assert index == run / "report" / "index.html"
+    html = index.read_text()
+    refs = _Refs()
+    refs.feed(html)
+    expected = {"win_rates.png", "lengths.png", "nll.png", "drift.png", "training_sft.png", "training_dpo.png"}
+    assert set(refs.srcs) == expected
+    for src in refs.srcs:  # relative, beside the HTML, and a readable PNG
+        img = index.parent / src
+        assert img.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(img).shape[0] > 50
+    text = " ".join(refs.text)
+    for s in SYSTEMS:  # every system is a column of the table and appears in the examples
+        assert f"<th>{s}</th>" in html
+        assert f"<h4>{s}</h4>" in html
+    assert "length-controlled win rate vs weak" in text and "held-out NLL" in text
+    assert "grpo: no adapter, skipped" in text
+    # answers are escaped, never executed
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    # the table holds CIs: "mean [lo, hi]"
+    assert re.search(r"<td>\d\.\d\d \[\d\.\d\d, \d\.\d\d\]</td>", html)
+    md = (index.parent / "report.md").read_text()
+    md_imgs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert set(md_imgs) == expected and all((index.parent / m).exists() for m in md_imgs)
+    assert "| sft |" in md and "> (strong) Setting out two bowls" in md
+    # the longer history (the checkpoint's) is the one drawn
+    assert "training_sft.png" in html and "sft: 4 steps" in text
+
+
+def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
+    run = tmp_path / "runs" / "early"
+    (run / "pairs").mkdir(parents=True)
+    index = build_report(run)
+    html = index.read_text()
+    assert "no eval results" in html and "<img" not in html
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    run = make_run(tmp_path, with_extras=False)
+    (run / "guidance").mkdir()
+    (run / "guidance" / "drift.json").write_text(json.dumps([{"score": 1}]))
+    with pytest.raises(ReportError, match="drift.json"):
+        build_report(run)
+    with pytest.raises(ReportError, match="no such run"):
+        build_report(tmp_path / "nowhere")
+
+
+def test_cli_report_prints_the_path(tmp_path, monkeypatch):
+    from toushi.cli import app
+
+    run = make_run(tmp_path, with_extras=False)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["report", "demo"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().endswith("index.html")
+    assert Path(res.output.strip()).exists() and Path(res.output.strip()) == (run / "report" / "index.html").resolve()
+    res = CliRunner().invoke(app, ["report", "missing-run"])
+    assert res.exit_code == 2
