@@ -305,22 +305,22 @@ def test_persona_parsing_repairs_junk(output, flag):
 
 def test_rewrite_and_personas_on_the_offline_model(tmp_path, shared_data, offline_model):
     pytest.importorskip("toushi.engines", reason="the engines package is not in this checkout yet")
-    model = {"name": str(offline_model), "engine": "vllm", "enforce_eager": True, "gpu_memory_utilization": 0.05,
+    model = {"name": str(offline_model), "engine": "vllm", "enforce_eager": True, "gpu_memory_utilization": 0.05, "kv_cache_gb": 0.25,
              "dtype": "float32", "max_model_len": 2048}
     corpus = {
         "sources": [{"path": str(shared_data / "esconv/valid.jsonl"), "format": "esconv",
                      "text_from": "seeker_turns", "limit": 6}],
-        "per_scene": 1, "max_posts": 2, "heldout_fraction": 0.5,
-        "rewrite": {"enabled": True, "sampling": {"temperature": 0.7, "max_tokens": 96, "seed": 0}},
-        "personas": {"enabled": True, "per_scene": 2, "sampling": {"temperature": 0.9, "max_tokens": 96, "seed": 0}},
+        "per_scene": 1, "max_posts": 1, "heldout_fraction": 0.5,
+        "rewrite": {"enabled": True, "sampling": {"temperature": 0.7, "max_tokens": 64, "seed": 0}},
+        "personas": {"enabled": True, "per_scene": 2, "sampling": {"temperature": 0.9, "max_tokens": 64, "seed": 0}},
     }
     recipe = write_recipe(tmp_path, corpus, models={"strong": model})
     records, manifest = run_corpus(recipe, tmp_path)
     counts = manifest["counts"]
-    # 2 rewrites + 2 scenes x (1 persona prompt + 2 persona posts)
-    assert counts["sampled"] == 2 and counts["generated"] == 2 + 2 * 3
-    assert counts["rewritten"] + counts["rewrite_failed"] + counts["rewrite_dropped"] == 2
-    assert counts["personas"] == 4 and counts["persona_failures"] + counts["persona_repaired"] <= 4
+    # 1 rewrite + 1 scene x (1 persona prompt with n=2 + 2 persona posts)
+    assert counts["sampled"] == 1 and counts["generated"] == 1 + 3
+    assert counts["rewritten"] + counts["rewrite_failed"] + counts["rewrite_dropped"] == 1
+    assert counts["personas"] == 2 and counts["persona_failures"] + counts["persona_repaired"] <= 2
     rewritten = [r for r in records if r["source"] == "ESConv"]
     originals = {p.source_id: p for p in load_source(shared_data / "esconv/valid.jsonl", "esconv",
                                                      text_from="seeker_turns", limit=6).posts}

@@ -114,7 +114,7 @@ def persona_posts(scenes: list[str], *, per_scene: int, lang: str, get_engine: C
     """``per_scene`` personas for each scene (one prompt, n samples), then one post written as each."""
     cache = OutputCache(cache_path)
     persona_sampling = sampling.model_copy(update={"n": per_scene})
-    prompts = {s: render_any("persona", lang, persona_template, scene=s, lang=lang) for s in scenes}
+    prompts = {s: render_any("persona", lang, persona_template, scene=s) for s in scenes}
     keys = {s: cache_key("persona", p, model, persona_sampling) for s, p in prompts.items()}
     generated = generate_cached(cache, {keys[s]: prompts[s] for s in scenes}, get_engine, persona_sampling,
                                 "writing personas")
@@ -129,7 +129,7 @@ def persona_posts(scenes: list[str], *, per_scene: int, lang: str, get_engine: C
             personas.append((s, i, persona, flags))
 
     post_sampling = sampling.model_copy(update={"n": 1})
-    post_prompts = [render_any("persona_post", lang, post_template, scene=s, persona=p, lang=lang)
+    post_prompts = [render_any("persona_post", lang, post_template, scene=s, persona=p)
                     for s, _, p, _ in personas]
     post_keys = [cache_key("persona_post", pr, model, post_sampling) for pr in post_prompts]
     generated += generate_cached(cache, dict(zip(post_keys, post_prompts)), get_engine, post_sampling,
