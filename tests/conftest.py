@@ -53,3 +53,58 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (CI puts ../shared beside the clone)")
     return SHARED_DATA
+
+
+# ---- generation (engines issue): a real vLLM OpenAI-compatible server and a tiny real LoRA adapter
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_vllm_spec(name: str, **kw):
+    """ModelSpec for a small vLLM engine on this CPU: eager, fp32, a 0.25 GiB KV cache."""
+    from toushi.recipe import ModelSpec
+
+    base = dict(engine="vllm", dtype="float32", enforce_eager=True, max_model_len=2048, kv_cache_gb=0.25)
+    return ModelSpec(name=name, **{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(offline_model, tmp_path_factory) -> Path:
+    """A real PEFT LoRA adapter (rank 32, above vLLM's default max_lora_rank of 16) on the offline model,
+    with lora_B perturbed so that it changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("lora") / "tiny-lora"
+    model = AutoModelForCausalLM.from_pretrained(offline_model, dtype=torch.float32)
+    cfg = LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(offline_model).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_server(offline_model, tmp_path_factory):
+    """Base URL (``http://127.0.0.1:<port>/v1``) of a real vLLM OpenAI-compatible server serving the offline
+    model under the name ``smollm2-135m-instruct`` (no API key, no adapters). Started once per session
+    (about a minute on this CPU), stopped at the end. Use it with a ModelSpec such as
+    ``ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server)``."""
+    from toushi.engines.server import VLLMServer
+
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    server = VLLMServer(cpu_vllm_spec("smollm2-135m-instruct"), port=free_port(), log_path=log)
+    with server:
+        yield server.base_url

