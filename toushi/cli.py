@@ -151,6 +151,69 @@ def report(
         webbrowser.open(index.resolve().as_uri())
 
 
+# ----------------------------------------------------------------------------------- data / export
+
+data_app = typer.Typer(help="Training data.", no_args_is_help=True)
+export_app = typer.Typer(help="Export students and training sets for other tools.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(export_app, name="export")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    run: str,
+    stage: Annotated[str, typer.Option(help="sft or dpo.")] = "sft",
+    n: Annotated[int, typer.Option(help="Samples to show.")] = 3,
+):
+    """Render training samples through the student's chat template; highlight the tokens with loss."""
+    from toushi.datasets import DatasetError
+    from toushi.export import ExportError
+    from toushi.inspect_data import inspect_run
+    from toushi.models import ModelError
+    from toushi.training import TrainError
+
+    try:
+        warnings = inspect_run(run_path(run), stage, n, out)
+    except (DatasetError, ExportError, ModelError, TrainError, ValueError) as e:
+        _fail(str(e))
+    err.print(f"{len(warnings)} warning(s)" if warnings else "[green]no warnings[/green]")
+
+
+@export_app.command("merge")
+def export_merge(
+    run: str,
+    stage: Annotated[str, typer.Option(help="Which adapter: sft, dpo or grpo.")] = "sft",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/<stage>/merged.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's own).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+):
+    """Fold a stage's LoRA adapter into the base model: a full safetensors model for vLLM/transformers."""
+    from toushi.export import ExportError, merge
+
+    rd = run_path(run)
+    try:
+        path = merge(rd / stage / "adapter", out_dir or rd / stage / "merged", base=base, dtype=dtype)
+    except ExportError as e:
+        _fail(str(e))
+    out.print(str(path))
+
+
+@export_app.command("data")
+def export_data_cmd(
+    run: str,
+    format: Annotated[str, typer.Option("--format", help="sharegpt, llamafactory or alpaca.")] = "sharegpt",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/export/<format>.")] = None,
+):
+    """Write the SFT and DPO sets (as training uses them) with LLaMA-Factory's dataset_info.json."""
+    from toushi.export import ExportError, export_data
+
+    try:
+        result = export_data(run_path(run), format, out_dir)
+    except ExportError as e:
+        _fail(str(e))
+    out.print(result)
+
+
 def main() -> None:
     app()
 

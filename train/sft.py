@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, student = recipe.sft, recipe.models.student
     store = StageStore(recipe.run_dir, "sft")
     output_dir = store.dir / "checkpoints"
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(store.dir / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.dir / "tensorboard")  # transformers reads it here
 
     # ---- model
     model_path = resolve_model(student.name)

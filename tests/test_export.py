@@ -1,0 +1,133 @@
+"""Export: merged full model loads in transformers and matches adapter outputs; data formats load with
+`datasets` and match the training-set counts; `toushi data inspect` renders and warns."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from test_datasets import write_run
+from typer.testing import CliRunner
+
+from toushi.cli import app
+from toushi.export import ExportError, export_data, merge
+from toushi.recipe import Recipe, save_recipe
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    rd = write_run(root / "runs" / "exp")
+    recipe = Recipe.model_validate({"run": {"name": "exp", "dir": str(rd.parent)},
+                                    "models": {"student": {"name": "smollm2-135m-instruct"}},
+                                    "dpo": {"ladder": True}})
+    save_recipe(recipe, rd)
+    return rd
+
+
+def test_merge_matches_adapter_outputs(tmp_path, tiny_model):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    # init_lora_weights=False: a nonzero adapter, so merging has something to fold in
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(adapter)
+
+    out = merge(adapter, tmp_path / "merged")
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), adapter)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        m, a, b = merged(ids).logits, fresh(ids).logits, plain(ids).logits
+    assert torch.allclose(m, a, atol=1e-4)
+    assert (m - b).abs().max() > 1e-3
+    with pytest.raises(ExportError, match="no adapter_config.json"):
+        merge(tmp_path / "nowhere", tmp_path / "x")
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "llamafactory", "alpaca"])
+def test_export_formats_load_with_datasets(run_dir, fmt):
+    from datasets import load_dataset
+
+    result = export_data(run_dir, fmt)
+    out = run_dir / "export" / fmt
+    assert result["sft"] == 11 and result["dpo"] == 34  # ladder on: 11 + 11 + 12
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["toushi_dpo"]["ranking"] is True
+    for kind, n in (("sft", 11), ("dpo", 34)):
+        ds = load_dataset("json", data_files=str(out / info[f"toushi_{kind}"]["file_name"]), split="train")
+        assert len(ds) == n
+        for column in info[f"toushi_{kind}"]["columns"].values():
+            if column != "system" or fmt == "alpaca":
+                assert column in ds.column_names, (fmt, kind, column, ds.column_names)
+    row = load_dataset("json", data_files=str(out / "sft.jsonl"), split="train")[0]
+    if fmt == "sharegpt":
+        assert [t["from"] for t in row["conversations"]] == ["human", "gpt"]
+    elif fmt == "llamafactory":
+        assert [t["role"] for t in row["messages"]] == ["user", "assistant"]
+    else:
+        assert row["instruction"].startswith("Write one reply") and row["output"]
+
+
+def test_export_data_cli_and_bad_format(run_dir):
+    res = CliRunner().invoke(app, ["export", "data", str(run_dir), "--format", "alpaca"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["export", "data", str(run_dir), "--format", "csv"])
+    assert res.exit_code == 2 and "sharegpt, llamafactory, alpaca" in res.output
+
+
+def test_data_inspect_renders_loss_tokens(run_dir, offline_model, capsys):
+    from rich.console import Console
+
+    from toushi.inspect_data import inspect_run
+
+    console = Console(record=True, width=120)
+    warnings = inspect_run(run_dir, "dpo", n=2, console=console)
+    text = console.export_text()
+    assert "loss on" in text and "<|im_start|>assistant" in text
+    assert warnings == []  # TRL's continuation rendering: default system prompt only in the prompt
+    res = CliRunner().invoke(app, ["data", "inspect", str(run_dir), "--stage", "sft", "--n", "1"])
+    assert res.exit_code == 0 and "loss on" in res.output
+
+
+def test_inspect_warns_on_doubled_bos_and_repeated_system_prompt(offline_model):
+    from transformers import AutoTokenizer
+
+    from toushi.inspect_data import render
+
+    tok = AutoTokenizer.from_pretrained(offline_model)
+    prompt = [{"role": "user", "content": "I feel alone."}]
+    completion = [{"role": "assistant", "content": "<think>plan</think>That sounds hard."}]
+    assert render(tok, prompt, [{"role": "assistant", "content": "That sounds hard."}]).warnings == []
+    own = tok.chat_template
+    # a template that prepends BOS itself although its text already starts with the BOS token
+    tok.chat_template = "{{ bos_token }}" + own
+    assert any("doubled BOS" in w for w in render(tok, prompt, completion[:1]).warnings)
+    # generation prompt that differs from how assistant turns render: the split falls back to rendering
+    # the completion alone, which repeats the default system prompt
+    tok.chat_template = re.sub(r"\{% if add_generation_prompt %\}.*?\{% endif %\}",
+                               "{% if add_generation_prompt %}ASSISTANT:{% endif %}", own, flags=re.DOTALL)
+    assert tok.chat_template != own
+    warnings = render(tok, prompt, completion).warnings
+    assert any("not prefix-preserving" in w for w in warnings)
+    assert any("default system prompt" in w for w in warnings)
+    assert any("<think>" in w for w in warnings)
+    assert not any("<think>" in w for w in render(tok, prompt, completion, keep_think=True).warnings)
+
+
+def test_recipe_yaml_roundtrip_has_training_fields(tmp_path):
+    # fields this stage added are in the saved recipe, so a run dir alone reproduces the training set
+    r = Recipe.model_validate({"run": {"name": "x"}})
+    dumped = yaml.safe_load(r.to_yaml())
+    assert dumped["sft"]["drop_markdown"] is True and dumped["sft"]["train"]["eval_fraction"] == 0.05

@@ -1,0 +1,217 @@
+"""Real LoRA / QLoRA training on CPU: SFT and DPO through `toushi run` (accelerate launch), DDP, resume.
+
+The run's pairs + guided records come from test_datasets.write_run (16 prompts, 3 held out), so these
+tests do not depend on the pairs stage. SmolLM2-135M-Instruct for quality checks (loss falls, outputs
+change); the tiny random model for plumbing (QLoRA, DDP, resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_datasets import write_run
+
+from toushi.paths import repo_root
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def write_recipe(path: Path, run_dir: Path, student: str, **sections) -> Path:
+    data = {"run": {"name": run_dir.name, "dir": str(run_dir.parent), "stages": ["sft", "dpo"]},
+            "models": {"student": {"name": student}}, **sections}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launch(script: str, recipe: Path, *extra: str, config: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--config_file", str(repo_root() / "recipes" / "accelerate" / config)] if config else [
+        "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [str(repo_root() / "train" / f"{script}.py"), "--recipe", str(recipe), *extra]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def train_in_process(script: str, recipe: Path, *extra: str) -> None:
+    """Run a training script's main() in this process (one process, no launcher start-up cost)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"train_{script}", repo_root() / "train" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--recipe", str(recipe), *extra])
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+def adapter_weights(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------ SmolLM2: SFT then DPO
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, offline_model):
+    """`toushi run` with stages [sft, dpo] on SmolLM2: both launched through accelerate by the runner."""
+    from toushi.recipe import load_recipe
+    from toushi.runner import run_stages
+    from toushi.stages import STAGES
+
+    root = tmp_path_factory.mktemp("train")
+    run_dir = write_run(root / "runs" / "smol")
+    train = {"per_device_train_batch_size": 4, "max_length": 256, "logging_steps": 1, "save_steps": 100,
+             "lr_scheduler_type": "constant", "eval_fraction": 0.1}
+    recipe_path = write_recipe(
+        root / "recipe.yaml", run_dir, "smollm2-135m-instruct",
+        sft={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "train": {**train, "max_steps": 8, "learning_rate": 1e-3}},
+        dpo={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "beta": 0.1,
+             "train": {**train, "max_steps": 6, "learning_rate": 5e-4}},
+    )
+    recipe = load_recipe(recipe_path)
+    outcome = run_stages(recipe, STAGES)
+    assert outcome == {"sft": "ran", "dpo": "ran"}
+    return run_dir, offline_model
+
+
+def test_sft_loss_falls_and_manifest_has_counts(trained_run):
+    run_dir, _ = trained_run
+    m = manifest(run_dir, "sft")
+    assert m["status"] == "complete"
+    assert m["data"]["examples"] == 11 and m["data"]["heldout_excluded"] == 3
+    assert m["data"]["dropped"] == {"strong_markdown": 1, "strong_empty": 1}
+    assert m["counts"]["examples"] == 11  # what the runner got back from launch
+    t = m["training"]
+    assert t["steps"] == 8
+    assert math.isfinite(t["first_loss"]) and math.isfinite(t["final_loss"]) and math.isfinite(t["eval_loss"])
+    assert t["final_loss"] < t["first_loss"] * 0.9, t
+    assert t["tokens_per_s"] > 0 and t["peak_memory_gib"] > 0
+    assert (run_dir / "sft" / "recipe.yaml").exists()
+    assert any((run_dir / "sft" / "tensorboard").iterdir())
+
+
+def test_sft_adapter_is_plain_lora_and_changes_outputs(trained_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, base_path = trained_run
+    adapter = run_dir / "sft" / "adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and not cfg.get("modules_to_save")
+    weights = adapter_weights(adapter)
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(torch.isfinite(v).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for v in lora_b)  # lora_B starts at zero: nonzero means it trained
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    ids = tok.apply_chat_template([{"role": "user", "content": "I failed my exam."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, str(adapter))
+    with torch.no_grad():
+        tuned_logits = tuned(ids).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-3
+
+
+def test_dpo_loss_falls_and_adapter_saved(trained_run):
+    run_dir, _ = trained_run
+    m = manifest(run_dir, "dpo")
+    assert m["status"] == "complete"
+    assert m["data"]["by_kind"] == {"strong>weak": 11}
+    t = m["training"]
+    assert abs(t["first_loss"] - math.log(2)) < 0.02  # policy == reference at step 1
+    assert t["final_loss"] < t["first_loss"], t
+    assert t["final_reward_margin"] > 0
+    weights = adapter_weights(run_dir / "dpo" / "adapter")
+    assert weights and not any(".ref." in k for k in weights)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+# ------------------------------------------------------------------------ tiny model: plumbing
+
+
+@pytest.fixture
+def fresh_run(tmp_path, tiny_model):
+    return tmp_path, write_run(tmp_path / "runs" / "r")
+
+
+def test_qlora_sft(fresh_run):
+    root, run_dir = fresh_run
+    recipe = write_recipe(
+        root / "q.yaml", run_dir, "tiny-random",
+        sft={"lora": {"r": 4, "alpha": 8, "qlora": True},
+             "train": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "learning_rate": 1e-2,
+                       "eval_fraction": 0.0}},
+    )
+    train_in_process("sft", recipe)
+    t = manifest(run_dir, "sft")["training"]
+    assert t["steps"] == 2 and math.isfinite(t["final_loss"])
+    weights = adapter_weights(run_dir / "sft" / "adapter")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_cpu_ddp_two_processes(fresh_run):
+    root, run_dir = fresh_run
+    recipe = write_recipe(
+        root / "ddp.yaml", run_dir, "tiny-random",
+        sft={"lora": {"r": 4, "alpha": 8},
+             "train": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "eval_fraction": 0.0}},
+    )
+    launch("sft", recipe, config="cpu_ddp.yaml")
+    t = manifest(run_dir, "sft")["training"]
+    assert t["num_processes"] == 2 and t["steps"] == 2
+    assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_resume_continues_from_checkpoint(fresh_run):
+    root, run_dir = fresh_run
+    recipe = write_recipe(
+        root / "resume.yaml", run_dir, "tiny-random",
+        sft={"lora": {"r": 4, "alpha": 8},
+             "train": {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2, "max_length": 128,
+                       "eval_fraction": 0.0}},
+    )
+    train_in_process("sft", recipe)  # "interrupted" after step 2, with checkpoint-2 on disk
+    assert (run_dir / "sft" / "checkpoints" / "checkpoint-2").is_dir()
+    train_in_process("sft", recipe, "--resume", "--set", "sft.train.max_steps=4")
+    m = manifest(run_dir, "sft")
+    assert m["resumed_from"].endswith("checkpoint-2")
+    assert m["training"]["steps"] == 4
+    state = json.loads((run_dir / "sft" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert logged[:2] == [1, 2] and logged[-1] == 4  # history carried over from the first run
+
+
+def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):
+    import shutil
+
+    from toushi.training import TrainError, load_tokenizer, lora_config
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TrainError, match=r"'my-student' has no chat template: set sft.train.chat_template"):
+        load_tokenizer(str(bare), "my-student", None, "sft.train")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert load_tokenizer(str(bare), "my-student", template, "sft.train").chat_template.startswith("{% for")
+    with pytest.warns(UserWarning, match="max_lora_rank"):
+        lora_config(32, 64, 0.0, "all-linear", "sft.lora")
