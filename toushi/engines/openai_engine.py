@@ -1,0 +1,140 @@
+"""OpenAI-compatible engine: vLLM's server, DeepSeek's API, Ollama, llama.cpp.
+
+An async client sends one chat request per (conversation, sample k) with at most ``spec.concurrency``
+in flight. 429s, 5xx, timeouts and connection errors are retried with exponential backoff and full
+jitter; each request has ``spec.timeout_s``. A conversation whose request still fails is reported to
+``on_error(index, exc)`` and gets no completions (or, without ``on_error``, the batch raises once every
+request has finished). The API key is read from the environment variable the spec names and is never
+logged or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Callable
+
+import openai
+
+from toushi.engines import Completion, Conversation, Engine, GenerationError, make_completion, sample_seed
+from toushi.recipe import ModelSpec, Sampling
+
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def api_key(spec: ModelSpec) -> str:
+    if spec.api_key_env is None:
+        return "EMPTY"  # local servers without auth still need a non-empty key in the client
+    key = os.environ.get(spec.api_key_env)
+    if not key:
+        raise GenerationError(f"model {spec.name}: environment variable {spec.api_key_env} (api_key_env) is not set")
+    return key
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, RETRYABLE):
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code >= 500
+
+
+class OpenAIEngine(Engine):
+    def __init__(self, spec: ModelSpec):
+        if not spec.base_url:
+            raise GenerationError(f"model {spec.name}: engine openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        self.spec = spec
+        self.key = api_key(spec)
+        self.retries_done = 0  # retries made so far (for tests and progress reports)
+
+    def generate(
+        self,
+        conversations: list[Conversation],
+        sampling: Sampling,
+        lora_name: str | None = None,
+        on_error: Callable[[int, BaseException], None] | None = None,
+    ) -> list[list[Completion]]:
+        # A served LoRA adapter is addressed by its name as the model.
+        if lora_name is not None:
+            self.check_lora(lora_name)
+        model = lora_name or self.spec.served_model or self.spec.name
+        return asyncio.run(self._generate(conversations, sampling, model, on_error))
+
+    async def _generate(self, conversations, sampling, model, on_error):
+        client = openai.AsyncOpenAI(
+            base_url=self.spec.base_url, api_key=self.key, max_retries=0, timeout=self.spec.timeout_s
+        )
+        sem = asyncio.Semaphore(self.spec.concurrency)
+        failures: dict[int, BaseException] = {}
+
+        async def one(i: int, k: int) -> Completion | None:
+            async with sem:
+                try:
+                    return await self._request(client, conversations[i], sampling, k, model)
+                except Exception as e:  # noqa: BLE001 - reported per conversation below
+                    failures.setdefault(i, e)
+                    return None
+
+        try:
+            tasks = [[one(i, k) for k in range(sampling.n)] for i in range(len(conversations))]
+            flat = await asyncio.gather(*(t for row in tasks for t in row))
+        finally:
+            await client.close()
+        n = sampling.n
+        results = [[c for c in flat[i * n : (i + 1) * n]] for i in range(len(conversations))]
+        for i, exc in sorted(failures.items()):
+            results[i] = []
+            if on_error is not None:
+                on_error(i, exc)
+        if failures and on_error is None:
+            i, exc = next(iter(sorted(failures.items())))
+            raise GenerationError(
+                f"model {model} at {self.spec.base_url}: {len(failures)} of {len(conversations)} conversations "
+                f"failed; first (#{i}): {type(exc).__name__}: {exc}"
+            ) from exc
+        return results
+
+    async def _request(self, client, messages, sampling: Sampling, k: int, model: str) -> Completion:
+        kwargs = dict(
+            model=model,
+            messages=messages,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            n=1,
+        )
+        seed = sample_seed(sampling, k)
+        if seed is not None:
+            kwargs["seed"] = seed
+        if sampling.stop:
+            kwargs["stop"] = sampling.stop
+        for attempt in range(self.spec.max_retries + 1):
+            t0 = time.perf_counter()
+            try:
+                resp = await client.chat.completions.create(**kwargs)
+                break
+            except Exception as e:
+                if not is_retryable(e) or attempt == self.spec.max_retries:
+                    raise
+                self.retries_done += 1
+                # Full jitter: uniform in [0, base * 2^attempt], capped, so retrying clients spread out.
+                await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
+        latency = time.perf_counter() - t0
+        choice = resp.choices[0]
+        msg = choice.message
+        extra = msg.model_extra or {}
+        # vLLM's reasoning parsers and DeepSeek's API return the think block separately.
+        reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+        usage = resp.usage
+        return make_completion(
+            msg.content or "",
+            reasoning=reasoning,
+            opened_think=self.spec.reasoning,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_s=latency,
+            model=model,
+        )
