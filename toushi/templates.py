@@ -23,8 +23,8 @@ def template_path(name: str, lang: str) -> Path:
     return TEMPLATE_DIR / lang / f"{name}.j2"
 
 
-def render(name: str, lang: str, **variables) -> str:
-    """Render the built-in template ``<lang>/<name>.j2``."""
+def render(name: str, lang: str, /, **variables) -> str:
+    """Render the built-in template ``<lang>/<name>.j2`` (positional-only, so a template may use ``name``)."""
     if not template_path(name, lang).exists():
         raise FileNotFoundError(f"no built-in template {lang}/{name}.j2 in {TEMPLATE_DIR}")
     return _env.get_template(f"{lang}/{name}.j2").render(**variables).strip()
@@ -38,6 +38,6 @@ def render_file(path: str | Path, **variables) -> str:
     ).strip()
 
 
-def render_any(name: str, lang: str, override: str | Path | None = None, **variables) -> str:
+def render_any(name: str, lang: str, override: str | Path | None = None, /, **variables) -> str:
     """The recipe's template file when given, else the built-in one."""
     return render_file(override, **variables) if override else render(name, lang, **variables)

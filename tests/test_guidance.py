@@ -1,0 +1,356 @@
+"""Guidance extraction: rule memory operations, packing against the real tokenizer, the drift guard, the
+acceptance gate's decision, the repair path, human edits, and every mode end to end on the offline model
+(structure, provenance, intermediates, flags, resume after a kill)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import cpu_vllm_spec
+from toushi.guidance import build_pairs, load_guidance, run_stage
+from toushi.guidance import modes as M
+from toushi.guidance.drift import best_round, score
+from toushi.guidance.gate import both_orders, decide
+from toushi.guidance.memory import Memory, parse_ops
+from toushi.guidance.packing import pack, shrink_pair, token_counter
+from toushi.guidance.render import parse_markdown, read_guidance_file, to_markdown
+from toushi.guidance.session import CallCache, Session
+from toushi.recipe import ModelSpec, Sampling, load_recipe
+from toushi.runner import StageContext
+from toushi.store import StageStore
+
+REPO = Path(__file__).resolve().parent.parent
+ALIASES = {"p1": "id-1", "p2": "id-2", "p3": "id-3", "p4": "id-4"}
+
+
+# --------------------------------------------------------------------------------- rule memory
+
+
+def test_parse_ops_reads_decorated_lines_and_counts_malformed():
+    out = """Sure! Here are the operations:
+1. DIM Validation: Name the feeling before anything else.
+- **ADD** D1: Reflect the exact feeling the poster names [p1, p3]
+ADD Practical help: Offer one small next step they can take today (pairs: p2)
+GOOD D1: "It sounds exhausting to carry that alone" [p1]
+EDIT R1.1 no colon so no new text
+AGREE the first rule
+REMOVE R2.1
+That is all."""
+    r = parse_ops(out)
+    assert [o.kind for o in r.ops] == ["DIM", "ADD", "ADD", "GOOD", "REMOVE"]
+    assert r.ops[1].target == "D1" and r.ops[1].pairs == ["p1", "p3"]
+    assert r.ops[1].text == "Reflect the exact feeling the poster names"
+    assert r.ops[2].text == "Offer one small next step they can take today"
+    assert r.ops[3].text == "It sounds exhausting to carry that alone"
+    assert r.malformed == ["EDIT R1.1 no colon so no new text", "AGREE the first rule"]
+    assert not parse_ops("I think the strong replies are warmer and more specific.").structured
+
+
+def test_ops_update_support_and_provenance():
+    mem = Memory(cap=6)
+    first = parse_ops("DIM Validation: Name the feeling.\nADD D1: Reflect the feeling [p1]\n"
+                      "ADD D1: Avoid 'at least' [p2, p9]\nADD Practical help: One small next step [p3]")
+    st = mem.apply(first.ops, ALIASES)
+    assert st.applied == 4 and st.unknown_pairs == 1  # p9 was never shown: dropped, counted
+    assert [r.support for r in mem.dimensions[0].rules] == [2, 2]  # ADD sets 2
+    assert mem.dimensions[0].rules[1].pair_ids == ["id-2"]
+    # AGREE and EDIT raise support, REMOVE lowers it; references use the numbering the model was shown
+    second = parse_ops("AGREE R1.1 [p4]\nEDIT R2.1: Offer one small step they can take today [p2]\n"
+                       "REMOVE R1.2\nREMOVE R1.2\nAGREE R7.1\nADD D1: Ask nothing of them")
+    st = mem.apply(second.ops, ALIASES)
+    assert st.malformed == 1  # R7.1 does not exist
+    assert st.removed == 1  # R1.2 reached 0 and went
+    v = mem.dimensions[0]
+    assert [(r.text, r.support) for r in v.rules] == [("Reflect the feeling", 3), ("Ask nothing of them", 2)]
+    assert v.rules[0].pair_ids == ["id-1", "id-4"]
+    assert mem.dimensions[1].rules[0].text == "Offer one small step they can take today"
+    assert mem.dimensions[1].rules[0].support == 3 and mem.dimensions[1].rules[0].pair_ids == ["id-3", "id-2"]
+
+
+def test_cap_prunes_lowest_support_newest_first():
+    mem = Memory(cap=2)
+    mem.apply(parse_ops("ADD Warmth: rule a\nADD Warmth: rule b").ops, ALIASES)
+    mem.apply(parse_ops("AGREE R1.2\nADD Warmth: rule c\nADD Warmth: rule d").ops, ALIASES)
+    assert [(r.text, r.support) for r in mem.dimensions[0].rules] == [("rule a", 2), ("rule b", 3)]
+    # a repeated ADD is agreement, not a duplicate
+    st = mem.apply(parse_ops("ADD Warmth: Rule A").ops, ALIASES)
+    assert st.pruned == 0 and mem.dimensions[0].rules[0].support == 3
+    # the dimension cap refuses new dimensions (counted as malformed), existing ones still take rules
+    small = Memory(cap=3, max_dimensions=1)
+    st = small.apply(parse_ops("ADD One: a\nADD Two: b\nADD D1: c").ops, ALIASES)
+    assert st.malformed == 1 and [d.name for d in small.dimensions] == ["One"] and small.n_rules() == 2
+
+
+def test_markdown_round_trip_and_hand_edit_file(tmp_path):
+    mem = Memory(cap=6)
+    mem.apply(parse_ops('DIM Validation: Name the feeling.\nADD D1: Reflect the feeling [p1, p2]\n'
+                        'GOOD D1: "that sounds so heavy" [p1]').ops, ALIASES)
+    md = to_markdown(mem, {"mode": "refine", "version": 3, "pairs": 4})
+    back = parse_markdown(md)
+    assert back.to_dict()["dimensions"][0]["rules"] == mem.to_dict()["dimensions"][0]["rules"]
+    assert back.dimensions[0].definition == "Name the feeling."
+    assert back.dimensions[0].examples[0]["pair_ids"] == ["id-1"]
+    edited = tmp_path / "edited.md"
+    edited.write_text(md + "\n## Pacing\nKeep it short.\n- Two or three sentences are enough\n", encoding="utf-8")
+    text = load_guidance(edited)
+    assert "Two or three sentences are enough" in text and "Reflect the feeling" in text
+    bad = tmp_path / "bad.md"
+    bad.write_text("just some notes\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no dimensions"):
+        read_guidance_file(bad)
+
+
+# --------------------------------------------------------------------------------- drift, gate, packing
+
+
+def test_drift_scores_pseudo_profound_high_and_practical_low():
+    round20 = ("情绪的量子波函数在拓扑流形上坍缩，热力学熵增驱动共情曲率的非线性演化，支持者需在希尔伯特空间中构造本征态，"
+               "使情感张量 E = ∑ψ·∇S 收敛于奇点。")
+    round20_en = ("The emotional wave function collapses onto a topological manifold of empathy; the thermodynamic "
+                  "entropy of support measures its curvature, so S = k log W of the quantum self.")
+    plain_zh = "先说出对方提到的感受，再给建议。给一个今天就能做的小步骤，比如给朋友发条消息。回复要简短、温暖。"
+    plain_en = ("Name the feeling the person describes before giving any advice. Offer one small step they could "
+                "try today, like texting a friend. Keep the reply short and warm.")
+    for bad in (round20, round20_en):
+        assert score(bad)["score"] > 0.5 and score(bad)["terms"]
+    for good in (plain_zh, plain_en):
+        assert score(good)["score"] < 0.1
+    rounds = [{"score": 0.05, "accepted": True}, {"score": 0.1, "accepted": True},
+              {"score": 0.8, "accepted": True}, {"score": 0.02, "accepted": False}]
+    assert best_round(rounds, 0.3) == 1  # latest clean accepted round, not the drifted or rejected one
+    assert best_round([{"score": 0.9}, {"score": 0.5}, {"score": 0.7}], 0.3) == 1  # all drifted: least
+    assert best_round([{"score": 0.1, "accepted": False}], 0.3) is None
+
+
+def test_gate_rejects_a_version_that_loses():
+    posts = ["post 1", "post 2", "post 3"]
+    new, old = ["short", "short", "short"], ["a longer and warmer reply"] * 3
+
+    def prefer_longer(post, a, b):  # a position-consistent stand-in judge, to check the decision logic only
+        return "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+
+    outcomes = both_orders(prefer_longer, posts, new, old)
+    assert outcomes == [0.0, 0.0, 0.0]
+    assert decide(outcomes)["accepted"] is False
+    assert decide(both_orders(prefer_longer, posts, old, new))["accepted"] is True
+    # a judge that always says "A" is position-biased: both orders disagree, so every prompt is a tie
+    always_a = both_orders(lambda p, a, b: "A", posts, new, old)
+    assert always_a == [0.5] * 3 and decide(always_a)["accepted"] is False
+    assert decide([None, None])["accepted"] is False and decide([None, None])["invalid"] == 2
+
+
+def test_packing_fits_real_tokenizer(offline_model):
+    count = token_counter(str(offline_model))
+    assert count("hello there, how are you") < 12  # a real tokenizer, not the character estimate
+    posts = json.loads("[" + ",".join((REPO / "data" / "venting_en.jsonl").read_text().splitlines()[:10]) + "]")
+    pairs = [{"id": p["id"], "label": f"p{i}", "post": p["text"],
+              "answers": [{"label": "A", "text": p["text"][:300]}, {"label": "B", "text": p["text"][-300:]}]}
+             for i, p in enumerate(posts, 1)]
+    budget = 700
+
+    def fits(batch):
+        return sum(count(p["post"]) + sum(count(a["text"]) for a in p["answers"]) for p in batch) <= budget
+
+    batches = pack([shrink_pair(p, fits) for p in pairs], 4, fits)
+    assert [p["id"] for b in batches for p in b] == [p["id"] for p in pairs]  # nothing lost, order kept
+    assert all(len(b) <= 4 and fits(b) for b in batches)
+    assert len(batches) > 3  # batches of 4 did not fit: they were split
+    huge = {**pairs[0], "post": pairs[0]["post"] * 6}
+    shrunk = shrink_pair(huge, fits)
+    assert fits([shrunk]) and "truncated" in shrunk["flags"]
+    with pytest.raises(ValueError, match="token budget"):
+        shrink_pair(huge, lambda b: False)
+
+
+# --------------------------------------------------------------------------------- end to end, offline model
+
+
+def _posts(n: int) -> list[dict]:
+    lines = (REPO / "data" / "venting_en.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(x) for x in lines[:n]]
+
+
+@pytest.fixture(scope="module")
+def engine(offline_model):
+    from toushi.engines import make_engine
+
+    spec = cpu_vllm_spec(str(offline_model))
+    with make_engine(spec) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def pairs_records(engine) -> list[dict]:
+    """A small real pairs records set: the offline model answers real posts plainly (weak) and with a
+    careful system prompt (strong)."""
+    from toushi.templates import render
+
+    posts = _posts(6)
+    prompts = [render("support_task", "en", post=p["text"][:600], constraints=True) for p in posts]
+    s = Sampling(temperature=0.7, max_tokens=48, seed=0)
+    weak = engine.generate([[{"role": "user", "content": q}] for q in prompts], s)
+    strong = engine.generate([[{"role": "system", "content": "You are a warm, careful listener. Name the feeling, "
+                                                             "then offer one small practical step."},
+                               {"role": "user", "content": q}] for q in prompts], s)
+    return [{"id": p["id"], "lang": "en", "scene": p["scene"], "split": "heldout" if i == 5 else "train",
+             "post": p["text"][:600], "prompt": q, "weak": [w[0].to_dict()], "strong": [st[0].to_dict()]}
+            for i, (p, q, w, st) in enumerate(zip(posts, prompts, weak, strong))]
+
+
+class Counting:
+    """Counts generate calls (and can stop after some, as a kill would) around the real engine."""
+
+    def __init__(self, engine, stop_after: int | None = None):
+        self.engine, self.stop_after, self.calls, self.prompts = engine, stop_after, 0, 0
+        self.spec = engine.spec
+
+    def generate(self, conversations, sampling):
+        if self.stop_after is not None and self.calls >= self.stop_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls += 1
+        self.prompts += len(conversations)
+        return self.engine.generate(conversations, sampling)
+
+
+def _session(tmp_path, engine, pairs, mode, **kw) -> Session:
+    store = StageStore(tmp_path, "guidance")
+    spec_path = str(Path(engine.spec.name))
+    return Session(
+        store=store, lang="en", calls=CallCache(store, lambda: engine, "smollm2", Sampling(temperature=0.3, max_tokens=96)),
+        pairs=pairs, blind=kw.get("blind", True), cap=3, max_dimensions=4, batch_size=kw.get("batch_size", 3),
+        count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1800), drift_threshold=0.3, mode=mode,
+        gate=kw.get("gate"),
+    )
+
+
+def _check_outputs(s: Session, pairs: list[dict], corpus_ids: set[str]) -> None:
+    from toushi.guidance import finish
+
+    counts = finish(s, s.store, pairs, 0, False)
+    d = s.store.dir
+    data = json.loads((d / "guidance.json").read_text())
+    assert data["dimensions"], "never silently empty: raw output is kept as a flagged dimension"
+    for dim in data["dimensions"]:
+        for r in dim["rules"]:
+            assert r["text"].strip()
+            assert set(r["pair_ids"]) <= corpus_ids  # provenance: every referenced pair exists
+        for e in dim["examples"]:
+            assert set(e["pair_ids"]) <= corpus_ids
+    assert (d / "guidance.md").read_text().startswith("# Guidance")
+    assert load_guidance(d.parent) == data["system_prompt"] == (d / "system_prompt.txt").read_text().strip()
+    index = json.loads((d / "history" / "index.json").read_text())
+    assert len(index) == counts["versions"] >= 1
+    for v in index:
+        assert (d / "history" / f"v{v['version']:03d}.diff").exists()
+    drift = json.loads((d / "drift.json").read_text())
+    assert len(drift["rounds"]) == len(index) and drift["chosen"] is not None
+    assert list((d / "prompts").glob("*.txt")) and list((d / "intermediate").glob("*.json"))
+    for f in (d / "intermediate").glob("*.json"):
+        inter = json.loads(f.read_text())
+        assert "output" in inter and "memory" in inter
+        if inter["flags"] == ["unstructured"]:  # repair was tried, then the raw text kept and flagged
+            assert inter["repair_output"] is not None
+            assert (d / "prompts" / f"{inter['step']}.repair.txt").exists()
+            assert any(inter["step"] in r["flags"] for dim in inter["memory"]["dimensions"] for r in dim["rules"])
+    assert counts["calls"] + counts["cached_calls"] > 0
+
+
+@pytest.mark.parametrize("mode", ["map-reduce", "refine", "broad-to-deep", "per-example"])
+def test_mode_end_to_end(mode, tmp_path, engine, pairs_records):
+    pairs, _ = build_pairs(pairs_records, blind=True, seed=0)
+    assert len(pairs) == 5 and all(p["label"] for p in pairs)
+    s = _session(tmp_path, engine, pairs, mode)
+    M.MODES[mode](s, pairs)
+    _check_outputs(s, pairs, {r["id"] for r in pairs_records})
+
+
+def test_resume_after_kill_repeats_no_finished_call(tmp_path, engine, pairs_records):
+    pairs, _ = build_pairs(pairs_records, blind=False, seed=0)
+    killed = Counting(engine, stop_after=2)
+    s = _session(tmp_path, killed, pairs, "refine", batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        M.refine(s, pairs)
+    done = StageStore(tmp_path, "guidance").ids()
+    assert done and killed.calls == 2
+    again = Counting(engine)
+    s2 = _session(tmp_path, again, pairs, "refine", batch_size=2)
+    M.refine(s2, pairs)
+    assert s2.calls.cached_calls >= len(done)
+    records = StageStore(tmp_path, "guidance").records()
+    assert len(records) == len({r["id"] for r in records})  # nothing generated twice
+    full = Counting(engine)
+    s3 = _session(tmp_path, full, pairs, "refine", batch_size=2)
+    M.refine(s3, pairs)
+    assert full.calls == 0  # a finished run is entirely cached
+    assert [v["score"] for v in s3.versions] == [v["score"] for v in s2.versions]
+
+
+def test_repair_path_keeps_structured_repair(tmp_path, engine, pairs_records):
+    """A first answer without operations gets one repair call; when that call answers with operations,
+    they are applied and the step is flagged 'repaired'."""
+    pairs, _ = build_pairs(pairs_records, blind=True, seed=0)
+
+    class Scripted:  # the analysis model's outputs are scripted to exercise the parser's two branches
+        def __init__(self):
+            self.n = 0
+
+        def generate(self, conversations, sampling):
+            from toushi.engines import make_completion
+
+            out = []
+            for conv in conversations:
+                self.n += 1
+                text = ("The better replies are warmer." if "did not use the required format" not in conv[-1]["content"]
+                        else "DIM Warmth: Sound like a person.\nADD D1: Name the feeling first [p1]")
+                out.append([make_completion(text, finish_reason="stop", prompt_tokens=0, completion_tokens=0,
+                                            latency_s=0.0, model="scripted")])
+            return out
+
+    s = _session(tmp_path, engine, pairs, "per-example")
+    s.calls.engine_fn = Scripted
+    M.per_example(s, pairs[:2])
+    inter = json.loads((tmp_path / "guidance" / "intermediate" / "example-000.json").read_text())
+    assert inter["flags"] == ["repaired"] and inter["ops"][0].startswith("DIM Warmth")
+    mem = s.current()
+    assert mem.dimensions[0].name == "Warmth" and mem.dimensions[0].rules[0].pair_ids == [pairs[0]["id"]]
+
+
+# --------------------------------------------------------------------------------- the stage
+
+
+def _recipe(tmp_path, offline_model, **guidance):
+    text = (REPO / "recipes" / "tiny-cpu.yaml").read_text()
+    path = tmp_path / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    sets = [f"run.dir={tmp_path / 'runs'}", f"models.strong.name={offline_model}",
+            f"models.weak.name={offline_model}", "models.strong.gpu_memory_utilization=0.08"]
+    sets += [f"guidance.{k}={v}" for k, v in guidance.items()]
+    return load_recipe(path, sets)
+
+
+def test_stage_and_hand_edit(tmp_path, offline_model, pairs_records, engine, monkeypatch):
+    r = _recipe(tmp_path, offline_model, mode="map-reduce", max_pairs=3)
+    pairs_store = StageStore(r.run_dir, "pairs")
+    with pairs_store.writer() as w:
+        w.write_many(pairs_records)
+    store = StageStore(r.run_dir, "guidance")
+    from toushi.guidance import EnginePool
+
+    # the stage builds its engine from the recipe; reuse the module's engine instead of loading another
+    monkeypatch.setattr(EnginePool, "get", lambda self, spec: engine)
+    monkeypatch.setattr(EnginePool, "close", lambda self: None)
+    counts = run_stage(StageContext(recipe=r, store=store))
+    assert counts["pairs"] == 3 and counts["versions"] == 2 and store.manifest()["hand_edited"] is False
+    md = (store.dir / "guidance.md").read_text()
+    edited = tmp_path / "mine.md"
+    edited.write_text(md + "\n## Pacing\nKeep it short.\n- Two or three sentences are enough\n", encoding="utf-8")
+    r2 = _recipe(tmp_path, offline_model, edited_file=edited)
+    counts = run_stage(StageContext(recipe=r2, store=store))
+    assert counts["hand_edited"] is True and store.manifest()["hand_edited"] is True
+    assert "Two or three sentences are enough" in load_guidance(r.run_dir)
+    index = json.loads((store.dir / "history" / "index.json").read_text())
+    assert index[-1]["label"] == "hand-edit" and len(index) == 3
+    assert "+- Two or three sentences are enough" in (store.dir / "history" / "v003.diff").read_text()

@@ -1,0 +1,232 @@
+"""What every extraction mode shares: cached model calls, operation calls with one repair attempt,
+packing into the context, and versions (drift score, acceptance gate, history with diffs).
+
+Every model call is cached in the guidance stage's records.jsonl under
+``stable_id(conversation, model, sampling)``, written as soon as its batch returns, so a run killed
+mid-mode repeats no finished call: the rerun replays the cached outputs through the same deterministic
+operations and arrives at the same memory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from toushi.guidance import drift
+from toushi.guidance.memory import ApplyStats, Memory, parse_ops
+from toushi.guidance.packing import pack, shrink_pair
+from toushi.guidance.render import to_json, to_markdown
+from toushi.recipe import Sampling
+from toushi.store import StageStore, atomic_write_text, stable_id
+from toushi.templates import render
+
+
+class CallCache:
+    """engine.generate with a record cache; the engine is built only when a call is not cached."""
+
+    def __init__(self, store: StageStore, engine_fn: Callable[[], object], model: str, sampling: Sampling):
+        self.store = store
+        self.engine_fn = engine_fn
+        self.model = model
+        self.sampling = sampling.model_copy(update={"n": 1})
+        self._engine = None
+        self._cache: dict[str, dict] | None = None
+        self.new_calls = 0
+        self.cached_calls = 0
+
+    def key(self, conversation: list[dict]) -> str:
+        return stable_id(conversation, self.model, self.sampling.model_dump(mode="json"))
+
+    def _load(self) -> dict[str, dict]:
+        if self._cache is None:
+            self._cache = {r["id"]: r for r in self.store.records()}
+        return self._cache
+
+    def generate(self, conversations: Sequence[list[dict]], steps: Sequence[str]) -> list[str]:
+        cache = self._load()
+        keys = [self.key(c) for c in conversations]
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        # the same prompt twice in one batch is generated once
+        todo = list({keys[i]: i for i in reversed(todo)}.values())[::-1]
+        self.cached_calls += len(conversations) - len(todo)
+        if todo:
+            if self._engine is None:
+                self._engine = self.engine_fn()
+            outs = self._engine.generate([conversations[i] for i in todo], self.sampling)
+            with self.store.writer(batch_size=len(todo)) as w:
+                for i, completions in zip(todo, outs):
+                    c = completions[0]
+                    rec = {"id": keys[i], "step": steps[i], "model": self.model, "conversation": conversations[i],
+                           "text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                           "completion_tokens": c.completion_tokens, "flags": list(c.flags)}
+                    w.write(rec)
+                    cache[keys[i]] = rec
+            self.new_calls += len(todo)
+        return [cache[k]["text"] for k in keys]
+
+
+@dataclass
+class Step:
+    """One operation call: a template rendered with ``variables``, applied to a copy of ``base``."""
+
+    name: str
+    template: str
+    variables: dict
+    base: Memory
+    pair_ids: list[str] = field(default_factory=list)  # the pairs this call saw (for raw-kept output)
+
+
+@dataclass
+class StepResult:
+    memory: Memory
+    structured: bool
+    repaired: bool
+    stats: ApplyStats
+    flags: list[str]
+
+
+class Session:
+    def __init__(self, *, store: StageStore, lang: str, calls: CallCache, pairs: list[dict], blind: bool,
+                 cap: int, max_dimensions: int, batch_size: int, count_tokens: Callable[[str], int],
+                 prompt_budget: int, drift_threshold: float, mode: str,
+                 gate: Callable[[Memory, Memory | None], dict] | None = None, console: Console | None = None):
+        if prompt_budget <= 0:
+            raise ValueError(
+                f"guidance: no room for a prompt (budget {prompt_budget} tokens): the context length minus "
+                "guidance.sampling.max_tokens must be positive; raise guidance.context_tokens or lower max_tokens"
+            )
+        self.store, self.lang, self.calls, self.blind = store, lang, calls, blind
+        self.cap, self.max_dimensions, self.batch_size = cap, max_dimensions, batch_size
+        self.count_tokens, self.budget, self.drift_threshold, self.mode = count_tokens, prompt_budget, drift_threshold, mode
+        self.gate, self.console = gate, console or Console(stderr=True)
+        self.pairs = pairs
+        self.aliases = {p["label"].lower(): p["id"] for p in pairs}
+        self.versions: list[dict] = []  # history index entries
+        self.memories: list[Memory] = []
+        self.totals = ApplyStats()
+        self.flag_counts: dict[str, int] = {}
+
+    # ---- prompts
+    def render(self, template: str, /, **variables) -> str:
+        return render(template, self.lang, blind=self.blind, max_rules=self.cap,
+                      max_dimensions=self.max_dimensions, **variables)
+
+    def fits(self, template: str, /, **variables) -> bool:
+        return self.count_tokens(self.render(template, **variables)) <= self.budget
+
+    def batches(self, pairs: Sequence[dict], template: str, **variables) -> list[list[dict]]:
+        """Pack pairs for ``template`` (rendered with ``variables``, e.g. the current memory)."""
+        def fits(batch):
+            return self.fits(template, pairs=batch, **variables)
+
+        return pack([shrink_pair(p, fits) for p in pairs], self.batch_size, fits)
+
+    def next_batch(self, pairs: Sequence[dict], template: str, **variables) -> list[dict]:
+        """The first batch of ``pairs`` that fits with this memory (refine/deepen pass the memory on)."""
+        return self.batches(pairs[: self.batch_size], template, **variables)[0]
+
+    def memory_view(self, memory: Memory) -> str:
+        return memory.render_for_prompt()
+
+    # ---- calls
+    def _save_prompt(self, name: str, prompt: str) -> None:
+        atomic_write_text(self.store.path("prompts", f"{name}.txt"), prompt + "\n")
+
+    def text_calls(self, names: list[str], prompts: list[str]) -> list[str]:
+        for n, p in zip(names, prompts):
+            self._save_prompt(n, p)
+        return self.calls.generate([[{"role": "user", "content": p}] for p in prompts], names)
+
+    def ops_calls(self, steps: list[Step]) -> list[StepResult]:
+        """Render, call, parse; outputs with no operation get one repair call; what still has none is
+        kept raw in a flagged dimension. Intermediates go to intermediate/<step>.json."""
+        prompts = [self.render(s.template, **s.variables) for s in steps]
+        outputs = self.text_calls([s.name for s in steps], prompts)
+        parsed = [parse_ops(o) for o in outputs]
+        bad = [i for i, p in enumerate(parsed) if not p.structured]
+        repaired_out: dict[int, str] = {}
+        if bad:
+            names = [f"{steps[i].name}.repair" for i in bad]
+            repair_prompts = [self.render("guidance_repair", output=outputs[i][:4000]) for i in bad]
+            for i, text in zip(bad, self.text_calls(names, repair_prompts)):
+                repaired_out[i] = text
+                parsed[i] = parse_ops(text)
+        results = []
+        for i, (s, p) in enumerate(zip(steps, parsed)):
+            mem = s.base.copy()
+            mem.cap, mem.max_dimensions = self.cap, self.max_dimensions
+            flags = []
+            stats = mem.apply(p.ops, self.aliases)
+            stats.malformed += len(p.malformed)
+            if i in repaired_out:
+                flags.append("repaired" if p.structured else "unstructured")
+            if not p.structured:
+                mem.keep_raw(outputs[i], s.name, s.pair_ids)
+            self.totals.add(stats)
+            for f in flags:
+                self.flag_counts[f] = self.flag_counts.get(f, 0) + 1
+            res = StepResult(mem, p.structured, i in repaired_out and p.structured, stats, flags)
+            results.append(res)
+            atomic_write_text(self.store.path("intermediate", f"{s.name}.json"), json.dumps({
+                "step": s.name, "template": s.template, "pair_ids": s.pair_ids, "output": outputs[i],
+                "repair_output": repaired_out.get(i), "ops": [o.line for o in p.ops], "malformed": p.malformed,
+                "stats": stats.to_dict(), "flags": flags, "memory": mem.to_dict(),
+            }, indent=2, ensure_ascii=False) + "\n")
+        return results
+
+    def pair_view(self, pairs: Sequence[dict]) -> list[dict]:
+        return [{"label": p["label"], "post": p["post"], "answers": p["answers"]} for p in pairs]
+
+    # ---- versions
+    def propose(self, memory: Memory, label: str) -> bool:
+        """Record a new version: drift score, gate verdict against the current version, history files."""
+        n = len(self.versions) + 1
+        meta = {"mode": self.mode, "version": n, "pairs": len(self.pairs)}
+        md = to_markdown(memory, meta)
+        d = drift.score(md)
+        current = self.current_index()
+        gate = None
+        if self.gate is not None:
+            gate = self.gate(memory, self.memories[current] if current is not None else None)
+        accepted = gate["accepted"] if gate else True
+        entry = {"version": n, "label": label, "score": d["score"], "drift": d,
+                 "drifted": d["score"] > self.drift_threshold, "accepted": accepted, "gate": gate,
+                 "rules": memory.n_rules(), "dimensions": len(memory.dimensions)}
+        prev_md = ""
+        if self.versions:
+            prev_md = self.store.path("history", f"v{n - 1:03d}.md").read_text(encoding="utf-8")
+        diff = "".join(difflib.unified_diff(prev_md.splitlines(True), md.splitlines(True),
+                                            f"v{n - 1:03d}.md" if n > 1 else "/dev/null", f"v{n:03d}.md"))
+        atomic_write_text(self.store.path("history", f"v{n:03d}.md"), md)
+        atomic_write_text(self.store.path("history", f"v{n:03d}.json"),
+                          json.dumps(to_json(memory, meta, self.lang), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(self.store.path("history", f"v{n:03d}.diff"), diff)
+        self.versions.append(entry)
+        self.memories.append(memory.copy())
+        atomic_write_text(self.store.path("history", "index.json"),
+                          json.dumps(self.versions, indent=2, ensure_ascii=False) + "\n")
+        best = self.current_index()
+        atomic_write_text(self.store.path("drift.json"), json.dumps({
+            "threshold": self.drift_threshold,
+            "rounds": [{"version": v["version"], "label": v["label"], **v["drift"], "flagged": v["drifted"],
+                        "accepted": v["accepted"]} for v in self.versions],
+            "chosen": self.versions[best]["version"] if best is not None else None,
+        }, indent=2, ensure_ascii=False) + "\n")
+        status = "accepted" if accepted else "rejected by gate"
+        self.console.print(f"  v{n:03d} {label}: {memory.n_rules()} rules, drift {d['score']:.3f}"
+                           f"{' (flagged)' if entry['drifted'] else ''}, {status}")
+        return accepted
+
+    def current_index(self) -> int | None:
+        return drift.best_round(self.versions, self.drift_threshold)
+
+    def current(self) -> Memory:
+        """The version to build on: best accepted, least drifted; empty before any."""
+        i = self.current_index()
+        if i is None:
+            return Memory(cap=self.cap, max_dimensions=self.max_dimensions)
+        return self.memories[i].copy()
