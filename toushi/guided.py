@@ -1,0 +1,124 @@
+"""The ``guided`` stage: the weak model answers the same prompts with the run's guidance as its system
+prompt (optionally with the strong answers to the k most similar train posts as examples).
+
+Records mirror the pairs stage's (same ids, prompts and completion shape) so eval and the training sets
+can compare and combine them: ``{id, lang, scene, split, post, prompt, system, examples, guided: [...],
+model, sampling, key}``. ``key`` hashes the system prompt, the prompt, the model and the sampling, so a
+rerun skips done prompts and a changed guidance regenerates everything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from toushi.engines import make_engine
+from toushi.guidance import load_guidance
+from toushi.runner import StageContext
+from toushi.store import atomic_write_text, stable_id
+from toushi.templates import render
+
+
+def char_ngram_vectors(texts: list[str], n: int = 3) -> np.ndarray:
+    """L2-normalised TF-IDF vectors of character n-grams: works for zh and en with nothing to download."""
+    grams = [[t[i : i + n] for i in range(max(1, len(t) - n + 1))] for t in texts]
+    vocab = {g: j for j, g in enumerate(sorted({g for gs in grams for g in gs}))}
+    tf = np.zeros((len(texts), len(vocab)), dtype=np.float32)
+    for i, gs in enumerate(grams):
+        for g in gs:
+            tf[i, vocab[g]] += 1
+    idf = np.log((1 + len(texts)) / (1 + (tf > 0).sum(0))) + 1
+    v = tf * idf
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """MiniLM sentence embeddings when the packaged model is installed, else character 3-gram TF-IDF."""
+    from toushi.metrics import EmbeddingUnavailable, load_embedder
+
+    try:
+        model = load_embedder()
+    except EmbeddingUnavailable:
+        return char_ngram_vectors(texts)
+    v = np.asarray(model.encode(texts, batch_size=64, convert_to_numpy=True), dtype=np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+
+
+def retrieve(queries: list[str], pool_ids: list[str], pool_texts: list[str], k: int, exclude_self: bool = True
+             ) -> list[list[str]]:
+    """For each query, the ids of the k most similar pool texts (a query's own id is never its example)."""
+    if k == 0 or not pool_ids:
+        return [[] for _ in queries]
+    vecs = embed(list(queries) + list(pool_texts))
+    sims = vecs[: len(queries)] @ vecs[len(queries) :].T
+    out = []
+    for i, q in enumerate(queries):
+        order = [int(j) for j in np.argsort(-sims[i], kind="stable")]
+        picked = [pool_ids[j] for j in order if not (exclude_self and pool_texts[j] == q)]
+        out.append(picked[:k])
+    return out
+
+
+def run_stage(ctx: StageContext) -> dict:
+    r, cfg = ctx.recipe, ctx.recipe.guided
+    spec = r.models.weak
+    if spec is None:
+        raise ValueError("guided: models.weak is not set in the recipe")
+    guidance = load_guidance(ctx.stage("guidance").dir)
+    pairs = ctx.stage("pairs").records()
+    if not pairs:
+        raise ValueError(f"guided: no pairs records in {ctx.stage('pairs').records_path}; run the pairs stage first")
+    sampling = (cfg.sampling or spec.sampling)
+    model = spec.served_model or spec.name
+
+    todo_recs = [p for p in pairs if cfg.include_heldout or p.get("split") != "heldout"]
+    # examples come only from train posts with a usable strong answer, so eval never sees its own answers
+    pool = [p for p in pairs if p.get("split") == "train" and p["strong"] and p["strong"][0]["text"]
+            and not p["strong"][0]["flags"]]
+    picks = retrieve([p["post"] for p in todo_recs], [p["id"] for p in pool], [p["post"] for p in pool],
+                     cfg.retrieved_examples)
+    by_id = {p["id"]: p for p in pool}
+
+    jobs = []
+    for rec, ex_ids in zip(todo_recs, picks):
+        examples = [{"post": by_id[i]["post"], "reply": by_id[i]["strong"][0]["text"]} for i in ex_ids]
+        system = render("guided_system", rec.get("lang") or r.run.lang, guidance=guidance, examples=examples).strip()
+        conv = [{"role": "system", "content": system}, {"role": "user", "content": rec["prompt"]}]
+        key = stable_id(conv, model, sampling.model_dump(mode="json"))
+        jobs.append((rec, ex_ids, system, conv, key))
+
+    done = {g["id"]: g.get("key") for g in ctx.store.records()}
+    stale = [rec["id"] for rec, *_, key in jobs if rec["id"] in done and done[rec["id"]] != key]
+    if stale:
+        # the guidance or settings changed since those answers: start over rather than mix two guidances
+        ctx.console.print(f"guided: {len(stale)} records were made with another guidance/settings; regenerating")
+        atomic_write_text(ctx.store.records_path, "")
+        done = {}
+    todo = [j for j in jobs if j[0]["id"] not in done]
+    counts = {"prompts": len(jobs), "generated": len(todo), "cached": len(jobs) - len(todo)}
+    if todo:
+        batch = r.pairs.batch_size
+        ctx.console.print(f"guided: {spec.name} answers {len(todo)} prompts with the guidance")
+        with make_engine(spec) as engine, ctx.store.writer() as w, Progress(
+            TextColumn("[bold]guided[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+            TimeElapsedColumn(), console=ctx.console,
+        ) as bar:
+            task = bar.add_task("guided", total=len(todo))
+            for start in range(0, len(todo), batch):
+                chunk = todo[start : start + batch]
+                outs = engine.generate([c for _, _, _, c, _ in chunk], sampling)
+                for (rec, ex_ids, system, _, key), comps in zip(chunk, outs):
+                    w.write({
+                        "id": rec["id"], "lang": rec.get("lang"), "scene": rec.get("scene"), "split": rec.get("split"),
+                        "post": rec["post"], "prompt": rec["prompt"], "system": system, "examples": ex_ids,
+                        "guided": [c.to_dict() for c in comps], "model": spec.name,
+                        "sampling": sampling.model_dump(mode="json"), "key": key,
+                    })
+                w.flush()
+                bar.update(task, advance=len(chunk))
+    flags: dict[str, int] = {}
+    for g in ctx.store.records():
+        for c in g["guided"]:
+            for f in c["flags"]:
+                flags[f"guided_{f}"] = flags.get(f"guided_{f}", 0) + 1
+    return {**counts, "records": len(ctx.store.ids()), **flags}
