@@ -45,6 +45,8 @@ def server_command(spec: ModelSpec, host: str, port: int, served_name: str | Non
         cmd += ["--max-model-len", str(kw["max_model_len"])]
     if "kv_cache_memory_bytes" in kw:
         cmd += ["--kv-cache-memory-bytes", str(kw["kv_cache_memory_bytes"])]
+    if kw.get("enable_chunked_prefill") is False:
+        cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(kw["max_num_batched_tokens"])]
     if kw["enforce_eager"]:
         cmd.append("--enforce-eager")
     if spec.reasoning:  # the server then returns the think block as reasoning_content

