@@ -47,6 +47,10 @@ That is all."""
     assert r.ops[3].text == "It sounds exhausting to carry that alone"
     assert r.malformed == ["EDIT R1.1 no colon so no new text", "AGREE the first rule"]
     assert not parse_ops("I think the strong replies are warmer and more specific.").structured
+    # the format example copied verbatim (placeholders) is malformed, never a rule
+    copied = parse_ops("DIM <dimension name>: <one-sentence definition>\nADD D1: <rule, one sentence> [p1]\n"
+                       "ADD D1: <规则，一句话>\nADD D1: Thank them for sharing [p2]")
+    assert [o.text for o in copied.ops] == ["Thank them for sharing"] and len(copied.malformed) == 3
 
 
 def test_ops_update_support_and_provenance():

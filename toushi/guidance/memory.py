@@ -114,7 +114,14 @@ def _split_target(rest: str) -> tuple[str, str] | None:
     return m.group(1).strip().strip("*_`[]"), m.group(2).strip()
 
 
+# A template placeholder such as <rule, one sentence> or <维度名>: small models often copy the format
+# example verbatim, and a rule that says "<rule, one sentence>" must never reach the weak model's prompt.
+_PLACEHOLDER = re.compile(r"<[^<>]{1,40}>")
+
+
 def _parse_one(kind: str, rest: str, line: str) -> Op | None:
+    if _PLACEHOLDER.search(rest):
+        return None
     if kind in ("AGREE", "REMOVE"):
         m = _RULE_REF.match(rest)
         if not m:
