@@ -51,7 +51,7 @@ def test_repetition_punishes_loops():
 
 
 def test_complexity_and_bilateral_length():
-    assert post_complexity(SHORT_POST) < 0.2 < 0.6 < post_complexity(LONG_POST)
+    assert post_complexity(SHORT_POST) < 0.2 and post_complexity(LONG_POST) > 0.6
     lo_s, hi_s = target_length(SHORT_POST)
     lo_l, hi_l = target_length(LONG_POST)
     assert lo_s < lo_l and hi_s < hi_l
@@ -76,3 +76,23 @@ def test_trl_adapters_follow_trl_signature():
     assert RULE_REWARDS["repetition"](prompts, ["a b c d " * 10, GOOD_EN]) == [-1.0, 1.0]
     with pytest.raises(ValueError, match="needs a 'post' column"):
         RULE_REWARDS["length"](prompts, completions)
+
+
+def test_parse_score_takes_last_valid_verdict():
+    from toushi.rewards import parse_score
+
+    assert parse_score("Score: 7") == 7
+    assert parse_score("score：10") == 10  # full-width colon (zh output)
+    # the template's own "Score: <1-10>" echoed before the verdict does not win
+    assert parse_score("Answer with one line: Score: <1-10>\nScore: 3") == 3
+    assert parse_score("Score: 11") is None and parse_score("Score: 0") is None
+    assert parse_score("The reply is warm and specific.") is None
+
+
+def test_adherence_prompt_carries_guidance_as_data():
+    from toushi.templates import render
+
+    plain = render("judge_score", "en", post=SHORT_POST, answer=GOOD_EN, guidance=None)
+    guided = render("judge_score", "zh", post=ZH_POST, answer=ZH_ANSWER, guidance="先说出对方的感受。")
+    assert "GUIDANCE" not in plain and "<<<GUIDANCE\n先说出对方的感受。\nGUIDANCE>>>" in guided
+    assert plain.rstrip().endswith("Score: <1-10>")

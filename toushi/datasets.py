@@ -204,3 +204,26 @@ def load_dpo(run_dir: Path, *, ladder: bool = False, drop_markdown: bool = True)
     examples, counts = build_dpo(pairs, guided, ladder=ladder, drop_markdown=drop_markdown)
     _require(examples, counts, "DPO", run_dir)
     return examples, counts
+
+
+def load_grpo(run_dir: Path, *, template: Path | None = None, constraints: bool = True) -> tuple[list[dict], dict]:
+    """GRPO prompts: the corpus's training split, asked exactly as the pairs stage asks (same template).
+
+    Each example carries ``prompt`` (a conversation) and the raw ``post`` the rewards measure against.
+    """
+    from toushi.pairs import task_prompt
+
+    run_dir = Path(run_dir)
+    corpus = _read_stage(run_dir, "corpus")
+    train = [r for r in corpus if r.get("split") != "heldout"]
+    counts = {"prompts": len(corpus), "heldout_excluded": len(corpus) - len(train), "dropped": {}}
+    examples = [
+        {
+            "id": r["id"],
+            "prompt": [{"role": "user", "content": task_prompt(r["text"], r["lang"], template, constraints)}],
+            "post": r["text"],
+        }
+        for r in train
+    ]
+    _require(examples, counts, "GRPO", run_dir)
+    return examples, counts

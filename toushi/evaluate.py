@@ -1,7 +1,7 @@
 """The ``eval`` stage: compare every system a run produced on the held-out prompts.
 
 Systems: ``weak`` and ``strong`` (pairs stage), ``guided`` (guided stage), ``student`` (the base student,
-no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo>/adapter/``. For each:
+no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo|selftrain>/adapter/``. For each:
 
 1. rule metrics per answer (``toushi.metrics``), aggregated with bootstrap 95% CIs;
 2. held-out NLL of the strong answers under the base student and each adapter (transformers + PEFT);
@@ -26,9 +26,9 @@ from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, file_hash, stable_id
 
-ADAPTER_STAGES = ("sft", "dpo", "grpo")
+ADAPTER_STAGES = ("sft", "dpo", "grpo", "selftrain")
 # Report order: baselines first, then the students, the teacher last.
-SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "strong")
+SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "selftrain", "strong")
 RATE_METRICS = ("markdown", "empty", "refusal", "lang_match")
 
 
@@ -75,9 +75,11 @@ def user_conversation(prompt: str) -> list[dict]:
 
 
 def generate_students(
-    spec: ModelSpec, adapters: dict[str, Path], convs: list[list[dict]], sampling: Sampling, console
+    spec: ModelSpec, adapters: dict[str, Path], convs: list[list[dict]], sampling: Sampling, console,
+    base: bool = True,
 ) -> tuple[dict[str, list[str]], str]:
-    """Answers of the base student and each adapter: name -> texts. Returns (answers, engine used).
+    """Answers of the base student (when ``base``) and each adapter: name -> texts. Returns (answers,
+    engine used).
 
     One engine serves the base and every adapter (``lora_name`` per call). If vLLM with LoRA fails
     (LoRA support varies on CPU builds), fall back to the transformers engine with PEFT and say so.
@@ -87,7 +89,8 @@ def generate_students(
     def run(s: ModelSpec) -> dict[str, list[str]]:
         out = {}
         with make_engine(s) as engine:
-            out["student"] = [c[0].text for c in engine.generate(convs, sampling)]
+            if base:
+                out["student"] = [c[0].text for c in engine.generate(convs, sampling)]
             for name in adapters:
                 out[name] = [c[0].text for c in engine.generate(convs, sampling, lora_name=name)]
         return out
@@ -291,7 +294,7 @@ def run_stage(ctx: StageContext) -> dict:
         if missing:
             use = {n: adapters[n] for n in missing if n in adapters}
             console.print(f"eval: generating {len(prompts)} answers for {', '.join(missing)}")
-            gen, engine_used = generate_students(spec, use, convs, sampling, console)
+            gen, engine_used = generate_students(spec, use, convs, sampling, console, base="student" in missing)
             if engine_used != spec.engine:
                 notes.append(f"students generated with {engine_used}")
             with sstore.writer() as w:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-StageName = Literal["corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "eval", "report"]
+StageName = Literal["corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "selftrain", "eval", "report"]
 Lang = Literal["zh", "en"]
 
 
@@ -333,9 +333,44 @@ class GRPOSection(Section):
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the group's completions.")
     beta: float = Field(0.0, ge=0.0, description="KL penalty to the reference model (0: none, no ref copy).")
     from_sft: bool = Field(False, description="Continue from the SFT adapter instead of a fresh LoRA.")
-    use_vllm: bool = Field(False, description="Generate with TRL's colocated vLLM (GPU); CPU uses generate().")
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(learning_rate=1e-5))
+    use_vllm: bool | None = Field(
+        None,
+        description="Generate with TRL's colocated vLLM (None: when CUDA and vLLM are available; CPU uses generate()).",
+    )
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec, description="LoRA / QLoRA adapter settings (unused with from_sft: the SFT adapter's)."
+    )
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec(learning_rate=1e-5),
+        description="Optimiser, batch and checkpoint settings (max_length and eval_fraction are unused: GRPO bounds "
+        "completions with max_completion_length).",
+    )
+
+
+class SelfTrainSection(Section):
+    rounds: int = Field(1, ge=1, description="Self-training rounds (sample, filter, retrain); finished rounds are kept.")
+    samples_per_prompt: int = Field(4, ge=1, description="Answers sampled from the current student per train prompt.")
+    max_prompts: int | None = Field(
+        None, ge=1, description="Sample on at most this many train prompts per round (None: all; stable order)."
+    )
+    tau: float = Field(
+        -1.0,
+        description="Confidence threshold: keep an answer only if its mean token log-prob under the student "
+        "(untempered, end-of-turn token included) is above tau. Log-probs are <= 0, so tau >= 0 keeps nothing.",
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Most new tokens per sampled answer.")
+    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature of the student's answers.")
+    keep_truncated: bool = Field(
+        False, description="Also keep answers cut off at max_new_tokens (default: only answers that ended)."
+    )
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec,
+        description="Adapter for round 1 when the run has no SFT adapter (with one, its own LoRA shape is kept).",
+    )
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec(learning_rate=1e-4, max_steps=20, eval_fraction=0.0),
+        description="SFT of each round on the SFT set + the round's kept answers (few steps; eval_fraction unused).",
+    )
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -343,7 +378,7 @@ class GRPOSection(Section):
 
 class EvalSection(Section):
     systems: list[str] = Field(
-        default_factory=lambda: ["weak", "guided", "strong", "student", "sft", "dpo", "grpo"],
+        default_factory=lambda: ["weak", "guided", "strong", "student", "sft", "dpo", "grpo", "selftrain"],
         description="Systems compared (those the run produced; others are skipped).",
     )
     judge: bool = Field(True, description="Run the pairwise judge (models.judge, else models.strong).")
@@ -379,6 +414,7 @@ class Recipe(Section):
     sft: SFTSection = Field(default_factory=SFTSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
     grpo: GRPOSection = Field(default_factory=GRPOSection)
+    selftrain: SelfTrainSection = Field(default_factory=SelfTrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     serve: ServeSection = Field(default_factory=ServeSection)
 

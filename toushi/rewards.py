@@ -8,9 +8,14 @@ post and the essay under a one-line post.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from toushi.metrics import detect_lang, markdown_count, repetition_ratio, sentences, tokens
+from toushi.recipe import Sampling
+from toushi.store import StageStore, stable_id
+from toushi.templates import render
 
 THINK_MARKERS = ("<think>", "</think>")
 
@@ -100,3 +105,92 @@ RULE_REWARDS: dict[str, Callable[..., list[float]]] = {
     "repetition": trl_reward(repetition_reward, "repetition", uses_post=False),
     "length": trl_reward(length_reward, "length"),
 }
+
+_SCORE = re.compile(r"score\s*[:：]\s*(10|[1-9])(?!\d)", re.IGNORECASE)
+
+
+def parse_score(output: str) -> int | None:
+    """The judge's ``Score: N`` (the last one, so an echoed example line does not win), or None."""
+    found = _SCORE.findall(output)
+    return int(found[-1]) if found else None
+
+
+class JudgeScorer:
+    """Rubric score (1-10, mapped to [-1, 1]) of an answer by a judge engine, cached on disk.
+
+    With ``guidance`` it becomes the adherence reward: the judge also checks the run's guidance. Cache
+    entries are keyed by post, answer, judge model and guidance, so repeated completions cost nothing and
+    a resumed run reuses every earlier verdict. An unparseable verdict scores 0 and is counted.
+    """
+
+    def __init__(self, engine, sampling, cache: StageStore, model_name: str, guidance: str | None = None):
+        self.engine, self.sampling, self.cache = engine, sampling, cache
+        self.model_name, self.guidance = model_name, guidance
+        self.invalid = 0
+        self._known = {r["id"]: r["score"] for r in cache.records()}
+
+    def scores(self, posts: list[str], answers: list[str]) -> list[float]:
+        keys = [stable_id("judge-score", p, a, self.model_name, self.guidance) for p, a in zip(posts, answers)]
+        todo: dict[str, int] = {}  # unknown key -> its first index: a GRPO group often repeats a completion
+        for i, k in enumerate(keys):
+            if k not in self._known:
+                todo.setdefault(k, i)
+        if todo:
+            convs = []
+            for i in todo.values():
+                prompt = render("judge_score", detect_lang(posts[i]) or "en", post=posts[i],
+                                answer=answers[i], guidance=self.guidance)
+                convs.append([{"role": "user", "content": prompt}])
+            outputs = self.engine.generate(convs, self.sampling)
+            with self.cache.writer() as w:
+                for key, out in zip(todo, outputs):
+                    raw = out[0].text
+                    score = parse_score(raw)
+                    self.invalid += score is None
+                    self._known[key] = score
+                    w.write({"id": key, "score": score, "raw": raw[:500]})
+        return [0.0 if self._known[k] is None else (self._known[k] - 5.5) / 4.5 for k in keys]
+
+    def as_reward(self, name: str) -> Callable[..., list[float]]:
+        def reward(prompts, completions, post=None, **kwargs) -> list[float]:
+            if post is None:
+                raise ValueError(f"reward {name!r} needs a 'post' column in the GRPO dataset")
+            return self.scores(list(post), [completion_text(c) for c in completions])
+
+        reward.__name__ = name
+        return reward
+
+
+def build_rewards(weights: dict[str, float], judge=None, run_dir: Path | None = None,
+                  cache_dir: Path | None = None) -> tuple[list[Callable], list[float]]:
+    """Reward functions and their weights for TRL, from the recipe's ``grpo.reward_weights``.
+
+    ``judge`` (a ModelSpec) is needed only for the judge and adherence rewards; adherence reads the run's
+    guidance (``runs/<run>/guidance``).
+    """
+    funcs, ws = [], []
+    engine = None
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        if name in RULE_REWARDS:
+            funcs.append(RULE_REWARDS[name])
+        else:
+            if judge is None:
+                raise ValueError(f"grpo.reward_weights.{name}: needs models.judge in the recipe")
+            if engine is None:
+                from toushi.engines import make_engine
+
+                engine = make_engine(judge)
+            guidance = None
+            if name == "adherence":
+                from toushi.guidance import load_guidance
+
+                guidance = load_guidance(run_dir)
+            cache = StageStore(cache_dir, f"{name}_cache")
+            scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), cache, judge.name, guidance)
+            funcs.append(scorer.as_reward(name))
+        ws.append(weight)
+    if not funcs:
+        raise ValueError("grpo.reward_weights: every weight is 0; GRPO needs at least one reward")
+    return funcs, ws

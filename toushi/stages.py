@@ -42,6 +42,12 @@ def _train(script: str):
     return run
 
 
+def _selftrain(ctx: StageContext) -> dict:
+    from toushi.selftrain import run_stage
+
+    return run_stage(ctx)
+
+
 def _eval(ctx: StageContext) -> dict:
     from toushi.evaluate import run_stage
 
@@ -62,7 +68,8 @@ STAGES: list[Stage] = [
     Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided")),
     Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft")),
     Stage("grpo", _train("grpo"), ("run.seed", "grpo", "models.student"), ("corpus", "sft")),
-    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo")),
+    Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student"), ("pairs", "guided", "sft")),
+    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "selftrain")),
     Stage("report", _report, (), ("eval", "guidance")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

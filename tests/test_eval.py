@@ -1,0 +1,186 @@
+"""The eval stage end to end on real files and real models: pairs/guided records in the contract shapes,
+real PEFT adapters (LoRA with perturbed lora_B) served by a real vLLM engine, held-out NLL with
+transformers + PEFT, a real (tiny) judge, then the report stage over the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from toushi.recipe import Recipe
+from toushi.runner import run_stages
+from toushi.stages import STAGES
+from toushi.store import StageStore
+
+POSTS = [
+    ("I got laid off after eight years and I can't tell my parents.", "heldout"),
+    ("My best friend stopped answering my messages and I don't know what I did.", "heldout"),
+    ("I failed my driving test for the third time today.", "heldout"),
+    ("Everyone at my new school already has friends.", "train"),
+]
+WEAK = ["Stay positive! Things will get better.", "- Don't worry\n- **Be strong**", "Try again!", "Make friends."]
+STRONG = [
+    "Eight years is a long time to give a place, and losing it can feel like losing part of who you are. "
+    "It makes sense you dread telling your parents. Maybe start with the one who is easiest to talk to?",
+    "Silence from someone close hurts, and the not knowing is its own kind of hard. You could send one "
+    "short, gentle message asking if they're okay, without blaming yourself or them.",
+    "Three times is discouraging, and it's okay to feel fed up tonight. Lots of good drivers needed "
+    "several tries; what tripped you up this time?",
+    "Starting somewhere new is lonely at first.",
+]
+
+
+def completion(text: str) -> dict:
+    return {"text": text, "reasoning": None, "finish_reason": "stop", "prompt_tokens": 40,
+            "completion_tokens": len(text.split()), "latency_s": 0.1, "model": "test", "flags": []}
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def make_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A real PEFT LoRA adapter on the base model, lora_B perturbed so it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    run = root / "runs" / "ev"
+    pairs, guided = [], []
+    for i, (post, split) in enumerate(POSTS):
+        prompt = f"Please offer emotional support to the person who wrote the following:\n```\n{post}\n```"
+        rec = {"id": f"id{i}", "lang": "en", "scene": "life", "split": split, "post": post, "prompt": prompt,
+               "weak": [completion(WEAK[i])], "strong": [completion(STRONG[i])]}
+        pairs.append(rec)
+        guided.append({**{k: rec[k] for k in ("id", "lang", "scene", "split", "post", "prompt")},
+                       "system": "Be specific.", "guided": [completion(f"That sounds hard: {post.lower()}")]})
+    write_records(run / "pairs" / "records.jsonl", pairs)
+    write_records(run / "guided" / "records.jsonl", guided)
+    (run / "guidance").mkdir(parents=True)
+    (run / "guidance" / "guidance.json").write_text(json.dumps(
+        {"dimensions": [{"name": "concrete next step", "definition": "one small doable action", "rules": []}]}))
+    make_adapter(tiny_model, run / "sft" / "adapter", seed=1)
+    make_adapter(tiny_model, run / "dpo" / "adapter", seed=2)
+    return run
+
+
+def recipe_for(run: Path, tiny_model: Path) -> Recipe:
+    model = {"name": str(tiny_model), "engine": "vllm", "enforce_eager": True, "kv_cache_gb": 0.1,
+             "max_model_len": 1536, "dtype": "float32"}
+    return Recipe.model_validate({
+        "run": {"name": run.name, "dir": str(run.parent), "lang": "en", "stages": ["eval", "report"]},
+        "models": {"student": model,
+                   # the transformers engine judges here: no second vLLM start, same judge code path
+                   "judge": {**model, "engine": "hf", "hf_batch_size": 16}},
+        "eval": {"max_prompts": 3, "bootstrap": 50, "embeddings": True,
+                 "sampling": {"temperature": 0.0, "max_tokens": 12},
+                 "judge_sampling": {"temperature": 0.0, "max_tokens": 12}},
+    })
+
+
+def test_eval_stage_end_to_end(run_dir, tiny_model, monkeypatch):
+    import toushi.engines
+
+    started = []
+    real = toushi.engines.make_engine
+    monkeypatch.setattr(toushi.engines, "make_engine", lambda spec: started.append(spec.engine) or real(spec))
+
+    recipe = recipe_for(run_dir, tiny_model)
+    assert run_stages(recipe, STAGES) == {"eval": "ran", "report": "ran"}
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+
+    # every system the run produced, on the 3 held-out prompts only; grpo has no adapter
+    assert summary["systems"] == ["weak", "guided", "student", "sft", "dpo", "strong"]
+    assert summary["n_prompts"] == 3 and summary["prompt_ids"] == ["id0", "id1", "id2"]
+    assert any("grpo" in n for n in summary["notes"])
+    answers = StageStore(run_dir, "eval").records()
+    assert len(answers) == 6 * 3
+    by = {(a["system"], a["prompt_id"]): a for a in answers}
+    assert by[("weak", "id1")]["metrics"]["markdown"] == 1.0
+    assert summary["metrics"]["weak"]["markdown"]["mean"] == pytest.approx(1 / 3)
+    assert summary["metrics"]["strong"]["markdown"]["mean"] == 0.0
+    # the adapters were applied: their greedy answers differ from the base student's
+    base = [by[("student", p)]["text"] for p in summary["prompt_ids"]]
+    assert [by[("sft", p)]["text"] for p in summary["prompt_ids"]] != base
+    assert [by[("dpo", p)]["text"] for p in summary["prompt_ids"]] != base
+    # embedding similarity to the strong answer, for every system but strong itself
+    assert summary["metrics"]["weak"]["embed_sim"]["n"] == 3 and summary["metrics"]["strong"]["embed_sim"]["n"] == 0
+
+    # held-out NLL under base and each adapter: finite, and the adapters change it
+    nll = summary["nll"]
+    assert set(nll) == {"student", "sft", "dpo"}
+    assert all(0 < v["mean"] < 50 and v["n"] == 3 for v in nll.values())
+    assert nll["sft"]["mean"] != pytest.approx(nll["student"]["mean"])
+
+    # the judge: 5 systems x 3 prompts x 2 orders; a random-weight judge writes no verdicts, so every call
+    # is retried once and then counted as invalid, never as a tie
+    judge = summary["judge"]
+    assert judge["reference"] == "weak" and judge["calls"] == 30
+    assert "concrete next step" in judge["dimensions"] and "safety" in judge["dimensions"]
+    calls = StageStore(run_dir / "eval", "judge").records()
+    assert len(calls) <= 30 and all(c["order"] in ("sr", "rs") for c in calls)
+    invalid = [c for c in calls if not c["valid"]]
+    assert all(c["retry_raw"] is not None for c in invalid)
+    assert judge["invalid_calls"] >= len(invalid)
+    for s in ("guided", "student", "sft", "dpo", "strong"):
+        v = judge["systems"][s]
+        assert v["pairs"] == 3 and v["valid"] + v["invalid"] == 3
+        assert v["wins"] + v["ties"] + v["losses"] == v["valid"]
+    assert started == ["vllm", "hf"]  # one vLLM engine for the base student and both adapters, then the judge
+
+    # the report covers every system, and its images exist
+    html = (run_dir / "report" / "index.html").read_text()
+    for s in summary["systems"]:
+        assert f"<th>{s}</th>" in html
+    assert (run_dir / "report" / "lengths.png").exists() and (run_dir / "report" / "nll.png").exists()
+
+    # a forced rerun generates nothing: students, NLL and judge calls all come from the caches
+    sizes = {p: p.stat().st_size for p in (run_dir / "eval").rglob("records.jsonl")}
+    started.clear()
+    assert run_stages(recipe, STAGES, force={"eval"})["eval"] == "ran"
+    assert started == []
+    again = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert again["nll"] == summary["nll"] and again["judge"]["systems"] == judge["systems"]
+    for p, size in sizes.items():
+        if p.parent != run_dir / "eval":  # the per-answer file is rewritten whole; the caches only grow
+            assert p.stat().st_size == size, p
+
+    # resume: lose the sft adapter's cached generations; only that system is generated again
+    gen = StageStore(run_dir / "eval", "students")
+    kept = [r for r in gen.records() if r["system"] != "sft"]
+    gen.records_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert run_stages(recipe, STAGES, force={"eval"})["eval"] == "ran"
+    assert started == ["vllm"]
+    assert len(gen.records()) == 3 * 3
+    final = {(a["system"], a["prompt_id"]): a["text"] for a in StageStore(run_dir, "eval").records()}
+    assert [final[("sft", p)] for p in summary["prompt_ids"]] == [by[("sft", p)]["text"] for p in summary["prompt_ids"]]
+
+
+def test_eval_without_heldout_prompts_says_what_to_do(tmp_path, tiny_model):
+    run = tmp_path / "runs" / "none"
+    write_records(run / "pairs" / "records.jsonl", [
+        {"id": "a", "lang": "en", "scene": "s", "split": "train", "post": "p", "prompt": "p",
+         "weak": [completion("w")], "strong": [completion("s")]}])
+    recipe = recipe_for(run, tiny_model)
+    with pytest.raises(Exception, match="no held-out prompts.*include_heldout"):
+        run_stages(recipe, STAGES)
+    assert StageStore(run, "eval").manifest()["status"] == "failed"

@@ -1,0 +1,139 @@
+"""Self-training on CPU: one round end to end through `toushi run` on SmolLM2-135M (3 prompts x 2 samples
+of at most 24 tokens, 2 SFT steps), the tau filter, and resume by round.
+
+The run's pairs (+ guided) records come from test_datasets.write_run; there is no SFT adapter, so
+round 1 samples from the base model with a fresh LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_datasets import write_run
+
+
+def write_recipe(path: Path, run_dir: Path, **selftrain) -> Path:
+    base = {
+        "rounds": 1, "samples_per_prompt": 2, "max_prompts": 3, "max_new_tokens": 24, "temperature": 0.8,
+        # cut-off answers are all this token budget allows; keeping them is what makes a round train here
+        "keep_truncated": True, "tau": -100.0,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 256, "learning_rate": 1e-3,
+                  "logging_steps": 1, "save_steps": 100, "lr_scheduler_type": "constant"},
+    }
+    path.write_text(yaml.safe_dump({
+        "run": {"name": run_dir.name, "dir": str(run_dir.parent), "stages": ["selftrain"]},
+        "models": {"student": {"name": "smollm2-135m-instruct", "dtype": "float32"}},
+        "selftrain": {**base, **selftrain},
+    }))
+    return path
+
+
+def run(recipe_path: Path, *overrides: str) -> dict:
+    from toushi.recipe import load_recipe
+    from toushi.runner import run_stages
+    from toushi.stages import STAGES
+
+    return run_stages(load_recipe(recipe_path, list(overrides)), STAGES)
+
+
+def rounds(run_dir: Path) -> list[dict]:
+    path = run_dir / "selftrain" / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "selftrain" / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Train in one thread, as `accelerate launch` does for the other training stages (OMP_NUM_THREADS=1):
+    on a shared 2-core machine two threads of tiny matmuls spend most of their time waiting for each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def selftrained(tmp_path_factory, offline_model):
+    root = tmp_path_factory.mktemp("selftrain")
+    run_dir = write_run(root / "runs" / "st")
+    recipe_path = write_recipe(root / "recipe.yaml", run_dir)
+    assert run(recipe_path) == {"selftrain": "ran"}
+    return run_dir, recipe_path, offline_model
+
+
+def test_round_recorded_with_counts(selftrained):
+    run_dir, _, _ = selftrained
+    (rec,) = rounds(run_dir)
+    assert rec["round"] == 1 and rec["adapter_in"] is None  # no SFT adapter: a fresh LoRA
+    assert rec["prompts"] == 3 and rec["samples"] == 6 and rec["kept"] + rec["rejected"] == 6
+    samples = [json.loads(x) for x in (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6
+    for s in samples:
+        assert s["confidence"] < 0 and 0 < s["tokens"] <= 24
+        assert s["kept"] == (s["rejected"] == [])
+        assert "confidence" not in s["rejected"]  # tau = -100 lets every confidence through
+    assert rec["kept"] == sum(s["kept"] for s in samples) > 0
+    assert rec["rejected_by"]["format"] == sum("format" in s["rejected"] for s in samples)
+    assert rec["mean_confidence"] == pytest.approx(sum(s["confidence"] for s in samples) / 6, abs=1e-3)
+    # trained on the SFT set (11 strong answers after drops) plus the kept answers
+    assert rec["trained"] and rec["train_examples"] == 11 + rec["kept"]
+    assert rec["training"]["steps"] == 2 and rec["train_loss"] > 0
+    m = manifest(run_dir)
+    assert m["status"] == "complete" and m["counts"]["rounds"] == 1 and m["counts"]["kept"] == rec["kept"]
+    assert m["rounds"][0]["kept"] == rec["kept"] and m["adapter"].endswith("selftrain/adapter")
+
+
+def test_adapter_saved_trained_and_loadable(selftrained):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _, base_path = selftrained
+    adapter = run_dir / "selftrain" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # lora_B starts at zero
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                      str(adapter))
+    assert model.active_adapter == "default"
+    # eval finds it like the other students
+    from toushi.evaluate import find_adapters
+
+    assert find_adapters(run_dir, ["sft", "selftrain"]) == {"selftrain": adapter}
+
+
+def test_high_tau_keeps_nothing_and_does_not_train(tmp_path, offline_model):
+    run_dir = write_run(tmp_path / "runs" / "strict")
+    # mean log-probs are <= 0, so tau = 0 rejects every answer on confidence
+    recipe_path = write_recipe(tmp_path / "strict.yaml", run_dir, tau=0.0, max_prompts=2, max_new_tokens=8)
+    assert run(recipe_path) == {"selftrain": "ran"}
+    (rec,) = rounds(run_dir)
+    assert rec["kept"] == 0 and rec["rejected"] == 4 and rec["rejected_by"]["confidence"] == 4
+    assert not rec["trained"] and rec["train_loss"] is None and rec["adapter_out"] is None
+    assert rec["mean_confidence_kept"] is None and rec["mean_confidence"] < 0
+    m = manifest(run_dir)
+    assert m["status"] == "complete" and m["counts"]["trained_rounds"] == 0 and m["adapter"] is None
+    assert not (run_dir / "selftrain" / "adapter").exists()
+
+
+def test_finished_round_is_not_redone(selftrained):
+    run_dir, recipe_path, _ = selftrained
+    first = rounds(run_dir)[0]
+    samples_1 = (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_bytes()
+    # two rounds now: round 1 is reused as is, round 2 samples from round 1's adapter
+    assert run(recipe_path, "selftrain.rounds=2") == {"selftrain": "ran"}
+    recs = rounds(run_dir)
+    assert [r["round"] for r in recs] == [1, 2] and recs[0] == first
+    assert (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_bytes() == samples_1
+    assert recs[1]["adapter_in"] == first["adapter_out"]
+    assert manifest(run_dir)["counts"]["rounds"] == 2

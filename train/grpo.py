@@ -1,0 +1,132 @@
+"""GRPO of the student with rule rewards (and, optionally, a judge), over TRL's GRPOTrainer.
+
+    accelerate launch [--config_file recipes/accelerate/X.yaml] train/grpo.py --recipe recipes/X.yaml \
+        [--set grpo.train.max_steps=20] [--resume]
+
+recipe -> student (+ LoRA, or the SFT adapter to continue from) -> prompts from the run's training split
+-> rewards from toushi.rewards, weighted as grpo.reward_weights says -> TRL GRPOTrainer ->
+runs/<run>/grpo/adapter/ (PEFT adapter + tokenizer) and the stage manifest (reward curves, tokens/s).
+Generation: plain `generate` on CPU; TRL's colocated vLLM on GPU (grpo.use_vllm, by default on when CUDA
+and vLLM are available).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from toushi.datasets import load_grpo  # noqa: E402
+from toushi.models import resolve_model  # noqa: E402
+from toushi.rewards import build_rewards  # noqa: E402
+from toushi.store import StageStore  # noqa: E402
+from toushi.training import (  # noqa: E402
+    TrainError,
+    checkpoint_fingerprint,
+    is_main_process,
+    load_and_save_recipe,
+    load_student,
+    load_tokenizer,
+    lora_config,
+    parse_args,
+    resume_checkpoint,
+    save_adapter,
+    train_summary,
+    trainer_kwargs,
+    use_bf16,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args("grpo", argv)
+    main_proc = is_main_process()
+
+    # ---- recipe
+    recipe = load_and_save_recipe(args, "grpo", main_proc)
+    cfg, student = recipe.grpo, recipe.models.student
+    store = StageStore(recipe.run_dir, "grpo")
+    output_dir = store.dir / "checkpoints"
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.dir / "tensorboard")  # transformers reads it here
+
+    # ---- model
+    model_path = resolve_model(student.name)
+    tokenizer = load_tokenizer(model_path, student.name, cfg.train.chat_template, "grpo.train")
+    tokenizer.padding_side = "left"  # generation pads on the left
+    bf16 = use_bf16(cfg.train.bf16)
+    model = load_student(model_path, student.dtype, cfg.lora.qlora, bf16)
+    peft_config = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, "grpo.lora")
+    if cfg.from_sft:
+        from peft import PeftModel
+
+        sft_adapter = recipe.run_dir / "sft" / "adapter"
+        if not (sft_adapter / "adapter_config.json").exists():
+            raise TrainError(f"grpo.from_sft: no SFT adapter at {sft_adapter}: run the sft stage first")
+        model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
+        peft_config = None
+
+    # ---- data and rewards
+    examples, counts = load_grpo(recipe.run_dir, template=recipe.pairs.prompt_template,
+                                 constraints=recipe.pairs.constraints)
+    counts["train_examples"] = len(examples)
+    print(f"[toushi] GRPO data: {counts}", flush=True)
+    reward_funcs, weights = build_rewards(
+        cfg.reward_weights, judge=recipe.models.judge, run_dir=recipe.run_dir, cache_dir=store.dir
+    )
+
+    # ---- train
+    # vLLM generates the groups where it can (a CUDA device and vLLM installed); CPU generates with generate()
+    use_vllm = cfg.use_vllm if cfg.use_vllm is not None else (
+        torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None)
+    kwargs = trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=False)
+    kwargs.pop("max_length")  # GRPO bounds the completion instead (max_completion_length)
+    training_args = GRPOConfig(
+        **kwargs,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        beta=cfg.beta,
+        reward_weights=weights,
+        use_vllm=use_vllm,
+        vllm_mode="colocate",
+        log_completions=False,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    fingerprint = checkpoint_fingerprint(
+        model_path, {**cfg.lora.model_dump(mode="json"), "from_sft": cfg.from_sft, "rewards": cfg.reward_weights},
+        examples,
+    )
+    last = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
+    result = trainer.train(resume_from_checkpoint=last)
+
+    # ---- save
+    if trainer.accelerator.is_main_process:
+        save_adapter(trainer.model, tokenizer, store.dir / "adapter")
+        summary = train_summary(trainer, result, None)
+        logged = [h for h in trainer.state.log_history if "reward" in h]
+        summary["rewards"] = {
+            key: [h[key] for h in logged if key in h]
+            for key in ["reward", *(f"rewards/{f.__name__}/mean" for f in reward_funcs)]
+        }
+        store.write_manifest(
+            data=counts, training=summary, resumed_from=last, adapter=str(store.dir / "adapter"),
+            base_model=model_path, from_sft=cfg.from_sft, use_vllm=use_vllm,
+        )
+        print(f"[toushi] GRPO done: {summary}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
