@@ -251,6 +251,8 @@ def _check_outputs(s: Session, pairs: list[dict], corpus_ids: set[str]) -> None:
         assert (d / "history" / f"v{v['version']:03d}.diff").exists()
     drift = json.loads((d / "drift.json").read_text())
     assert len(drift["rounds"]) == len(index) and drift["chosen"] is not None
+    from toushi.report import load_drift  # the report reads what the guidance stage writes
+    assert [r["round"] for r in load_drift(d.parent)] == [v["version"] for v in index]
     assert list((d / "prompts").glob("*.txt")) and list((d / "intermediate").glob("*.json"))
     for f in (d / "intermediate").glob("*.json"):
         inter = json.loads(f.read_text())

@@ -62,8 +62,9 @@ def make_run(root: Path, with_extras: bool = True) -> Path:
     (run / "eval" / "summary.json").write_text(json.dumps(summary))
     if with_extras:
         (run / "guidance").mkdir()
-        (run / "guidance" / "drift.json").write_text(json.dumps(
-            [{"round": r, "score": 0.05 * r, "flagged": r == 3} for r in range(4)]))
+        # the shape the guidance stage writes (toushi.guidance.session)
+        (run / "guidance" / "drift.json").write_text(json.dumps({"threshold": 0.3, "chosen": 2, "rounds": [
+            {"round": r, "version": r, "label": f"map-{r}", "score": 0.05 * r, "flagged": r == 3} for r in range(4)]}))
         for stage, key in (("sft", "loss"), ("dpo", "rewards/margins")):
             ck = run / stage / "checkpoint-4"
             ck.mkdir(parents=True)

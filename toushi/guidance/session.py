@@ -212,7 +212,7 @@ class Session:
         best = self.current_index()
         atomic_write_text(self.store.path("drift.json"), json.dumps({
             "threshold": self.drift_threshold,
-            "rounds": [{"version": v["version"], "label": v["label"], **v["drift"], "flagged": v["drifted"],
+            "rounds": [{"round": v["version"], "version": v["version"], "label": v["label"], **v["drift"], "flagged": v["drifted"],
                         "accepted": v["accepted"]} for v in self.versions],
             "chosen": self.versions[best]["version"] if best is not None else None,
         }, indent=2, ensure_ascii=False) + "\n")
