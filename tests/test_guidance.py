@@ -86,6 +86,11 @@ def test_cap_prunes_lowest_support_newest_first():
     small = Memory(cap=3, max_dimensions=1)
     st = small.apply(parse_ops("ADD One: a\nADD Two: b\nADD D1: c").ops, ALIASES)
     assert st.malformed == 1 and [d.name for d in small.dimensions] == ["One"] and small.n_rules() == 2
+    # raw (unstructured) notes are a review log, outside the prompt: the cap keeps every one of them
+    for i in range(5):
+        small.keep_raw(f"free text {i}", f"map-{i}", ["id-1"])
+    raw = small.find("Unstructured notes")
+    assert raw is not None and [r.flags[1] for r in raw.rules] == [f"map-{i}" for i in range(5)]
 
 
 def test_markdown_round_trip_and_hand_edit_file(tmp_path):
@@ -360,3 +365,22 @@ def test_stage_and_hand_edit(tmp_path, offline_model, pairs_records, engine, mon
     index = json.loads((store.dir / "history" / "index.json").read_text())
     assert index[-1]["label"] == "hand-edit" and len(index) == 3
     assert "+- Two or three sentences are enough" in (store.dir / "history" / "v003.diff").read_text()
+
+
+def test_guidance_show_cli(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from toushi.cli import app
+    from toushi.guidance import write_outputs
+
+    mem = Memory(cap=6)
+    mem.apply(parse_ops("DIM Validation: Name the feeling.\nADD D1: Reflect the feeling in their words [p1]").ops,
+              ALIASES)
+    write_outputs(StageStore(tmp_path / "runs" / "demo", "guidance"), mem, {"mode": "refine", "version": 1}, "en")
+    monkeypatch.chdir(tmp_path)
+    shown = CliRunner().invoke(app, ["guidance", "show", "demo"])
+    assert shown.exit_code == 0 and "Validation" in shown.output and "Reflect the feeling" in shown.output
+    prompt = CliRunner().invoke(app, ["guidance", "show", "demo", "--system-prompt"])
+    assert prompt.exit_code == 0 and prompt.output.strip() == load_guidance(tmp_path / "runs" / "demo")
+    missing = CliRunner().invoke(app, ["guidance", "show", str(tmp_path)])
+    assert missing.exit_code == 2 and "no guidance" in missing.output

@@ -151,6 +151,33 @@ def report(
         webbrowser.open(index.resolve().as_uri())
 
 
+# ----------------------------------------------------------------------------------- guidance
+
+guidance_app = typer.Typer(help="The guidance a run extracted.", no_args_is_help=True)
+app.add_typer(guidance_app, name="guidance")
+
+
+@guidance_app.command("show")
+def guidance_show(
+    run: str,
+    system_prompt: Annotated[
+        bool, typer.Option("--system-prompt", help="Print the system prompt the weak model gets instead.")
+    ] = False,
+):
+    """Print a run's guidance (guidance.md), or the system prompt made from it."""
+    from toushi.guidance import load_guidance
+
+    d = run_path(run) / "guidance"
+    if not (d / "guidance.md").is_file():
+        _fail(f"no guidance in {d} (run the guidance stage first)")
+    if system_prompt:
+        typer.echo(load_guidance(d))  # raw text, unwrapped: meant to be piped into a file
+        return
+    from rich.markdown import Markdown
+
+    out.print(Markdown((d / "guidance.md").read_text(encoding="utf-8")))
+
+
 # ----------------------------------------------------------------------------------- data / export
 
 data_app = typer.Typer(help="Training data.", no_args_is_help=True)
@@ -212,6 +239,74 @@ def export_data_cmd(
     except ExportError as e:
         _fail(str(e))
     out.print(result)
+
+
+# ----------------------------------------------------------------------------------- serving / inference
+
+
+@app.command()
+def serve(recipe: Path, set_: SetOpt = None):
+    """Serve the recipe's serve.role with vLLM's OpenAI server, the run's LoRA adapters registered by name."""
+    from toushi.engines.adapters import AdapterError
+    from toushi.engines.server import ServerError
+    from toushi.recipe import RecipeError
+    from toushi.serve import serve_forever
+
+    try:
+        code = serve_forever(load(recipe, set_), err)
+    except (RecipeError, ServerError, AdapterError) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
+@app.command()
+def generate(
+    recipe: Path,
+    prompts: Annotated[Path | None, typer.Option(help="JSONL of {id, messages|prompt|text} (default: the "
+                                                   "run's held-out prompts).")] = None,
+    role: Annotated[str, typer.Option(help="Recipe role: student, weak, strong or judge.")] = "student",
+    lora: Annotated[str | None, typer.Option(help="LoRA adapter name (sft, dpo, grpo or the spec's own).")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output JSONL (default: runs/<run>/generate/"
+                                                  "<lora or role>.jsonl).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per engine call (written after each).")] = 32,
+    set_: SetOpt = None,
+):
+    """Batch generation with a recipe role; resumable (ids already in the output are skipped)."""
+    from toushi.engines import GenerationError
+    from toushi.engines.adapters import AdapterError
+    from toushi.generate import generate_from_recipe
+    from toushi.recipe import RecipeError
+    from toushi.store import StoreError
+
+    r = load(recipe, set_)
+    try:
+        counts, path = generate_from_recipe(r, role, prompts, out_file, lora, batch_size, err)
+    except (RecipeError, AdapterError, GenerationError, StoreError, ValueError, OSError) as e:
+        _fail(str(e))
+    err.print(", ".join(f"{k}={v}" for k, v in counts.items()), highlight=False)
+    out.print(str(path), soft_wrap=True, highlight=False)
+    if counts["failed"]:
+        _fail(f"{counts['failed']} prompts failed; rerun to generate only those")
+
+
+@app.command()
+def chat(
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible endpoint.")] = "http://127.0.0.1:8000/v1",
+    model: Annotated[str | None, typer.Option(help="Model or adapter name (default: the first listed).")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key.")] = None,
+    system_file: Annotated[Path | None, typer.Option(help="Text file used as the system prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
+):
+    """Streaming multi-turn chat in the terminal (/reset clears the history, /exit quits)."""
+    import openai
+
+    from toushi.chat import run_terminal
+
+    try:
+        run_terminal(base_url, model, api_key_env, system_file, temperature, max_tokens)
+    except (ValueError, OSError, openai.APIError) as e:
+        _fail(str(e))
 
 
 def main() -> None:

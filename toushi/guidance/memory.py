@@ -272,7 +272,8 @@ class Memory:
         ``max_dimensions`` are dropped too."""
         pruned = 0
         for d in self.dimensions:
-            if len(d.rules) > self.cap:
+            # raw notes are a review log kept out of the prompt: the cap must not throw away the evidence
+            if len(d.rules) > self.cap and "unstructured" not in d.flags:
                 order = sorted(range(len(d.rules)), key=lambda i: (-d.rules[i].support, i))
                 keep = set(order[: self.cap])
                 pruned += len(d.rules) - self.cap

@@ -1,0 +1,130 @@
+"""Benchmark generation throughput of the three engines on the same prompts (not a test).
+
+    python scripts/bench_generate.py [--prompts 128] [--max-tokens 128] [--hf-batch 32] [--concurrency 32]
+
+The same prompts (data/venting_en.jsonl cycled, wrapped in the pairs stage's support-task prompt) go, with
+greedy decoding, through: transformers ``generate`` in batches (hf), offline ``vllm.LLM`` (vllm), and the
+openai engine with ``--concurrency`` requests in flight against a vLLM OpenAI server this script starts
+(openai). Each engine is loaded, warmed up on two short requests, timed on one ``generate`` call over all
+prompts, and freed before the next. Output tok/s = completion tokens / wall time of that call. Results
+go to runs/bench/generate.json and one Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from itertools import cycle, islice
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from toushi.engines import make_engine
+from toushi.engines.server import VLLMServer
+from toushi.pairs import conversation, task_prompt
+from toushi.recipe import ModelSpec, Sampling
+from toushi.store import atomic_write_text, package_versions, read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = {"vllm_over_hf": 2.5, "openai_over_vllm": 0.7}  # what the CPU path should reach
+
+
+def load_prompts(n: int) -> list[list[dict]]:
+    posts = [r["text"] for r in read_jsonl(REPO / "data" / "venting_en.jsonl")]
+    return [conversation(task_prompt(p, "en"), None) for p in islice(cycle(posts), n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> dict:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import torch
+
+    return {"cpu": model, "cores": os.cpu_count(), "cuda": torch.cuda.is_available(),
+            "platform": platform.platform()}
+
+
+def timed(spec: ModelSpec, convs, sampling: Sampling) -> dict:
+    """Load, warm up, then time one generate call over every prompt."""
+    t0 = time.perf_counter()
+    with make_engine(spec) as engine:
+        load_s = time.perf_counter() - t0
+        engine.generate(convs[:2], sampling.model_copy(update={"max_tokens": 4}))  # warm-up, not timed
+        t1 = time.perf_counter()
+        results = engine.generate(convs, sampling)
+        wall = time.perf_counter() - t1
+    tokens = sum(c[0].completion_tokens for c in results)
+    print(f"  {tokens} tokens in {wall:.1f}s: {tokens / wall:.1f} out tok/s", flush=True)
+    # Other processes on the machine skew CPU timings; the 1-minute load average says how much.
+    return {"load_s": round(load_s, 1), "wall_s": round(wall, 2), "completion_tokens": tokens,
+            "out_tok_s": round(tokens / wall, 1), "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            "texts": [c[0].text for c in results]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=128, help="Number of prompts (the data file is cycled).")
+    p.add_argument("--max-tokens", type=int, default=128, help="Most new tokens per completion.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="Model (default: the offline model).")
+    p.add_argument("--hf-batch", type=int, default=32, help="Batch size of the hf engine.")
+    p.add_argument("--concurrency", type=int, default=32, help="Requests in flight for the openai engine.")
+    p.add_argument("--kv-cache-gb", type=float, default=2.0, help="vLLM KV cache (GiB) for offline and server.")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/generate.json"))
+    args = p.parse_args()
+
+    convs = load_prompts(args.prompts)
+    load_before = round(os.getloadavg()[0], 2)
+    sampling = Sampling(temperature=0.0, max_tokens=args.max_tokens, n=1, seed=0)
+    vllm_spec = ModelSpec(name=args.model, engine="vllm", dtype="float32", enforce_eager=True, max_model_len=2048,
+                          kv_cache_gb=args.kv_cache_gb)
+    results = {}
+    print(f"hf: {args.prompts} prompts, batch {args.hf_batch}", flush=True)
+    results["hf"] = timed(ModelSpec(name=args.model, engine="hf", dtype="float32", hf_batch_size=args.hf_batch),
+                          convs, sampling)
+    print("vllm offline", flush=True)
+    results["vllm"] = timed(vllm_spec, convs, sampling)
+    print(f"openai: concurrency {args.concurrency} against a local vLLM server", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with VLLMServer(vllm_spec, port=free_port(), log_path=args.out.parent / "generate_server.log") as server:
+        spec = ModelSpec(name=args.model, engine="openai", base_url=server.base_url, concurrency=args.concurrency,
+                         timeout_s=1800, max_retries=0)
+        results["openai"] = timed(spec, convs, sampling)
+
+    vllm_texts = results["vllm"]["texts"]
+    for r in results.values():  # greedy everywhere: how often an engine's answer equals vLLM offline's
+        r["same_text_as_vllm"] = round(sum(a == b for a, b in zip(r.pop("texts"), vllm_texts)) / len(convs), 3)
+    ratios = {
+        "vllm_over_hf": round(results["vllm"]["out_tok_s"] / results["hf"]["out_tok_s"], 2),
+        "openai_over_vllm": round(results["openai"]["out_tok_s"] / results["vllm"]["out_tok_s"], 2),
+    }
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {**machine(), "loadavg_1m_before": load_before}, "versions": package_versions(), "engines": results, "ratios": ratios,
+        "targets": TARGETS, "targets_met": {k: ratios[k] >= t for k, t in TARGETS.items()},
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+
+    print("\n| engine | out tok/s | completion tokens | wall s | load s | same text as vllm |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['out_tok_s']} | {r['completion_tokens']} | {r['wall_s']} | {r['load_s']} | "
+              f"{r['same_text_as_vllm']:.0%} |")
+    for k, v in ratios.items():
+        print(f"{k}: {v}x (target >= {TARGETS[k]}x: {'met' if v >= TARGETS[k] else 'NOT met'})")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":  # vLLM re-imports the main module in its spawned engine process
+    main()

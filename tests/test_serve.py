@@ -1,0 +1,305 @@
+"""Serving and inference on real vLLM servers: the openai engine against offline vLLM, an API-keyed server
+with the run's LoRA adapter, a server killed mid pairs-stage, resumable ``toushi generate``, and chat.
+
+Server starts cost about a minute each on this CPU, so there are two besides the session ``vllm_server``:
+one keyed + LoRA server (``served``) shared by the key, adapter and kill/restart tests (the restart is
+the second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import REPO, cpu_vllm_spec, free_port
+from toushi.chat import ChatSession, chat_loop, default_model, make_client
+from toushi.cli import app
+from toushi.engines import GenerationError, make_engine
+from toushi.generate import generate_from_recipe
+from toushi.pairs import PairsIncomplete, run_stage
+from toushi.recipe import ModelSpec, Recipe, Sampling
+from toushi.runner import StageContext
+from toushi.serve import describe, make_server, serve_spec
+from toushi.store import StageStore, read_jsonl
+
+MODEL = "smollm2-135m-instruct"
+CONVS = [
+    [{"role": "user", "content": "I failed my driving test again and I feel stupid."}],
+    [{"role": "system", "content": "You are a kind friend."}, {"role": "user", "content": "My cat died today."}],
+    [{"role": "user", "content": "Nobody came to my birthday party."}],
+]
+GREEDY = Sampling(temperature=0.0, max_tokens=24, n=1, seed=0)
+KEY_ENV, KEY = "TOUSHI_TEST_SERVE_KEY", "sk-toushi-test-7f3a"
+
+
+def texts(results) -> list[str]:
+    return [cs[0].text for cs in results]
+
+
+# ------------------------------------------------------------------------- (1) openai engine == offline
+
+
+def test_openai_engine_on_vllm_server_matches_offline_vllm(vllm_server):
+    spec = ModelSpec(name=MODEL, engine="openai", base_url=vllm_server, concurrency=3)
+    with make_engine(spec) as engine:
+        served = engine.generate(CONVS, GREEDY)
+    with make_engine(cpu_vllm_spec(MODEL)) as engine:
+        offline = engine.generate(CONVS, GREEDY)
+    assert all(t for t in texts(served))
+    assert texts(served) == texts(offline)
+    assert [c[0].prompt_tokens for c in served] == [c[0].prompt_tokens for c in offline]
+    assert [c[0].completion_tokens for c in served] == [c[0].completion_tokens for c in offline]
+    assert [c[0].finish_reason for c in served] == [c[0].finish_reason for c in offline]
+
+
+# ------------------------------------------------------------------------- serve plan (no server start)
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_serve_registers_run_adapters_for_the_student_only_and_guards_public_binds(tmp_path, lora_adapter):
+    runs = tmp_path / "runs"
+    shutil.copytree(lora_adapter, runs / "r" / "dpo" / "adapter")
+    (runs / "r" / "sft").mkdir()  # a stage directory without an adapter is not registered
+    student = cpu_vllm_spec(MODEL).model_dump(mode="json")
+    data = {"run": {"name": "r", "dir": str(runs)},
+            "models": {"student": student, "weak": {"name": "tiny-random", "engine": "hf"}}}
+    recipe = Recipe.model_validate(data)
+    spec = serve_spec(recipe)
+    assert spec.enable_lora and spec.lora_adapters == {"dpo": runs / "r" / "dpo" / "adapter"}
+    cmd = make_server(recipe).cmd
+    assert cmd[cmd.index("--lora-modules") + 1] == f"dpo={(runs / 'r' / 'dpo' / 'adapter').resolve()}"
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "32"  # the adapter's rank, above vLLM's default 16
+    weak = serve_spec(Recipe.model_validate({**data, "serve": {"role": "weak"}}))
+    assert weak.lora_adapters == {} and not weak.enable_lora  # trained on the student, not on this model
+
+    file = write_recipe(tmp_path / "r.yaml", data)
+    runner = CliRunner()
+    res = runner.invoke(app, ["serve", str(file), "--set", "serve.host=0.0.0.0"])
+    assert res.exit_code == 2 and "needs an API key" in res.output
+    res = runner.invoke(app, ["serve", str(file), "--set", "serve.host=0.0.0.0", "--set",
+                              "serve.api_key_env=TOUSHI_TEST_UNSET_KEY"])
+    assert res.exit_code == 2 and "TOUSHI_TEST_UNSET_KEY" in res.output and "not set" in res.output
+    res = runner.invoke(app, ["serve", str(file), "--set", "serve.role=judge"])
+    assert res.exit_code == 2 and "models.judge is not set" in res.output
+
+
+# ------------------------------------------------------------------------- (2) API key + LoRA by name
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, lora_adapter):
+    """A recipe whose student is served by ``toushi serve``'s code path: API key from KEY_ENV and the
+    run's sft adapter (the rank-32 test adapter); weak and strong are openai clients of that server."""
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(lora_adapter, root / "runs" / "served" / "sft" / "adapter")
+    port = free_port()
+    client = {"name": MODEL, "engine": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": KEY_ENV,
+              "max_retries": 0, "concurrency": 2, "timeout_s": 120}
+    recipe = Recipe.model_validate({
+        "run": {"name": "served", "dir": str(root / "runs"), "stages": ["corpus", "pairs"]},
+        "models": {
+            "student": cpu_vllm_spec(MODEL).model_dump(mode="json"),
+            "weak": {**client, "sampling": {"temperature": 0.9, "max_tokens": 16, "seed": 0}},
+            "strong": {**client, "system_prompt_file": "toushi/templates/en/strong_system.j2",
+                       "sampling": {"temperature": 0.0, "max_tokens": 16}},
+        },
+        "pairs": {"batch_size": 1},
+        "serve": {"port": port, "api_key_env": KEY_ENV},
+    })
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        server = make_server(recipe, log_path=root / "server.log")
+        with server:
+            yield recipe, server
+
+
+def test_keyed_server_rejects_missing_key_and_routes_the_adapter_by_name(served, lora_adapter):
+    recipe, server = served
+    url = server.base_url
+    assert httpx.get(f"{url}/models").status_code == 401
+    assert httpx.get(f"{url}/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200
+    assert {m["id"] for m in ok.json()["data"]} == {MODEL, "sft"}
+    info = "\n".join(describe(server, serve_spec(recipe), KEY_ENV))
+    assert url in info and "sft" in info and KEY_ENV in info and KEY not in info
+
+    with pytest.raises(GenerationError, match="AuthenticationError"):  # 401 is not retried
+        make_engine(ModelSpec(name=MODEL, engine="openai", base_url=url, max_retries=3)).generate(CONVS[:1], GREEDY)
+    spec = ModelSpec(name=MODEL, engine="openai", base_url=url, api_key_env=KEY_ENV,
+                     lora_adapters={"sft": lora_adapter})
+    with make_engine(spec) as engine:
+        base = engine.generate(CONVS, GREEDY)
+        adapted = engine.generate(CONVS, GREEDY, lora_name="sft")
+    assert adapted[0][0].model == "sft" and base[0][0].model == MODEL
+    assert all(texts(adapted)) and texts(adapted) != texts(base)
+
+    # `toushi generate --lora sft` through an openai role asks the server for the adapter by name
+    prompts = recipe.run_dir.parent / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"c{i}", "messages": c}) + "\n" for i, c in enumerate(CONVS)))
+    greedy_weak = recipe.model_copy(deep=True)
+    greedy_weak.models.weak.sampling = GREEDY
+    counts, out = generate_from_recipe(greedy_weak, "weak", prompts, lora="sft")
+    assert counts["generated"] == 3 and out == recipe.run_dir / "generate" / "sft.jsonl"
+    recs = list(read_jsonl(out))
+    assert [r["completions"][0]["text"] for r in recs] == texts(adapted)
+    assert {r["model"] for r in recs} == {"sft"}
+
+
+# ------------------------------------------------------------------------- (3) server killed mid pairs
+
+
+POSTS = [
+    "I failed my exam and my parents will be so disappointed.",
+    "My best friend moved away and I feel so alone.",
+    "I got laid off today after eight years.",
+    "My dog is sick and I can't afford the vet.",
+]
+
+
+def kill_after_first_flush(cache: Path, server, done: threading.Event) -> None:
+    """Kill the server (SIGKILL, like a crash) as soon as the first weak batch is on disk."""
+    while not done.is_set():
+        if cache.exists() and cache.read_text(encoding="utf-8").count("\n") >= 1:
+            server.kill()
+            return
+        time.sleep(0.01)
+
+
+def test_pairs_survive_a_server_killed_mid_stage(served):
+    recipe, server = served
+    ctx = StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
+    with StageStore(recipe.run_dir, "corpus").writer() as w:
+        for i, text in enumerate(POSTS):
+            w.write({"id": f"p{i}", "lang": "en", "scene": "test", "text": text, "source": "test",
+                     "source_id": f"p{i}", "split": "train", "flags": [], "persona": None})
+    weak_cache = StageStore(ctx.store.dir, "weak_cache").records_path
+    done = threading.Event()
+    killer = threading.Thread(target=kill_after_first_flush, args=(weak_cache, server, done), daemon=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        killer.start()
+        try:
+            with pytest.raises(PairsIncomplete, match="4 of 4 prompts failed"):
+                run_stage(ctx)
+        finally:
+            done.set()
+            killer.join()
+        assert server.proc.poll() is not None, "the server was never killed"
+        cached_before = len(weak_cache.read_text().splitlines())
+        assert 1 <= cached_before < len(POSTS), "the kill should land mid-stage"
+        assert not ctx.store.records_path.exists() or ctx.store.records() == []
+        errors = ctx.store.errors()
+        assert {e["role"] for e in errors} == {"weak", "strong"} and "APIConnectionError" in errors[-1]["error"]
+        assert KEY not in ctx.store.errors_path.read_text()
+
+        server.start()  # the same port, as a restarted server would be
+        counts = run_stage(ctx)
+    assert counts["weak_generated"] == len(POSTS) - cached_before and counts["strong_generated"] == len(POSTS)
+    assert counts["pairs"] == len(POSTS) and counts["failed"] == 0
+    ids = [json.loads(line)["id"] for line in ctx.store.records_path.read_text().splitlines()]
+    assert sorted(ids) == [f"p{i}" for i in range(len(POSTS))]  # every prompt, no duplicates
+    for role in ("weak", "strong"):
+        cache = StageStore(ctx.store.dir, f"{role}_cache").records_path
+        keys = [json.loads(line)["id"] for line in cache.read_text().splitlines()]
+        assert len(keys) == len(set(keys)) == len(POSTS)
+    assert all(r["weak"][0]["text"] and r["strong"][0]["text"] for r in ctx.store.records())
+
+
+# ------------------------------------------------------------------------- (4) toushi generate resumes
+
+
+def test_generate_is_resumable_from_the_cli_and_the_script(tmp_path, offline_model):
+    recipe = write_recipe(tmp_path / "gen.yaml", {
+        "run": {"name": "gen", "dir": str(tmp_path / "runs")},
+        "models": {"student": {"name": MODEL, "engine": "hf", "dtype": "float32", "hf_batch_size": 2,
+                               "sampling": {"temperature": 0.0, "max_tokens": 8}}},
+    })
+    prompts = tmp_path / "prompts.jsonl"
+    post = "My landlord is evicting me and I have nowhere to go."
+    rows = [
+        {"id": "a", "prompt": "I feel lonely."},
+        {"id": "b", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        {"id": "c", "text": post, "lang": "en"},
+        {"id": "a", "prompt": "a duplicate id is ignored"},
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    args = [str(recipe), "--prompts", str(prompts), "--out", str(out), "--batch-size", "2"]
+    runner = CliRunner()
+
+    res = runner.invoke(app, ["generate", *args])
+    assert res.exit_code == 0, res.output
+    first = {r["id"]: r for r in read_jsonl(out)}
+    assert list(first) == ["a", "b", "c"]
+    assert first["a"]["messages"] == [{"role": "user", "content": "I feel lonely."}]
+    assert first["b"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert post in first["c"]["messages"][-1]["content"] and "plain text" in first["c"]["messages"][-1]["content"]
+    c = first["c"]["completions"][0]
+    assert first["c"]["model"] == MODEL and c["text"] and 0 < c["completion_tokens"] <= 8
+
+    # a kill mid-write: the last record is torn. The script drops it and generates only that one.
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:25])
+    proc = subprocess.run([sys.executable, "infer/generate.py", "--recipe", *args], check=False, cwd=REPO,
+                          capture_output=True, text=True, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    assert "generated=1" in proc.stderr and "skipped=2" in proc.stderr
+    again = list(read_jsonl(out))
+    assert [r["id"] for r in again] == ["a", "b", "c"] and again[:2] == [first["a"], first["b"]]
+    regenerated = again[2]["completions"][0]
+    assert (regenerated["text"], regenerated["completion_tokens"]) == (c["text"], c["completion_tokens"])
+
+    before = out.read_text()
+    res = runner.invoke(app, ["generate", *args])  # the second full run generates nothing
+    assert res.exit_code == 0 and "generated=0" in res.output
+    assert out.read_text() == before
+
+
+# ------------------------------------------------------------------------- (5) chat
+
+
+def test_chat_streams_keeps_history_and_resets(vllm_server):
+    client = make_client(vllm_server, None)
+    session = ChatSession(client, default_model(client), system="You are a kind friend.", temperature=0.0,
+                          max_tokens=16)
+    assert session.model == MODEL
+    script = iter(["I failed my driving test again.", "", "What should I do now?", "/reset", "Thanks anyway.",
+                   "/exit", "never read"])
+    history_at_read: list[list[dict]] = []
+    written: list[str] = []
+
+    def read() -> str:
+        history_at_read.append(list(session.history))
+        written.append("<read>")
+        return next(script)
+
+    chat_loop(session, read, written.append)
+    assert next(script) == "never read"  # /exit stopped the loop
+    assert [len(h) for h in history_at_read] == [1, 3, 3, 5, 1, 3]  # grows per turn; /reset keeps the system
+    first_reply = history_at_read[1][2]
+    assert first_reply["role"] == "assistant" and first_reply["content"]
+    assert history_at_read[3][3] == {"role": "user", "content": "What should I do now?"}
+    assert session.history[1] == {"role": "user", "content": "Thanks anyway."}
+    # the first reply arrived in several streamed pieces that add up to the stored answer
+    turns = "\x00".join(written).split("<read>")
+    pieces = [p for p in turns[1].split("\x00") if p]
+    assert pieces[-1] == "\n" and len(pieces[:-1]) >= 3
+    assert "".join(pieces[:-1]).strip() == first_reply["content"]
+    assert "(history cleared)\n" in written

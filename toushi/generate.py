@@ -1,0 +1,157 @@
+"""``toushi generate``: batch generation from a JSONL of prompts (or a run's held-out prompts).
+
+Input lines are JSON objects with an optional ``id`` and one of ``messages`` (a chat conversation),
+``prompt`` (the user message as is) or ``text`` (a venting post: it gets the same support-task prompt as
+the pairs stage). Output lines are ``{id, messages, completions, model, lora, sampling}``. Records are
+flushed after every batch; a rerun skips ids already in the output file (a torn last line left by a
+kill is dropped first), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from toushi.engines import Conversation, make_engine
+from toushi.pairs import conversation, task_prompt
+from toushi.recipe import ModelSpec, Recipe, RecipeError, Sampling
+from toushi.serve import adapters_for, role_spec
+from toushi.store import RecordWriter, StageStore, read_jsonl, repair_jsonl, stable_id
+from toushi.templates import render_file
+
+
+def read_items(path: Path, lang: str) -> list[dict]:
+    """{id, messages} for each input line (first occurrence of an id wins)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompts file not found")
+    items: dict[str, dict] = {}
+    for n, rec in enumerate(read_jsonl(path), 1):
+        if "messages" in rec:
+            messages = rec["messages"]
+        elif "prompt" in rec:
+            messages = [{"role": "user", "content": rec["prompt"]}]
+        elif "text" in rec:
+            messages = [{"role": "user", "content": task_prompt(rec["text"], rec.get("lang") or lang)}]
+        else:
+            raise ValueError(f"{path}:{n}: needs one of 'messages', 'prompt' or 'text'")
+        pid = str(rec.get("id") or stable_id(messages))
+        items.setdefault(pid, {"id": pid, "messages": messages})
+    return list(items.values())
+
+
+def heldout_items(recipe: Recipe) -> list[dict]:
+    """The run's held-out prompts: from the pairs records, else from the corpus split."""
+    pairs = [r for r in StageStore(recipe.run_dir, "pairs").records() if r.get("split") == "heldout"]
+    if pairs:
+        return [{"id": r["id"], "messages": conversation(r["prompt"], None)} for r in pairs]
+    corpus = [r for r in StageStore(recipe.run_dir, "corpus").records() if r.get("split") == "heldout"]
+    if not corpus:
+        raise ValueError(f"{recipe.run_dir}: no held-out prompts (run the corpus stage, or pass a prompts file)")
+    return [
+        {"id": r["id"], "messages": conversation(task_prompt(r["text"], r.get("lang") or recipe.run.lang), None)}
+        for r in corpus
+    ]
+
+
+def with_system(messages: Conversation, system: str | None) -> Conversation:
+    """Prepend the role's system prompt unless the conversation brings its own."""
+    if system is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def generation_spec(recipe: Recipe, role: str, lora: str | None) -> tuple[ModelSpec, str | None]:
+    """(spec, lora_name for engine.generate). An openai endpoint serves an adapter under its own name,
+    so the adapter becomes the requested model; local engines load just that adapter."""
+    spec = role_spec(recipe, role)
+    if lora is None:
+        return spec, None
+    if spec.engine == "openai":
+        return spec.model_copy(update={"served_model": lora}), None
+    adapters = adapters_for(recipe, role)
+    if lora not in adapters:
+        known = ", ".join(adapters) or "none"
+        raise RecipeError(f"no LoRA adapter {lora!r} for models.{role} (known: {known}; trained adapters are "
+                          f"looked up in {recipe.run_dir}/{{sft,dpo,grpo}}/adapter)")
+    return spec.model_copy(update={"lora_adapters": {lora: adapters[lora]}, "enable_lora": True}), lora
+
+
+def done_ids(out: Path) -> set[str]:
+    if not out.exists():
+        return set()
+    repair_jsonl(out)
+    return {r["id"] for r in read_jsonl(out)}
+
+
+def generate_file(
+    spec: ModelSpec,
+    items: list[dict],
+    out: Path,
+    sampling: Sampling,
+    lora_name: str | None = None,
+    system: str | None = None,
+    batch_size: int = 32,
+    console: Console | None = None,
+) -> dict:
+    """Generate every item not yet in ``out`` and append the results. Returns counts
+    {prompts, skipped, generated, failed}; failed requests (openai engine) are left for a rerun."""
+    console = console or Console(stderr=True)
+    have = done_ids(out)
+    todo = [it for it in items if it["id"] not in have]
+    counts = {"prompts": len(items), "skipped": len(items) - len(todo), "generated": 0, "failed": 0}
+    if not todo:
+        console.print(f"all {len(items)} prompts already in {out}")
+        return counts
+    model = spec.served_model or spec.name
+    meta = {"model": model, "lora": lora_name, "sampling": sampling.model_dump(mode="json")}
+    console.print(f"generating {len(todo)} of {len(items)} prompts with {model} ({spec.engine}) -> {out}")
+    failed: set[str] = set()
+    with make_engine(spec) as engine, RecordWriter(out, batch_size=max(1, batch_size)) as w, Progress(
+        TextColumn("[bold]generate[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+        TextColumn("{task.fields[tps]:.1f} out tok/s"), TimeElapsedColumn(), console=console,
+    ) as bar:
+        task = bar.add_task("generate", total=len(todo), tps=0.0)
+        t0, tokens = time.perf_counter(), 0
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            convs = [with_system(it["messages"], system) for it in batch]
+
+            def on_error(i: int, exc: BaseException, batch=batch) -> None:
+                failed.add(batch[i]["id"])
+                console.print(f"[red]{batch[i]['id']}: {type(exc).__name__}: {exc}[/red]", highlight=False)
+
+            if spec.engine == "openai":  # per-request failures are reported, the rest of the batch kept
+                results = engine.generate(convs, sampling, on_error=on_error)
+            else:
+                results = engine.generate(convs, sampling, lora_name=lora_name)
+            for it, conv, comps in zip(batch, convs, results):
+                if not comps:
+                    continue
+                w.write({"id": it["id"], "messages": conv, "completions": [c.to_dict() for c in comps], **meta})
+                tokens += sum(c.completion_tokens for c in comps)
+                counts["generated"] += 1
+            w.flush()
+            bar.update(task, advance=len(batch), tps=tokens / max(1e-9, time.perf_counter() - t0))
+    counts["failed"] = len(failed)
+    return counts
+
+
+def generate_from_recipe(
+    recipe: Recipe,
+    role: str = "student",
+    prompts: Path | None = None,
+    out: Path | None = None,
+    lora: str | None = None,
+    batch_size: int = 32,
+    console: Console | None = None,
+) -> tuple[dict, Path]:
+    """``toushi generate``: prompts from a file (or the run's held-out prompts) through a recipe role."""
+    spec, lora_name = generation_spec(recipe, role, lora)
+    items = read_items(prompts, recipe.run.lang) if prompts else heldout_items(recipe)
+    system = render_file(spec.system_prompt_file, lang=recipe.run.lang) if spec.system_prompt_file else None
+    out = out or recipe.run_dir / "generate" / f"{lora or role}.jsonl"
+    counts = generate_file(spec, items, out, spec.sampling, lora_name, system, batch_size, console)
+    return counts, out
