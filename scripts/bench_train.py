@@ -121,7 +121,14 @@ def main() -> None:
 
     from toushi.models import resolve_model
     from toushi.recipe import TrainSpec
-    from toushi.training import load_student, load_tokenizer, lora_config, peak_memory_gib, trainer_kwargs, use_bf16
+    from toushi.training import (
+        load_student,
+        load_tokenizer,
+        lora_config,
+        peak_memory_gib,
+        trainer_kwargs,
+        use_bf16,
+    )
 
     if args.random_weights != bool(args.model_config):
         p.error("--random-weights and --model-config go together")

@@ -18,7 +18,7 @@ from toushi.guidance.memory import Memory, parse_ops
 from toushi.guidance.packing import pack, shrink_pair, token_counter
 from toushi.guidance.render import parse_markdown, read_guidance_file, to_markdown
 from toushi.guidance.session import CallCache, Session
-from toushi.recipe import ModelSpec, Sampling, load_recipe
+from toushi.recipe import Sampling, load_recipe
 from toushi.runner import StageContext
 from toushi.store import StageStore
 

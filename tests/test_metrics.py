@@ -11,7 +11,6 @@ from toushi import metrics as M
 from toushi.evaluate import answer_metrics, summarise
 from toushi.stats import bootstrap_ci, length_controlled_ci, length_controlled_win_rate
 
-
 # ------------------------------------------------------------------------------ rule metrics
 
 

@@ -137,3 +137,103 @@ def test_finished_round_is_not_redone(selftrained):
     assert (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_bytes() == samples_1
     assert recs[1]["adapter_in"] == first["adapter_out"]
     assert manifest(run_dir)["counts"]["rounds"] == 2
+
+
+# ------------------------------------------------------------------------ judge-score confidence
+
+
+def test_verdict_by_logprob_or_judge():
+    from toushi.selftrain import verdict
+
+    post = "I failed my driving test again today."
+    a = {"text": "That sounds really discouraging.", "confidence": -0.8, "finished": True}
+    assert verdict(a, post, False, tau=-1.0) == []
+    assert verdict(a, post, False, tau=-0.5) == ["confidence"]
+    assert verdict({**a, "finished": False}, post, False, tau=-1.0) == ["truncated"]
+    assert verdict({**a, "finished": False}, post, True, tau=-1.0) == []
+    assert verdict({**a, "text": "**Hang in there.**"}, post, False) == ["format"]
+    # judge scores 1-10 map to [-1, 1]; judge_tau 0.5 needs 8 or more, and log-prob is not consulted
+    assert verdict({**a, "judge_score": 8}, post, False, judge_tau=0.5) == []
+    assert verdict({**a, "judge_score": 7}, post, False, judge_tau=0.5) == ["judge"]
+    assert verdict({**a, "judge_score": None}, post, False, judge_tau=0.5) == ["judge_invalid"]
+    assert verdict(a, post, False, judge_tau=0.5) == []  # not judged (yet): only the cheap checks
+
+
+class ScriptedJudge:
+    """Stands in for a remote judge API (models.judge is an endpoint by default): answers every
+    conversation with the next scripted verdict, counting requests."""
+
+    def __init__(self, verdicts):
+        self.verdicts, self.requests = list(verdicts), 0
+
+    def generate(self, conversations, sampling, lora_name=None):
+        from toushi.engines import Completion
+
+        out = []
+        for conv in conversations:
+            assert "Score" in conv[-1]["content"]  # the judge_score rubric template
+            text = self.verdicts[self.requests % len(self.verdicts)]
+            self.requests += 1
+            out.append([Completion(text=text, reasoning=None, finish_reason="stop", prompt_tokens=1,
+                                   completion_tokens=1, latency_s=0.0, model="scripted")])
+        return out
+
+
+def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offline_model, monkeypatch):
+    import toushi.selftrain
+
+    judge = ScriptedJudge(["Score: 9", "Score: 4", "I cannot rate this."])
+    monkeypatch.setattr(toushi.selftrain, "make_engine", lambda spec: judge)
+    run_dir = write_run(tmp_path / "runs" / "judged")
+    recipe_path = write_recipe(tmp_path / "judged.yaml", run_dir, confidence="judge", judge_tau=0.5,
+                               tau=0.0)  # tau 0 would reject everything: it is not used with the judge
+    data = yaml.safe_load(recipe_path.read_text())
+    data["models"]["judge"] = {"name": "remote-judge", "engine": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    recipe_path.write_text(yaml.safe_dump(data))
+    assert run(recipe_path) == {"selftrain": "ran"}
+    (rec,) = rounds(run_dir)
+    samples = [json.loads(x) for x in (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
+    judged = [s for s in samples if "judge_score" in s]
+    # only answers that passed the cheap checks were sent to the judge, each once
+    assert judge.requests == rec["judged"] == len(judged) == sum("format" not in s["rejected"] for s in samples) > 0
+    scripted = {0: 9, 1: 4, 2: None}
+    assert [s["judge_score"] for s in judged] == [scripted[i % 3] for i in range(len(judged))]
+    for s in judged:
+        want = [] if s["judge_score"] == 9 else ["judge"] if s["judge_score"] == 4 else ["judge_invalid"]
+        assert s["rejected"] == want
+    assert rec["rejected_by"]["confidence"] == 0 and rec["kept"] == sum(s["judge_score"] == 9 for s in judged)
+    assert rec["rejected_by"]["judge_invalid"] == sum(s["judge_score"] is None for s in judged)
+    assert rec["trained"] and rec["train_examples"] == 11 + rec["kept"]
+    cache = [json.loads(x) for x in (run_dir / "selftrain" / "judge_cache" / "records.jsonl").read_text().splitlines()]
+    assert len(cache) == len(judged)
+    # an interrupted round is redone with the same seed: the same answers, every verdict from the cache
+    (run_dir / "selftrain" / "rounds.jsonl").write_text("")
+    (run_dir / "selftrain" / "manifest.json").unlink()
+    assert run(recipe_path) == {"selftrain": "ran"}
+    assert judge.requests == len(judged) and rounds(run_dir)[0]["kept"] == rec["kept"]
+
+
+def test_judge_confidence_against_real_server(vllm_server, tmp_path, offline_model):
+    from toushi.rewards import parse_score
+
+    run_dir = write_run(tmp_path / "runs" / "served")
+    recipe_path = write_recipe(tmp_path / "served.yaml", run_dir, confidence="judge", judge_tau=-1.0,
+                               max_prompts=2, max_new_tokens=12)
+    data = yaml.safe_load(recipe_path.read_text())
+    data["models"]["judge"] = {"name": "smollm2-135m-instruct", "engine": "openai", "base_url": vllm_server}
+    recipe_path.write_text(yaml.safe_dump(data))
+    assert run(recipe_path) == {"selftrain": "ran"}
+    (rec,) = rounds(run_dir)
+    samples = [json.loads(x) for x in (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
+    cache = {c["id"]: c for c in (json.loads(x) for x in
+             (run_dir / "selftrain" / "judge_cache" / "records.jsonl").read_text().splitlines())}
+    judged = [s for s in samples if "judge_score" in s]
+    assert len(judged) == rec["judged"] == len(cache) > 0  # distinct answers here, so one verdict each
+    # each verdict is the server's own words parsed; judge_tau -1 keeps every parsed score above 1
+    assert sorted(str(c["score"]) for c in cache.values()) == sorted(str(s["judge_score"]) for s in judged)
+    for c in cache.values():
+        assert c["score"] == parse_score(c["raw"])
+    for s in judged:
+        ok = s["judge_score"] is not None and s["judge_score"] > 1
+        assert s["kept"] == ok and (s["rejected"] == ["judge_invalid"]) == (s["judge_score"] is None)
+    assert rec["trained"] == (rec["kept"] > 0)

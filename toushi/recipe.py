@@ -355,8 +355,18 @@ class SelfTrainSection(Section):
     )
     tau: float = Field(
         -1.0,
-        description="Confidence threshold: keep an answer only if its mean token log-prob under the student "
+        description="With confidence: logprob, keep an answer only if its mean token log-prob under the student "
         "(untempered, end-of-turn token included) is above tau. Log-probs are <= 0, so tau >= 0 keeps nothing.",
+    )
+    confidence: Literal["logprob", "judge"] = Field(
+        "logprob",
+        description="How sure an answer is: 'logprob' (the student's own mean token log-prob, against tau) or "
+        "'judge' (a rubric score from models.judge, else models.strong, against judge_tau; cached on disk).",
+    )
+    judge_tau: float = Field(
+        0.5, ge=-1.0, le=1.0,
+        description="With confidence: judge, keep an answer only if its judge score, mapped from 1..10 to "
+        "[-1, 1] as (s - 5.5) / 4.5, is above this (0.5: a score of 8 or more). Unparseable verdicts reject.",
     )
     max_new_tokens: int = Field(256, ge=1, description="Most new tokens per sampled answer.")
     temperature: float = Field(0.8, gt=0.0, description="Sampling temperature of the student's answers.")

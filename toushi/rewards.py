@@ -130,6 +130,11 @@ class JudgeScorer:
         self._known = {r["id"]: r["score"] for r in cache.records()}
 
     def scores(self, posts: list[str], answers: list[str]) -> list[float]:
+        """Scores in [-1, 1]; an unparseable verdict counts 0 (neither rewarded nor punished)."""
+        return [0.0 if s is None else (s - 5.5) / 4.5 for s in self.raw_scores(posts, answers)]
+
+    def raw_scores(self, posts: list[str], answers: list[str]) -> list[int | None]:
+        """The judge's 1-10 score of each answer, None where its verdict could not be parsed."""
         keys = [stable_id("judge-score", p, a, self.model_name, self.guidance) for p, a in zip(posts, answers)]
         todo: dict[str, int] = {}  # unknown key -> its first index: a GRPO group often repeats a completion
         for i, k in enumerate(keys):
@@ -149,7 +154,7 @@ class JudgeScorer:
                     self.invalid += score is None
                     self._known[key] = score
                     w.write({"id": key, "score": score, "raw": raw[:500]})
-        return [0.0 if self._known[k] is None else (self._known[k] - 5.5) / 4.5 for k in keys]
+        return [self._known[k] for k in keys]
 
     def as_reward(self, name: str) -> Callable[..., list[float]]:
         def reward(prompts, completions, post=None, **kwargs) -> list[float]:

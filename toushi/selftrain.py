@@ -6,11 +6,15 @@ Each round r = 1..rounds:
 1. sample ``samples_per_prompt`` answers per train prompt (pairs records, split == train) from the
    current student: the base plus the previous round's adapter; round 1 starts from the SFT adapter when
    the run has one, else from a fresh LoRA (which is the base model until trained);
-2. confidence = mean token log-prob of each answer under the student's own untempered distribution
-   (``compute_transition_scores`` on the raw logits: temperature shapes what is sampled, not how sure the
-   model is of it), the end-of-turn token included, since choosing to stop is part of the answer;
-3. keep an answer when its format reward is 1 (plain text, the post's language, no ``<think>``), its
-   confidence is above ``tau`` and, unless ``keep_truncated``, it ended before ``max_new_tokens``;
+2. confidence (``confidence: logprob``, the default) = mean token log-prob of each answer under the
+   student's own untempered distribution (``compute_transition_scores`` on the raw logits: temperature
+   shapes what is sampled, not how sure the model is of it), the end-of-turn token included, since choosing
+   to stop is part of the answer; or (``confidence: judge``) the judge's 1-10 rubric score
+   (``rewards.JudgeScorer``, cached in ``judge_cache/`` so a redone round asks again for nothing), asked
+   only for answers that passed every other check;
+3. keep an answer when its format reward is 1 (plain text, the post's language, no ``<think>``), it ended
+   before ``max_new_tokens`` (unless ``keep_truncated``) and its confidence is above ``tau`` (log-prob) or
+   ``judge_tau`` (judge score mapped to [-1, 1]); an unparseable verdict rejects (``judge_invalid``);
 4. continue training the current adapter with TRL's SFTTrainer, in this process, on the SFT set
    (``toushi.datasets.load_sft``, as the sft stage builds it) plus this round's kept answers. A round that
    keeps nothing does not train: the adapter carries over unchanged.
@@ -32,10 +36,11 @@ import time
 from pathlib import Path
 
 from toushi.datasets import load_sft
+from toushi.engines import make_engine
 from toushi.evaluate import adapter_fingerprint
 from toushi.models import resolve_model
-from toushi.recipe import Recipe
-from toushi.rewards import format_reward
+from toushi.recipe import Recipe, Sampling
+from toushi.rewards import JudgeScorer, format_reward
 from toushi.runner import StageContext
 from toushi.store import RecordWriter, StageStore, atomic_write_text, read_jsonl, repair_jsonl, stable_id
 from toushi.training import (
@@ -97,16 +102,36 @@ def sample_answers(model, tok, convs: list[list[dict]], n: int, max_new_tokens: 
     return out
 
 
-def verdict(answer: dict, post: str, tau: float, keep_truncated: bool) -> list[str]:
-    """Why an answer is rejected (empty list: kept)."""
+REJECT_REASONS = ("format", "truncated", "confidence", "judge", "judge_invalid")
+
+
+def verdict(answer: dict, post: str, keep_truncated: bool, tau: float | None = None,
+            judge_tau: float | None = None) -> list[str]:
+    """Why an answer is rejected (empty list: kept). ``tau`` checks the log-prob confidence; ``judge_tau``
+    checks ``answer["judge_score"]`` (1-10 or None) when the answer has one; None skips either check."""
     reasons = []
     if format_reward(answer["text"], post) != 1.0:
         reasons.append("format")
-    if not answer["confidence"] > tau:
-        reasons.append("confidence")
     if not answer["finished"] and not keep_truncated:
         reasons.append("truncated")
+    if tau is not None and not answer["confidence"] > tau:
+        reasons.append("confidence")
+    if judge_tau is not None and "judge_score" in answer:
+        score = answer["judge_score"]
+        if score is None:
+            reasons.append("judge_invalid")
+        elif not (score - 5.5) / 4.5 > judge_tau:
+            reasons.append("judge")
     return reasons
+
+
+def make_judge(recipe: Recipe, cache_dir: Path) -> JudgeScorer:
+    """The rubric scorer of ``confidence: judge``: models.judge, else models.strong, verdicts cached."""
+    spec = recipe.models.judge or recipe.models.strong
+    if spec is None:
+        raise SelfTrainError("selftrain.confidence: 'judge' needs models.judge (or models.strong) in the recipe")
+    return JudgeScorer(make_engine(spec), Sampling(temperature=0.0, max_tokens=16),
+                       StageStore(cache_dir, "judge_cache"), spec.name)
 
 
 # --------------------------------------------------------------------------------------- one round
@@ -156,8 +181,9 @@ def stable_id_int(*parts) -> int:
 
 
 def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list[dict], sft_examples: list[dict],
-              adapter_in: Path | None, console) -> dict:
-    """Round r: sample from base + adapter_in, filter, train on the SFT set + kept; the round's record."""
+              adapter_in: Path | None, console, judge: JudgeScorer | None = None) -> dict:
+    """Round r: sample from base + adapter_in, filter (asking ``judge`` when given), train on the SFT set +
+    kept; the round's record."""
     import torch
 
     cfg = recipe.selftrain
@@ -176,10 +202,17 @@ def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list
     console.print(f"selftrain round {r}: sampling {cfg.samples_per_prompt} answers x {len(prompts)} prompts")
     sampled = sample_answers(model, tok, convs, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature,
                              recipe.models.student.hf_batch_size)
+    if judge is not None:  # judge only what passes the cheap checks
+        todo = [(p["post"], a) for p, answers in zip(prompts, sampled) for a in answers
+                if not verdict(a, p["post"], cfg.keep_truncated)]
+        console.print(f"selftrain round {r}: judging {len(todo)} answers")
+        for (_, a), score in zip(todo, judge.raw_scores([post for post, _ in todo], [a["text"] for _, a in todo])):
+            a["judge_score"] = score
+    tau, judge_tau = (None, cfg.judge_tau) if judge is not None else (cfg.tau, None)
     samples, kept = [], []
     for p, answers in zip(prompts, sampled):
         for k, a in enumerate(answers):
-            reasons = verdict(a, p["post"], cfg.tau, cfg.keep_truncated)
+            reasons = verdict(a, p["post"], cfg.keep_truncated, tau=tau, judge_tau=judge_tau)
             sid = stable_id(key, r, p["id"], k)
             samples.append({"id": sid, "prompt_id": p["id"], "k": k, **a, "kept": not reasons, "rejected": reasons})
             if not reasons:
@@ -206,9 +239,11 @@ def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list
         "adapter_in": str(adapter_in) if adapter_in else None,
         "adapter_out": str(adapter_out) if adapter_out else None,
         "prompts": len(prompts), "samples": len(samples), "kept": len(kept), "rejected": len(samples) - len(kept),
-        "rejected_by": {why: sum(why in s["rejected"] for s in samples) for why in ("format", "confidence", "truncated")},
+        "rejected_by": {why: sum(why in s["rejected"] for s in samples) for why in REJECT_REASONS},
         "mean_confidence": mean([s["confidence"] for s in samples]),
         "mean_confidence_kept": mean([s["confidence"] for s in samples if s["kept"]]),
+        "judged": sum("judge_score" in s for s in samples),
+        "mean_judge_score": mean([s["judge_score"] for s in samples if s.get("judge_score") is not None]),
         "train_examples": len(sft_examples) + len(kept) if kept else 0,
         "trained": bool(kept),
         "train_loss": training["train_loss"] if training else None,
@@ -251,9 +286,10 @@ def run_stage(ctx: StageContext) -> dict:
     start = sft_adapter if (sft_adapter / "adapter_config.json").exists() else None
 
     dumped = recipe.model_dump(mode="json")
+    judge = make_judge(recipe, store.dir) if cfg.confidence == "judge" else None
     key = stable_id({k: v for k, v in dumped["selftrain"].items() if k != "rounds"}, dumped["sft"],
                     dumped["models"]["student"], recipe.run.seed, adapter_fingerprint(start) if start else None,
-                    [p["id"] for p in prompts])
+                    [p["id"] for p in prompts], judge.model_name if judge else None)
     rounds_path = store.dir / "rounds.jsonl"
     done = finished_rounds(rounds_path, key, cfg.rounds)
     # rewrite the log with just the rounds that stand (drops another setting's or a broken tail)
@@ -266,7 +302,7 @@ def run_stage(ctx: StageContext) -> dict:
     adapter = (Path(done[-1]["adapter_out"]) if done[-1]["adapter_out"] else None) if done else start
 
     for r in range(len(done) + 1, cfg.rounds + 1):
-        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console)
+        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console, judge)
         with RecordWriter(rounds_path, batch_size=1) as w:
             w.write(rec)
         done.append(rec)

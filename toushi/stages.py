@@ -67,8 +67,10 @@ STAGES: list[Stage] = [
     Stage("guided", _guided, ("run.lang", "guided", "pairs", "models.weak"), ("guidance", "pairs")),
     Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided")),
     Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft")),
-    Stage("grpo", _train("grpo"), ("run.seed", "grpo", "models.student"), ("corpus", "sft")),
-    Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student"), ("pairs", "guided", "sft")),
+    Stage("grpo", _train("grpo"), ("run.seed", "grpo", "models.student", "models.judge"), ("corpus", "sft")),
+    # the judge roles matter only with selftrain.confidence: judge; in logprob mode a change redoes no round
+    Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
+          ("pairs", "guided", "sft")),
     Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "selftrain")),
     Stage("report", _report, (), ("eval", "guidance")),
 ]

@@ -24,8 +24,8 @@ from toushi.datasets import load_dpo  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
 from toushi.training import (  # noqa: E402
-    checkpoint_fingerprint,
     TrainError,
+    checkpoint_fingerprint,
     is_main_process,
     load_and_save_recipe,
     load_student,

@@ -13,8 +13,8 @@ and picks the one to keep (gate-accepted, least drifted).
 from __future__ import annotations
 
 from toushi.guidance.memory import Memory
-from toushi.guidance.session import Session, Step
 from toushi.guidance.render import EXCLUDED_FROM_PROMPT
+from toushi.guidance.session import Session, Step
 
 
 def _ids(batch: list[dict]) -> list[str]:
