@@ -271,6 +271,11 @@ def test_generate_is_resumable_from_the_cli_and_the_script(tmp_path, offline_mod
     assert res.exit_code == 0 and "generated=0" in res.output
     assert out.read_text() == before
 
+    # other sampling into the same file: refused, nothing appended (one file = one system's answers)
+    res = runner.invoke(app, ["generate", *args, "--set", "models.student.sampling.max_tokens=16"])
+    assert res.exit_code != 0 and "other settings" in res.output and '"max_tokens": 8' in res.output
+    assert out.read_text() == before
+
 
 # ------------------------------------------------------------------------- (5) chat
 

@@ -23,7 +23,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a reci
 
 
 def _fail(msg: str) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False)  # a message may quote "[...]" from data
     raise typer.Exit(2)
 
 

@@ -4,11 +4,14 @@ Input lines are JSON objects with an optional ``id`` and one of ``messages`` (a 
 ``prompt`` (the user message as is) or ``text`` (a venting post: it gets the same support-task prompt as
 the pairs stage). Output lines are ``{id, messages, completions, model, lora, sampling}``. Records are
 flushed after every batch; a rerun skips ids already in the output file (a torn last line left by a
-kill is dropped first), so an interrupted run resumes where it stopped.
+kill is dropped first), so an interrupted run resumes where it stopped. An output file written with
+another model, adapter or sampling is never topped up with this run's answers: that is an error naming
+both settings, so one file always holds one system's answers.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -79,11 +82,19 @@ def generation_spec(recipe: Recipe, role: str, lora: str | None) -> tuple[ModelS
     return spec.model_copy(update={"lora_adapters": {lora: adapters[lora]}, "enable_lora": True}), lora
 
 
-def done_ids(out: Path) -> set[str]:
+def done_ids(out: Path, meta: dict) -> set[str]:
+    """Ids already answered in ``out`` with these settings (model, lora, sampling); other settings: error."""
     if not out.exists():
         return set()
     repair_jsonl(out)
-    return {r["id"] for r in read_jsonl(out)}
+    ids = set()
+    for n, rec in enumerate(read_jsonl(out), 1):
+        theirs = {k: rec.get(k) for k in meta}
+        if theirs != meta:
+            raise ValueError(f"{out}:{n}: written with other settings ({json.dumps(theirs)}) than this run's "
+                             f"({json.dumps(meta)}); pass another --out, or delete the file to start over")
+        ids.add(rec["id"])
+    return ids
 
 
 def generate_file(
@@ -99,14 +110,14 @@ def generate_file(
     """Generate every item not yet in ``out`` and append the results. Returns counts
     {prompts, skipped, generated, failed}; failed requests (openai engine) are left for a rerun."""
     console = console or Console(stderr=True)
-    have = done_ids(out)
+    model = spec.served_model or spec.name
+    meta = {"model": model, "lora": lora_name, "sampling": sampling.model_dump(mode="json")}
+    have = done_ids(out, meta)
     todo = [it for it in items if it["id"] not in have]
     counts = {"prompts": len(items), "skipped": len(items) - len(todo), "generated": 0, "failed": 0}
     if not todo:
         console.print(f"all {len(items)} prompts already in {out}")
         return counts
-    model = spec.served_model or spec.name
-    meta = {"model": model, "lora": lora_name, "sampling": sampling.model_dump(mode="json")}
     console.print(f"generating {len(todo)} of {len(items)} prompts with {model} ({spec.engine}) -> {out}")
     failed: set[str] = set()
     with make_engine(spec) as engine, RecordWriter(out, batch_size=max(1, batch_size)) as w, Progress(
