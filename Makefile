@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
 PYTEST_ARGS ?=
 
-.PHONY: install model demo test lint bench clean
+.PHONY: install model demo test browser lint bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -30,8 +30,16 @@ $(MODEL): $(STAMP)
 demo: model
 	$(BIN)/toushi run recipes/tiny-cpu.yaml
 
-test: model
+test: model browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The report's browser test drives Debian's Chromium through Playwright (no browser download). Installed
+# here when missing and we may (root + apt); otherwise that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "no Chromium (needs root + apt): the report's browser test will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check toushi train infer scripts tests

@@ -148,3 +148,45 @@ def test_cli_report_prints_the_path(tmp_path, monkeypatch):
     assert Path(res.output.strip()).exists() and Path(res.output.strip()) == (run / "report" / "index.html").resolve()
     res = CliRunner().invoke(app, ["report", "missing-run"])
     assert res.exit_code == 2
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium (``make test`` installs it where it can); TOUSHI_CHROMIUM points elsewhere."""
+    import os
+    import shutil
+
+    return os.environ.get("TOUSHI_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    """The report as a person sees it: every plot decodes in a real browser, the tables lay out, and the
+    page runs no script (answers are data, not markup)."""
+    browser_path = chromium_path()
+    if browser_path is None:
+        pytest.skip("no Chromium here (make test installs Debian's chromium; or set TOUSHI_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    index = build_report(make_run(tmp_path))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        dialogs, errors = [], []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(index.as_uri())
+        page.wait_for_load_state("load")
+        images = page.eval_on_selector_all(
+            "img", "els => els.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth, e.naturalHeight])")
+        assert {src for src, *_ in images} == {"win_rates.png", "lengths.png", "nll.png", "drift.png",
+                                               "training_sft.png", "training_dpo.png"}
+        for src, complete, width, height in images:
+            assert complete and width > 100 and height > 50, src  # decoded, not a broken-image icon
+        header = page.eval_on_selector_all("table th", "els => els.map(e => e.textContent.trim())")
+        assert set(SYSTEMS) <= set(header)
+        assert page.locator("table").first.bounding_box()["width"] > 300
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert not dialogs and not errors  # the <script> in an sft answer stayed text
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] > 900 and pixels.std() > 0.05  # a long page with something drawn on it
