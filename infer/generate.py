@@ -3,7 +3,7 @@
     python infer/generate.py --recipe recipes/X.yaml [--prompts prompts.jsonl] [--role student]
         [--lora dpo] [--out out.jsonl] [--batch-size 32] [--set models.student.sampling.max_tokens=256]
 
-Prompts: JSONL of {id, messages | prompt | text} (default: the run's held-out prompts). Output: JSONL of
+Prompts: JSONL, JSON, CSV/TSV or a `datasets` directory of {id, messages | prompt | text} (default: the run's held-out prompts). Output: JSONL of
 {id, messages, completions, model, lora, sampling}; ids already in the output are skipped.
 """
 

@@ -277,6 +277,40 @@ def test_generate_is_resumable_from_the_cli_and_the_script(tmp_path, offline_mod
     assert out.read_text() == before
 
 
+def test_generate_reads_csv_json_and_datasets_dirs(tmp_path):
+    from datasets import Dataset
+
+    from toushi.generate import read_items
+
+    post = "I lost my job today and I do not know how to tell my family."
+    csv_path = tmp_path / "prompts.csv"
+    csv_path.write_text('id,prompt,text,messages,lang\n'
+                        'a,I feel lonely.,,,\n'
+                        'b,,' + post + ',,en\n'
+                        'c,,,"[{""role"": ""user"", ""content"": ""Hi""}]",\n', encoding="utf-8")
+    items = {it["id"]: it["messages"] for it in read_items(csv_path, "en")}
+    assert items["a"] == [{"role": "user", "content": "I feel lonely."}]
+    assert post in items["b"][-1]["content"] and items["c"] == [{"role": "user", "content": "Hi"}]
+
+    ds_dir = tmp_path / "prompts_ds"
+    Dataset.from_list([{"id": "x", "prompt": "Hello"}, {"id": "y", "prompt": "Again"}]).save_to_disk(str(ds_dir))
+    assert [it["id"] for it in read_items(ds_dir, "en")] == ["x", "y"]
+    json_path = tmp_path / "prompts.json"
+    json_path.write_text(json.dumps([{"text": post, "lang": "en"}]))
+    (only,) = read_items(json_path, "en")
+    assert len(only["id"]) > 8 and post in only["messages"][-1]["content"]  # id from the content when absent
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,prompt\na,\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: needs one of"):
+        read_items(bad, "en")
+    bad.write_text('id,messages\na,"not json"\n')
+    with pytest.raises(ValueError, match="not a JSON list"):
+        read_items(bad, "en")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_items(tmp_path / "missing.jsonl", "en")
+
+
 # ------------------------------------------------------------------------- (5) chat
 
 

@@ -1,8 +1,8 @@
-"""``toushi generate``: batch generation from a JSONL of prompts (or a run's held-out prompts).
+"""``toushi generate``: batch generation from a file of prompts (or a run's held-out prompts).
 
-Input lines are JSON objects with an optional ``id`` and one of ``messages`` (a chat conversation),
-``prompt`` (the user message as is) or ``text`` (a venting post: it gets the same support-task prompt as
-the pairs stage). Output lines are ``{id, messages, completions, model, lora, sampling}``. Records are
+Input records (JSONL, JSON, CSV/TSV, or a ``datasets`` directory) have an optional ``id`` and one of
+``messages`` (a chat conversation), ``prompt`` (the user message as is) or ``text`` (a venting post: it
+gets the same support-task prompt as the pairs stage). Output lines are ``{id, messages, completions, model, lora, sampling}``. Records are
 flushed after every batch; a rerun skips ids already in the output file (a torn last line left by a
 kill is dropped first), so an interrupted run resumes where it stopped. An output file written with
 another model, adapter or sampling is never topped up with this run's answers: that is an error naming
@@ -27,19 +27,31 @@ from toushi.templates import render_file
 
 
 def read_items(path: Path, lang: str) -> list[dict]:
-    """{id, messages} for each input line (first occurrence of an id wins)."""
-    if not path.is_file():
+    """{id, messages} for each input record (first occurrence of an id wins). The file is JSONL, JSON, CSV
+    or TSV (by extension) or a ``datasets`` directory saved with ``save_to_disk``; in CSV a ``messages``
+    cell holds the conversation as JSON."""
+    from toushi.corpus.loaders import container_of, read_records
+
+    if not path.exists():
         raise FileNotFoundError(f"{path}: prompts file not found")
     items: dict[str, dict] = {}
-    for n, rec in enumerate(read_jsonl(path), 1):
-        if "messages" in rec:
+    for where, rec in read_records(path, container_of(path, "auto")):
+        if rec.get("messages"):
             messages = rec["messages"]
-        elif "prompt" in rec:
+            if isinstance(messages, str):
+                try:
+                    messages = json.loads(messages)
+                except ValueError as e:
+                    raise ValueError(f"{where}: 'messages' is not a JSON list of messages: {e}") from None
+        elif rec.get("prompt"):
             messages = [{"role": "user", "content": rec["prompt"]}]
-        elif "text" in rec:
+        elif rec.get("text"):
             messages = [{"role": "user", "content": task_prompt(rec["text"], rec.get("lang") or lang)}]
         else:
-            raise ValueError(f"{path}:{n}: needs one of 'messages', 'prompt' or 'text'")
+            raise ValueError(f"{where}: needs one of 'messages', 'prompt' or 'text'")
+        if not (isinstance(messages, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                    for m in messages)):
+            raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} objects")
         pid = str(rec.get("id") or stable_id(messages))
         items.setdefault(pid, {"id": pid, "messages": messages})
     return list(items.values())
