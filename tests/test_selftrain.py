@@ -183,7 +183,8 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     import toushi.selftrain
 
     judge = ScriptedJudge(["Score: 9", "Score: 4", "I cannot rate this."])
-    monkeypatch.setattr(toushi.selftrain, "make_engine", lambda spec: judge)
+    loaded = []
+    monkeypatch.setattr(toushi.selftrain, "make_engine", lambda spec: loaded.append(spec.name) or judge)
     run_dir = write_run(tmp_path / "runs" / "judged")
     recipe_path = write_recipe(tmp_path / "judged.yaml", run_dir, confidence="judge", judge_tau=0.5,
                                tau=0.0)  # tau 0 would reject everything: it is not used with the judge
@@ -211,6 +212,11 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     (run_dir / "selftrain" / "manifest.json").unlink()
     assert run(recipe_path) == {"selftrain": "ran"}
     assert judge.requests == len(judged) and rounds(run_dir)[0]["kept"] == rec["kept"]
+    # every round done (only the manifest lost): the judge is not even loaded
+    assert loaded == ["remote-judge", "remote-judge"]
+    (run_dir / "selftrain" / "manifest.json").unlink()
+    assert run(recipe_path) == {"selftrain": "ran"}
+    assert loaded == ["remote-judge", "remote-judge"] and manifest(run_dir)["counts"]["kept"] == rec["kept"]
 
 
 def test_judge_confidence_against_real_server(vllm_server, tmp_path, offline_model):

@@ -115,6 +115,11 @@ def parse_score(output: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def unit_score(score: int) -> float:
+    """A 1-10 judge score on [-1, 1] (5.5, the scale's middle, maps to 0)."""
+    return (score - 5.5) / 4.5
+
+
 class JudgeScorer:
     """Rubric score (1-10, mapped to [-1, 1]) of an answer by a judge engine, cached on disk.
 
@@ -131,7 +136,7 @@ class JudgeScorer:
 
     def scores(self, posts: list[str], answers: list[str]) -> list[float]:
         """Scores in [-1, 1]; an unparseable verdict counts 0 (neither rewarded nor punished)."""
-        return [0.0 if s is None else (s - 5.5) / 4.5 for s in self.raw_scores(posts, answers)]
+        return [0.0 if s is None else unit_score(s) for s in self.raw_scores(posts, answers)]
 
     def raw_scores(self, posts: list[str], answers: list[str]) -> list[int | None]:
         """The judge's 1-10 score of each answer, None where its verdict could not be parsed."""

@@ -40,7 +40,7 @@ from toushi.engines import make_engine
 from toushi.evaluate import adapter_fingerprint
 from toushi.models import resolve_model
 from toushi.recipe import Recipe, Sampling
-from toushi.rewards import JudgeScorer, format_reward
+from toushi.rewards import JudgeScorer, format_reward, unit_score
 from toushi.runner import StageContext
 from toushi.store import RecordWriter, StageStore, atomic_write_text, read_jsonl, repair_jsonl, stable_id
 from toushi.training import (
@@ -120,16 +120,21 @@ def verdict(answer: dict, post: str, keep_truncated: bool, tau: float | None = N
         score = answer["judge_score"]
         if score is None:
             reasons.append("judge_invalid")
-        elif not (score - 5.5) / 4.5 > judge_tau:
+        elif not unit_score(score) > judge_tau:
             reasons.append("judge")
     return reasons
 
 
-def make_judge(recipe: Recipe, cache_dir: Path) -> JudgeScorer:
-    """The rubric scorer of ``confidence: judge``: models.judge, else models.strong, verdicts cached."""
+def judge_spec(recipe: Recipe):
+    """The judge of ``confidence: judge``: models.judge, else models.strong."""
     spec = recipe.models.judge or recipe.models.strong
     if spec is None:
         raise SelfTrainError("selftrain.confidence: 'judge' needs models.judge (or models.strong) in the recipe")
+    return spec
+
+
+def make_judge(spec, cache_dir: Path) -> JudgeScorer:
+    """The rubric scorer with its engine loaded; verdicts cached in cache_dir/judge_cache."""
     return JudgeScorer(make_engine(spec), Sampling(temperature=0.0, max_tokens=16),
                        StageStore(cache_dir, "judge_cache"), spec.name)
 
@@ -286,10 +291,10 @@ def run_stage(ctx: StageContext) -> dict:
     start = sft_adapter if (sft_adapter / "adapter_config.json").exists() else None
 
     dumped = recipe.model_dump(mode="json")
-    judge = make_judge(recipe, store.dir) if cfg.confidence == "judge" else None
+    judge = judge_spec(recipe) if cfg.confidence == "judge" else None
     key = stable_id({k: v for k, v in dumped["selftrain"].items() if k != "rounds"}, dumped["sft"],
                     dumped["models"]["student"], recipe.run.seed, adapter_fingerprint(start) if start else None,
-                    [p["id"] for p in prompts], judge.model_name if judge else None)
+                    [p["id"] for p in prompts], judge.name if judge else None)
     rounds_path = store.dir / "rounds.jsonl"
     done = finished_rounds(rounds_path, key, cfg.rounds)
     # rewrite the log with just the rounds that stand (drops another setting's or a broken tail)
@@ -301,8 +306,11 @@ def run_stage(ctx: StageContext) -> dict:
     # a round that kept nothing passes its input on, so the last round's output is the current student
     adapter = (Path(done[-1]["adapter_out"]) if done[-1]["adapter_out"] else None) if done else start
 
+    scorer = None
     for r in range(len(done) + 1, cfg.rounds + 1):
-        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console, judge)
+        if judge is not None and scorer is None:  # loaded only when a round is left to judge
+            scorer = make_judge(judge, store.dir)
+        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console, scorer)
         with RecordWriter(rounds_path, batch_size=1) as w:
             w.write(rec)
         done.append(rec)
