@@ -264,8 +264,9 @@ def serve(recipe: Path, set_: SetOpt = None):
 @app.command()
 def generate(
     recipe: Path,
-    prompts: Annotated[Path | None, typer.Option(help="JSONL/JSON/CSV file or datasets dir of {id, messages|prompt|text} (default: the "
-                                                   "run's held-out prompts).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="JSONL/JSON/CSV file or datasets dir of {id, "
+                                                   "messages|prompt|text} (default: the run's held-out "
+                                                   "prompts).")] = None,
     role: Annotated[str, typer.Option(help="Recipe role: student, weak, strong or judge.")] = "student",
     lora: Annotated[str | None, typer.Option(help="LoRA adapter name (sft, dpo, grpo or the spec's own).")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="Output JSONL (default: runs/<run>/generate/"
