@@ -3,10 +3,10 @@
 Input records (JSONL, JSON, CSV/TSV, or a ``datasets`` directory) have an optional ``id`` and one of
 ``messages`` (a chat conversation), ``prompt`` (the user message as is) or ``text`` (a venting post: it
 gets the same support-task prompt as the pairs stage). Output lines are ``{id, messages, completions,
-model, lora, sampling}``. Records are flushed after every batch; a rerun skips ids already in the output file (a torn last line left by a
-kill is dropped first), so an interrupted run resumes where it stopped. An output file written with
-another model, adapter or sampling is never topped up with this run's answers: that is an error naming
-both settings, so one file always holds one system's answers.
+model, lora, sampling}``. Records are flushed after every batch; a rerun skips ids already in the
+output file (a torn last line left by a kill is dropped first), so an interrupted run resumes where it
+stopped. An output file written with another model, adapter or sampling is never topped up with this
+run's answers: that is an error naming both settings, so one file always holds one system's answers.
 """
 
 from __future__ import annotations
