@@ -74,26 +74,31 @@ def cpu_vllm_spec(name: str, **kw):
     return ModelSpec(name=name, **{**base, **kw})
 
 
-@pytest.fixture(scope="session")
-def lora_adapter(offline_model, tmp_path_factory) -> Path:
-    """A real PEFT LoRA adapter (rank 32, above vLLM's default max_lora_rank of 16) on the offline model,
-    with lora_B perturbed so that it changes the model's output."""
+def make_lora_adapter(base: Path, out: Path, *, r: int = 8, std: float = 0.5, seed: int = 0) -> Path:
+    """A real PEFT LoRA adapter (q_proj, v_proj) on ``base``, saved with its tokenizer to ``out``; lora_B
+    (zero at init) is drawn from N(0, std) so the adapter changes the model's output. Seeded: the same
+    arguments give the same weights."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path_factory.mktemp("lora") / "tiny-lora"
-    model = AutoModelForCausalLM.from_pretrained(offline_model, dtype=torch.float32)
-    cfg = LoraConfig(r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, cfg)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    peft_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(offline_model).save_pretrained(out)
+                p.normal_(0.0, std)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(offline_model, tmp_path_factory) -> Path:
+    """A rank-32 adapter on the offline model (above vLLM's default max_lora_rank of 16)."""
+    return make_lora_adapter(offline_model, tmp_path_factory.mktemp("lora") / "tiny-lora", r=32, std=0.05)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_lora_adapter
 
 from toushi.recipe import Recipe
 from toushi.runner import run_stages
@@ -42,25 +43,6 @@ def write_records(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A real PEFT LoRA adapter on the base model, lora_B perturbed so it changes the outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model) -> Path:
     root = tmp_path_factory.mktemp("eval")
@@ -78,8 +60,8 @@ def run_dir(tmp_path_factory, tiny_model) -> Path:
     (run / "guidance").mkdir(parents=True)
     (run / "guidance" / "guidance.json").write_text(json.dumps(
         {"dimensions": [{"name": "concrete next step", "definition": "one small doable action", "rules": []}]}))
-    make_adapter(tiny_model, run / "sft" / "adapter", seed=1)
-    make_adapter(tiny_model, run / "dpo" / "adapter", seed=2)
+    make_lora_adapter(tiny_model, run / "sft" / "adapter", seed=1)
+    make_lora_adapter(tiny_model, run / "dpo" / "adapter", seed=2)
     return run
 
 
