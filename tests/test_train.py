@@ -1,4 +1,5 @@
-"""Real LoRA / QLoRA training on CPU: SFT and DPO through `toushi run` (accelerate launch), DDP, resume.
+"""Real LoRA / QLoRA training on CPU: SFT and DPO through `toushi run` (accelerate launch), DDP, QLoRA.
+(Resume and retraining: tests/test_caching.py.)
 
 The run's pairs + guided records come from test_datasets.write_run (16 prompts, 3 held out), so these
 tests do not depend on the pairs stage. SmolLM2-135M-Instruct for quality checks (loss falls, outputs
@@ -176,25 +177,6 @@ def test_cpu_ddp_two_processes(fresh_run):
     t = manifest(run_dir, "sft")["training"]
     assert t["num_processes"] == 2 and t["steps"] == 2
     assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()
-
-
-def test_resume_continues_from_checkpoint(fresh_run):
-    root, run_dir = fresh_run
-    recipe = write_recipe(
-        root / "resume.yaml", run_dir, "tiny-random",
-        sft={"lora": {"r": 4, "alpha": 8},
-             "train": {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2, "max_length": 128,
-                       "eval_fraction": 0.0}},
-    )
-    train_in_process("sft", recipe)  # "interrupted" after step 2, with checkpoint-2 on disk
-    assert (run_dir / "sft" / "checkpoints" / "checkpoint-2").is_dir()
-    train_in_process("sft", recipe, "--resume", "--set", "sft.train.max_steps=4")
-    m = manifest(run_dir, "sft")
-    assert m["resumed_from"].endswith("checkpoint-2")
-    assert m["training"]["steps"] == 4
-    state = json.loads((run_dir / "sft" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
-    logged = [h["step"] for h in state["log_history"] if "loss" in h]
-    assert logged[:2] == [1, 2] and logged[-1] == 4  # history carried over from the first run
 
 
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):

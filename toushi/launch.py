@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from toushi.lifetime import ensure_watchdog
 from toushi.paths import repo_root
 from toushi.runner import StageContext
 
@@ -47,6 +48,7 @@ def run_training_stage(ctx: StageContext, script: str) -> dict:
     cmd = accelerate_command(script, recipe_path, section.train.accelerate_config, resume=True)
     ctx.console.print(f"[dim]$ {' '.join(cmd)}[/dim]", highlight=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ensure_watchdog()  # training processes must not outlive `toushi run`, even on SIGKILL
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
         for line in proc.stdout:

@@ -1,9 +1,12 @@
 """Stage runner: ``toushi run RECIPE`` runs the recipe's stages in order, skipping finished ones.
 
-A stage is skipped when its manifest says complete and its fingerprint (the recipe sections it reads
-plus the fingerprints of the stages it reads from) is unchanged; ``--force STAGE`` reruns it. Stages
-are resumable on their own (records are a cache keyed by content), so a rerun after a crash only does
-what is missing.
+A stage is skipped when its manifest says complete and its fingerprint is unchanged. The fingerprint
+covers the recipe sections the stage reads, the *content* of every input file those sections name
+(data files, templates, a hand-edited guidance file, LoRA adapters), and, for each stage it reads from,
+that stage's fingerprint and the content of the outputs it reads (``records.jsonl``, ``guidance.json``,
+``adapter/``). So an edited input reruns the stage, and the changed fingerprint reruns everything after
+it. ``--force STAGE`` reruns STAGE and every stage downstream of it. Stages are resumable on their own
+(records are a cache keyed by content), so a rerun after a crash only does what is missing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from toushi.recipe import Recipe, save_recipe
+from toushi.digests import path_digest
+from toushi.recipe import Recipe, iter_paths, save_recipe
 from toushi.store import StageStore, stable_id
 
 console = Console(stderr=True)
@@ -44,17 +48,61 @@ class Stage:
     run: Callable[[StageContext], dict]
     sections: tuple[str, ...]  # recipe keys (dotted) whose values change this stage's output
     inputs: tuple[str, ...] = ()  # stages it reads from, when they are part of the run
+    outputs: tuple[str, ...] = ("records.jsonl",)  # files/dirs in its stage dir that later stages read
 
 
-def fingerprint(recipe: Recipe, stage: Stage) -> tuple[str, dict[str, str]]:
-    """(fingerprint, upstream fingerprints) for a stage under this recipe."""
-    upstream = {}
+def input_files(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, str]:
+    """Dotted key -> content digest of every file or directory the given recipe sections name."""
+    def covered(key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in sections)
+
+    return {key: path_digest(path) for key, path in iter_paths(recipe) if covered(key)}
+
+
+def output_digest(run_dir: Path, stage: Stage) -> str:
+    """Content digest of what a stage hands on (its `outputs`), as they are on disk now."""
+    d = StageStore(run_dir, stage.name).dir
+    return stable_id({out: path_digest(d / out) for out in stage.outputs})
+
+
+def fingerprint(recipe: Recipe, stage: Stage, by_name: dict[str, Stage]) -> tuple[str, dict[str, dict]]:
+    """(fingerprint, inputs) of a stage under this recipe, as it would run now.
+
+    inputs = {"files": {key: digest}, "<upstream stage>": {"fingerprint": ..., "outputs": digest}}.
+    """
+    inputs: dict[str, dict] = {"files": input_files(recipe, stage.sections)}
     for name in stage.inputs:
         if name in recipe.run.stages:
             m = StageStore(recipe.run_dir, name).manifest() or {}
-            upstream[name] = m.get("fingerprint", "missing")
+            inputs[name] = {"fingerprint": m.get("fingerprint", "missing"),
+                            "outputs": output_digest(recipe.run_dir, by_name[name])}
     own = recipe.section_hash(*stage.sections)
-    return stable_id(stage.name, own, upstream), upstream
+    return stable_id(stage.name, own, inputs), inputs
+
+
+def downstream(recipe: Recipe, stages: dict[str, Stage], roots: set[str]) -> list[str]:
+    """The recipe's stages that read (directly or through others) from any of ``roots``, roots included."""
+    hit: list[str] = []
+    for name in recipe.run.stages:  # recipe order is pipeline order: inputs come first
+        if name in roots or any(i in hit for i in stages[name].inputs):
+            hit.append(name)
+    return hit
+
+
+def why_rerun(manifest: dict | None, recipe_hash: str, inputs: dict[str, dict]) -> str:
+    """One line on why a stage is not skipped, from its last manifest."""
+    if not manifest:
+        return "not run yet"
+    if manifest.get("status") != "complete":
+        return f"last run {manifest.get('status', 'unfinished')}"
+    changed = []
+    if manifest.get("recipe_hash") != recipe_hash:
+        changed.append("recipe settings")
+    old = manifest.get("inputs") or {}
+    files = inputs.get("files", {})
+    changed += [f"file {k}" for k, v in files.items() if (old.get("files") or {}).get(k) != v]
+    changed += [f"{k} output" for k, v in inputs.items() if k != "files" and old.get(k) != v]
+    return "changed: " + ", ".join(changed) if changed else "fingerprint changed"
 
 
 def run_stages(recipe: Recipe, stages: list[Stage], force: set[str] | None = None) -> dict[str, str]:
@@ -68,22 +116,31 @@ def run_stages(recipe: Recipe, stages: list[Stage], force: set[str] | None = Non
     if bad_force:
         raise ValueError(f"--force: not a stage of this recipe: {', '.join(sorted(bad_force))}")
     save_recipe(recipe, recipe.run_dir)
+    if force:
+        forced = downstream(recipe, by_name, force)
+        extra = [n for n in forced if n not in force]
+        console.print(f"--force {', '.join(sorted(force))}: rerunning " + ", ".join(forced)
+                      + (f" ({', '.join(extra)} read from it)" if extra else ""), highlight=False)
+        force = set(forced)
     outcome: dict[str, str] = {}
     for name in recipe.run.stages:
         stage = by_name[name]
         store = StageStore(recipe.run_dir, name)
-        fp, upstream = fingerprint(recipe, stage)
+        fp, upstream = fingerprint(recipe, stage, by_name)
         if name not in force and store.is_complete(fp):
             console.print(f"[dim]• {name}: up to date, skipped[/dim]")
             outcome[name] = "skipped"
             continue
-        console.rule(f"[bold]{name}")
+        own = recipe.section_hash(*stage.sections)
+        reason = "--force" if name in force else why_rerun(store.manifest(), own, upstream)
+        console.rule(f"[bold]{name}[/bold] [dim]({reason})[/dim]")
         save_recipe(recipe, store.dir)
         store.write_manifest(
             status="running",
             fingerprint=fp,
-            recipe_hash=recipe.section_hash(*stage.sections),
+            recipe_hash=own,
             inputs=upstream,
+            rerun_reason=reason,
             started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
         t0 = time.time()

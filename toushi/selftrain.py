@@ -294,7 +294,7 @@ def run_stage(ctx: StageContext) -> dict:
     judge = judge_spec(recipe) if cfg.confidence == "judge" else None
     key = stable_id({k: v for k, v in dumped["selftrain"].items() if k != "rounds"}, dumped["sft"],
                     dumped["models"]["student"], recipe.run.seed, adapter_fingerprint(start) if start else None,
-                    [p["id"] for p in prompts], judge.name if judge else None)
+                    prompts, stable_id(sft_examples), judge.model_dump(mode="json") if judge else None)
     rounds_path = store.dir / "rounds.jsonl"
     done = finished_rounds(rounds_path, key, cfg.rounds)
     # rewrite the log with just the rounds that stand (drops another setting's or a broken tail)

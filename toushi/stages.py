@@ -60,18 +60,23 @@ def _report(ctx: StageContext) -> dict:
     return run_stage(ctx)
 
 
+# outputs: what later stages read from a stage's directory; its content is part of their fingerprints
+ADAPTER = ("adapter",)
 STAGES: list[Stage] = [
     Stage("corpus", _corpus, ("run.lang", "run.seed", "corpus", "models.strong", "models.weak")),
     Stage("pairs", _pairs, ("run.lang", "pairs", "models.weak", "models.strong"), ("corpus",)),
-    Stage("guidance", _guidance, ("run.lang", "guidance", "models.strong", "models.judge"), ("pairs",)),
+    Stage("guidance", _guidance, ("run.lang", "guidance", "models.strong", "models.judge"), ("pairs",),
+          ("guidance.json",)),
     Stage("guided", _guided, ("run.lang", "guided", "pairs", "models.weak"), ("guidance", "pairs")),
-    Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided")),
-    Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft")),
-    Stage("grpo", _train("grpo"), ("run.seed", "grpo", "models.student", "models.judge"), ("corpus", "sft")),
+    Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided"), ADAPTER),
+    Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft"), ADAPTER),
+    Stage("grpo", _train("grpo"), ("run.seed", "grpo", "pairs", "models.student", "models.judge"),
+          ("corpus", "guidance", "sft"), ADAPTER),
     # the judge roles matter only with selftrain.confidence: judge; in logprob mode a change redoes no round
     Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
-          ("pairs", "guided", "sft")),
-    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "selftrain")),
-    Stage("report", _report, (), ("eval", "guidance")),
+          ("pairs", "guided", "sft"), ADAPTER),
+    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "selftrain"),
+          ("records.jsonl", "summary.json")),
+    Stage("report", _report, (), ("eval", "guidance"), ()),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

@@ -168,38 +168,134 @@ def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[d
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-def resume_checkpoint(output_dir: Path, resume: bool, fingerprint: str, is_main: bool) -> str | None:
-    """The checkpoint to resume from, or None. Checkpoints of a different recipe are cleared, not resumed.
+# Settings that change how often a run logs or saves, not what it learns: a resume may change them.
+NOT_SHAPING = ("logging_steps", "save_steps", "save_total_limit")
+STAMP = "fingerprint.json"
 
-    Only rank 0 deletes; it removes the old checkpoints before stamping the new fingerprint, so another
-    rank that already sees the new stamp also sees no stale checkpoint.
+
+def base_model_digest(model_path: str) -> str:
+    """The base weights by path, config content and weight-file names and sizes (a hub id: the id).
+
+    Hashing every byte of a 7B checkpoint on each launch would cost minutes; a re-exported or re-quantised
+    model changes its config or file sizes.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    stamp = output_dir / "recipe_fingerprint.txt"
-    stale = output_dir.is_dir() and stamp.exists() and stamp.read_text().strip() != fingerprint
-    if stale and resume:
-        print(f"[toushi] {output_dir}: checkpoints belong to another recipe; starting fresh", flush=True)
-    if is_main:
-        if stale:
-            shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fingerprint)
-    last = get_last_checkpoint(str(output_dir)) if resume and not stale and output_dir.is_dir() else None
-    if resume and last is None:
-        print(f"[toushi] --resume: no checkpoint in {output_dir}; starting from step 0", flush=True)
-    return last
-
-
-def checkpoint_fingerprint(model_path: str, lora: dict, examples: list[dict]) -> str:
-    """What makes a checkpoint resumable: same base, same adapter shape, same training examples.
-
-    Step counts, save/log intervals and the launcher may change between interruption and resume
-    (e.g. resume to a larger max_steps), so they are not part of it.
-    """
+    from toushi.digests import file_digest
     from toushi.store import stable_id
 
-    return stable_id(model_path, lora, [e["id"] for e in examples])
+    p = Path(model_path)
+    if not p.is_dir():
+        return stable_id(model_path)
+    weights = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+    return stable_id(str(p.resolve()), file_digest(p / "config.json"), weights)
+
+
+def checkpoint_fingerprint(
+    model_path: str, section: dict, seed: int, examples: list[dict], start_adapter: Path | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Everything that shapes the trained weights, part by part (so a mismatch can say which part moved).
+
+    section: the stage's recipe section (model_dump(mode="json")); every field counts except NOT_SHAPING
+    ones in its ``train``. examples: the training examples themselves (content, not ids). start_adapter:
+    the adapter training continues from (from_sft). extra: anything else the script reads (e.g. a judge).
+    """
+    from toushi.digests import path_digest
+    from toushi.store import stable_id
+
+    settings = {k: v for k, v in section.items() if k != "train"}
+    settings["train"] = {k: v for k, v in section.get("train", {}).items() if k not in NOT_SHAPING}
+    settings["seed"] = seed
+    settings.update(extra or {})
+    return {
+        "base_model": base_model_digest(model_path),
+        "settings": settings,  # kept verbatim: a mismatch names the keys that changed
+        "examples": stable_id(examples),
+        "start_adapter": path_digest(start_adapter) if start_adapter else None,
+    }
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint_mismatch(old: dict, new: dict) -> str:
+    """What differs between two checkpoint fingerprints, in a few words."""
+    parts = []
+    if old.get("base_model") != new.get("base_model"):
+        parts.append("base model")
+    if old.get("examples") != new.get("examples"):
+        parts.append("training examples")
+    if old.get("start_adapter") != new.get("start_adapter"):
+        parts.append("start adapter")
+    a, b = _flat(old.get("settings")), _flat(new.get("settings"))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if keys:
+        parts.append("settings (" + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "") + ")")
+    return ", ".join(parts) or "fingerprint format"
+
+
+def finished(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed because its run already ended, or None.
+
+    Resuming a checkpoint saved at the last step still trains one more step (transformers skips the
+    seen batches, then steps before it checks max_steps): a finished run is redone instead.
+    """
+    import json
+
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{checkpoint.name} has no readable trainer_state.json"
+    step, total = state.get("global_step", 0), state.get("max_steps", 0)
+    return f"{checkpoint.name} already finished training (step {step} of {total})" if step >= total > 0 else None
+
+
+def resume_checkpoint(
+    output_dir: Path, resume: bool, fingerprint: dict, is_main: bool
+) -> tuple[str | None, str | None]:
+    """(checkpoint to resume from, None) or (None, why training starts fresh).
+
+    A checkpoint is resumed only when its stamp (fingerprint.json beside the checkpoints) equals this
+    run's fingerprint; anything else (other data, settings, base or start adapter; no stamp) is deleted,
+    not resumed. Only rank 0 deletes, before it writes the new stamp, so another rank that already sees the
+    new stamp also sees no stale checkpoint.
+    """
+    import json
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = output_dir / STAMP
+    try:
+        old = json.loads(stamp.read_text(encoding="utf-8")) if stamp.exists() else None
+    except ValueError:
+        old = None
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        reason = "no checkpoint to resume" if resume else "--resume not given"
+    elif not resume:
+        reason = "--resume not given"
+    elif old is None:
+        reason = "checkpoints carry no fingerprint (made by an older toushi)"
+    elif old != fingerprint:
+        reason = "checkpoints were made with other " + fingerprint_mismatch(old, fingerprint)
+    else:
+        reason = finished(Path(last))
+
+    if reason is not None:
+        last = None
+    if is_main:
+        if reason is not None and output_dir.is_dir():
+            shutil.rmtree(output_dir)  # never mix a fresh run's checkpoints with another run's
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True), encoding="utf-8")
+        print(f"[toushi] resuming from {last}" if last else f"[toushi] training from scratch: {reason}", flush=True)
+    return last, reason
 
 
 def peak_memory_gib() -> float:

@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = use_bf16(cfg.train.bf16)
     model = load_student(model_path, student.dtype, cfg.lora.qlora, bf16)
     peft_config = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, "dpo.lora")
+    sft_adapter = recipe.run_dir / "sft" / "adapter"
     if cfg.from_sft:
         from peft import PeftModel
 
-        sft_adapter = recipe.run_dir / "sft" / "adapter"
         if not (sft_adapter / "adapter_config.json").exists():
             raise TrainError(f"dpo.from_sft: no SFT adapter at {sft_adapter}: run the sft stage first")
         # DPOTrainer freezes a copy of this adapter as the reference ("ref"); dpo.lora is not used
@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=peft_config,
     )
     fingerprint = checkpoint_fingerprint(
-        model_path, {**cfg.lora.model_dump(mode="json"), "from_sft": cfg.from_sft}, examples
+        model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
+        start_adapter=sft_adapter if cfg.from_sft else None, extra={"chat_template": tokenizer.chat_template},
     )
-    last = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
+    last, fresh = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
     result = trainer.train(resume_from_checkpoint=last)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             summary["final_reward_margin"] = rewards[-1]["rewards/margins"]
             summary["final_reward_accuracy"] = rewards[-1].get("rewards/accuracies")
         store.write_manifest(
-            data=counts, training=summary, resumed_from=last, adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),
             base_model=model_path, from_sft=cfg.from_sft,
         )
         print(f"[toushi] DPO done: {summary}", flush=True)

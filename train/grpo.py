@@ -24,6 +24,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from toushi.datasets import load_grpo  # noqa: E402
+from toushi.digests import path_digest  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.rewards import build_rewards  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = use_bf16(cfg.train.bf16)
     model = load_student(model_path, student.dtype, cfg.lora.qlora, bf16)
     peft_config = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, "grpo.lora")
+    sft_adapter = recipe.run_dir / "sft" / "adapter"
     if cfg.from_sft:
         from peft import PeftModel
 
-        sft_adapter = recipe.run_dir / "sft" / "adapter"
         if not (sft_adapter / "adapter_config.json").exists():
             raise TrainError(f"grpo.from_sft: no SFT adapter at {sft_adapter}: run the sft stage first")
         model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
@@ -105,11 +106,16 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    judged = any(cfg.reward_weights.get(k) for k in ("judge", "adherence"))
     fingerprint = checkpoint_fingerprint(
-        model_path, {**cfg.lora.model_dump(mode="json"), "from_sft": cfg.from_sft, "rewards": cfg.reward_weights},
-        examples,
+        model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
+        start_adapter=sft_adapter if cfg.from_sft else None,
+        extra={"chat_template": tokenizer.chat_template,
+               "judge": recipe.models.judge.model_dump(mode="json") if judged and recipe.models.judge else None,
+               "guidance": path_digest(recipe.run_dir / "guidance" / "guidance.json")
+               if cfg.reward_weights.get("adherence") else None},
     )
-    last = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
+    last, fresh = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
     result = trainer.train(resume_from_checkpoint=last)
 
     # ---- save
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             for key in ["reward", *(f"rewards/{f.__name__}/mean" for f in reward_funcs)]
         }
         store.write_manifest(
-            data=counts, training=summary, resumed_from=last, adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),
             base_model=model_path, from_sft=cfg.from_sft, use_vllm=use_vllm,
         )
         print(f"[toushi] GRPO done: {summary}", flush=True)

@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    fingerprint = checkpoint_fingerprint(model_path, cfg.lora.model_dump(mode="json"), examples)
-    last = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
+    fingerprint = checkpoint_fingerprint(model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
+                                         extra={"chat_template": tokenizer.chat_template})
+    last, fresh = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
     result = trainer.train(resume_from_checkpoint=last)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         save_adapter(trainer.model, tokenizer, store.dir / "adapter")
         summary = train_summary(trainer, result, eval_loss)
         store.write_manifest(
-            data=counts, training=summary, resumed_from=last, adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),
             base_model=model_path,
         )
         print(f"[toushi] SFT done: {summary}", flush=True)

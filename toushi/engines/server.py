@@ -93,6 +93,9 @@ class VLLMServer:
         env.pop("VLLM_API_KEY", None)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
+        from toushi.lifetime import ensure_watchdog
+
+        ensure_watchdog()  # the server must not outlive this process, even on SIGKILL
         log = open(self.log_path, "ab") if self.log_path else None
         # Own process group, so stop() reaches the engine core and worker processes too.
         self.proc = subprocess.Popen(

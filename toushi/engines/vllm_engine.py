@@ -51,6 +51,9 @@ class VLLMEngine(Engine):
     def __init__(self, spec: ModelSpec):
         from vllm import LLM
 
+        from toushi.lifetime import ensure_watchdog
+
+        ensure_watchdog()  # the engine core subprocess must not outlive this process, even on SIGKILL
         self.spec = spec
         self.kwargs = engine_kwargs(spec)
         self.llm = LLM(**self.kwargs)

@@ -1,0 +1,277 @@
+"""Honest caching: fingerprints cover content, retraining really retrains, --force cascades, and no engine
+process outlives a killed `toushi run`.
+
+Training uses the tiny random model (plumbing: which checkpoint is resumed, whether weights differ); the
+orphan test kills a real `toushi run` while SmolLM2 generates in a real vLLM engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from test_datasets import write_run
+from test_train import adapter_weights, manifest, train_in_process, write_recipe
+
+from toushi.lifetime import descendants, proc_start
+from toushi.paths import repo_root
+from toushi.recipe import load_recipe
+from toushi.runner import Stage, run_stages
+from toushi.stages import STAGES
+from toushi.store import StageStore, read_jsonl
+
+TINY_SFT = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2, "max_length": 128,
+                      "learning_rate": 1e-2, "eval_fraction": 0.0, "lr_scheduler_type": "constant"}}
+
+
+def weights_differ(a: dict, b: dict) -> bool:
+    return any((a[k] - b[k]).abs().max() > 0 for k in a if "lora_B" in k)
+
+
+# ------------------------------------------------------------------------ training checkpoints
+
+
+def test_changed_answers_retrain_from_scratch(tmp_path, tiny_model):
+    run_dir = write_run(tmp_path / "runs" / "r")
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir, "tiny-random", sft=TINY_SFT)
+    train_in_process("sft", recipe, "--resume")
+    first = adapter_weights(run_dir / "sft" / "adapter")
+    assert manifest(run_dir, "sft")["fresh"] == "no checkpoint to resume"
+
+    # Nothing changed, but that run had finished: it is redone (resuming it would train one step more),
+    # and with the same seed and data it gives the same weights.
+    train_in_process("sft", recipe, "--resume")
+    m = manifest(run_dir, "sft")
+    assert m["resumed_from"] is None and m["training"]["steps"] == 2
+    assert m["fresh"] == "checkpoint-2 already finished training (step 2 of 2)"
+    assert not weights_differ(first, adapter_weights(run_dir / "sft" / "adapter"))
+
+    # Same ids, other answer text: the old checkpoint must not be resumed.
+    pairs = StageStore(run_dir, "pairs")
+    records = pairs.records()
+    for r in records:
+        for c in r["strong"]:
+            c["text"] = "I hear how heavy this is. You are not alone in it. " + c["text"]
+    pairs.records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train_in_process("sft", recipe, "--resume")
+    m = manifest(run_dir, "sft")
+    assert m["resumed_from"] is None
+    assert m["fresh"] == "checkpoints were made with other training examples", m["fresh"]
+    assert m["training"]["steps"] == 2
+    assert weights_differ(first, adapter_weights(run_dir / "sft" / "adapter"))
+
+
+def test_changed_hparam_retrains(tmp_path, tiny_model):
+    """Through `toushi run` (runner -> accelerate launch -> train/sft.py): a new learning rate reruns the
+    stage, and the script starts fresh instead of resuming the finished checkpoint."""
+    run_dir = write_run(tmp_path / "runs" / "r")
+    recipe_path = write_recipe(tmp_path / "r.yaml", run_dir, "tiny-random", sft=TINY_SFT)
+    sft_only = ["run.stages=[sft]"]
+    assert run_stages(load_recipe(recipe_path, sft_only), STAGES) == {"sft": "ran"}
+    first = adapter_weights(run_dir / "sft" / "adapter")
+    assert run_stages(load_recipe(recipe_path, sft_only), STAGES) == {"sft": "skipped"}
+
+    changed = load_recipe(recipe_path, [*sft_only, "sft.train.learning_rate=0.05"])
+    assert run_stages(changed, STAGES) == {"sft": "ran"}
+    m = manifest(run_dir, "sft")
+    assert m["rerun_reason"] == "changed: recipe settings"
+    assert m["resumed_from"] is None
+    assert m["fresh"] == "checkpoints were made with other settings (train.learning_rate)", m["fresh"]
+    assert m["training"]["steps"] == 2
+    assert weights_differ(first, adapter_weights(run_dir / "sft" / "adapter"))
+
+
+def test_resume_after_interruption_continues(tmp_path, tiny_model):
+    """An interrupted run (only checkpoint-2 of 4 on disk) resumes from it with its history."""
+    run_dir = write_run(tmp_path / "runs" / "r")
+    sft = {**TINY_SFT, "train": {**TINY_SFT["train"], "max_steps": 4}}
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir, "tiny-random", sft=sft)
+    train_in_process("sft", recipe)
+    ckpts = run_dir / "sft" / "checkpoints"
+    shutil.rmtree(ckpts / "checkpoint-4")  # what a crash between step 2 and step 4 leaves
+    train_in_process("sft", recipe, "--resume")
+    m = manifest(run_dir, "sft")
+    assert m["resumed_from"].endswith("checkpoint-2") and m["training"]["steps"] == 4
+    state = json.loads((ckpts / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert logged[:2] == [1, 2] and logged[-1] == 4  # history carried over from the first run
+
+
+# ------------------------------------------------------------------------ stage fingerprints
+
+
+def _writer(name: str):
+    """A stage that records its upstream's values (+1), so reruns are visible in the records."""
+    def run(ctx):
+        src = [r["value"] for r in ctx.stage(UPSTREAM[name]).records()] if name in UPSTREAM else [1, 2]
+        ctx.store.records_path.unlink(missing_ok=True)
+        with ctx.store.writer() as w:
+            for i, v in enumerate(src):
+                w.write({"id": f"{name}{i}", "value": v + 1})
+        RAN.append(name)
+        return {"records": len(src)}
+    return run
+
+
+RAN: list[str] = []
+UPSTREAM = {"pairs": "corpus", "guidance": "pairs"}
+CHAIN = [Stage("corpus", _writer("corpus"), ("run.seed",)),
+         Stage("pairs", _writer("pairs"), ("pairs",), ("corpus",)),
+         Stage("guidance", _writer("guidance"), ("guidance",), ("pairs",)),
+         Stage("guided", _writer("guided"), ("guided",), ())]
+
+
+def test_force_cascades_downstream(tmp_path, capsys):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"run": {"name": "t", "dir": str(tmp_path / "runs"),
+                                         "stages": ["corpus", "pairs", "guidance", "guided"]}}))
+    recipe = load_recipe(p)
+    run_stages(recipe, CHAIN)
+    RAN.clear()
+    out = run_stages(recipe, CHAIN, force={"pairs"})
+    # pairs and what reads from it rerun; corpus (upstream) and guided (reads nothing of it) do not
+    assert out == {"corpus": "skipped", "pairs": "ran", "guidance": "ran", "guided": "skipped"}
+    assert RAN == ["pairs", "guidance"]
+    assert "--force pairs: rerunning pairs, guidance (guidance read from it)" in capsys.readouterr().err
+    # a hand edit of an upstream stage's output reruns what reads it
+    RAN.clear()
+    corpus = StageStore(recipe.run_dir, "corpus")
+    corpus.records_path.write_text(json.dumps({"id": "corpus0", "value": 10}) + "\n")
+    assert run_stages(recipe, CHAIN) == {"corpus": "skipped", "pairs": "ran", "guidance": "ran",
+                                         "guided": "skipped"}
+    assert [r["value"] for r in StageStore(recipe.run_dir, "guidance").records()] == [12]
+    assert StageStore(recipe.run_dir, "pairs").manifest()["rerun_reason"] == "changed: corpus output"
+
+
+def test_edited_input_file_reruns_stage(tmp_path):
+    """The real corpus stage: an in-place edit of its data file reruns it; a touch without change does not."""
+    data = tmp_path / "posts.jsonl"
+    shutil.copy(repo_root() / "data" / "venting_en.jsonl", data)
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({
+        "run": {"name": "t", "dir": str(tmp_path / "runs"), "stages": ["corpus"]},
+        "corpus": {"sources": [{"path": str(data), "format": "openings"}], "per_scene": None},
+    }))
+    recipe = load_recipe(p)
+    assert run_stages(recipe, STAGES) == {"corpus": "ran"}
+    assert run_stages(recipe, STAGES) == {"corpus": "skipped"}
+    os.utime(data, (time.time() + 5, time.time() + 5))  # same bytes, new mtime: content decides
+    assert run_stages(recipe, STAGES) == {"corpus": "skipped"}
+
+    lines = data.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first["text"] = "My landlord gave me two weeks to move out and I have nowhere to go. I can't sleep."
+    data.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n", encoding="utf-8")
+    assert run_stages(recipe, STAGES) == {"corpus": "ran"}
+    m = StageStore(recipe.run_dir, "corpus").manifest()
+    assert m["rerun_reason"] == "changed: file corpus.sources.0.path"
+    texts = [r["text"] for r in StageStore(recipe.run_dir, "corpus").records()]
+    assert first["text"] in texts
+
+
+def test_edited_guidance_file_reruns_guided(tmp_path, tiny_model):
+    """A hand-edited guidance file (guidance.edited_file) edited again in place: guidance and guided rerun,
+    and the weak model's new system prompts carry the new rule."""
+    from test_guided import GUIDANCE
+    from test_guided import write_run as write_guided_run
+
+    run_dir = tmp_path / "runs" / "t"
+    write_guided_run(run_dir)
+    edited = tmp_path / "my_guidance.json"
+    edited.write_text(json.dumps(GUIDANCE), encoding="utf-8")
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({
+        "run": {"name": "t", "dir": str(tmp_path / "runs"), "stages": ["guidance", "guided"]},
+        "models": {"weak": {"name": str(tiny_model), "engine": "hf", "dtype": "float32",
+                            "sampling": {"temperature": 0.0, "max_tokens": 4}}},
+        "guidance": {"edited_file": str(edited)},
+    }))
+    recipe = load_recipe(p)
+    assert run_stages(recipe, STAGES) == {"guidance": "ran", "guided": "ran"}
+    assert run_stages(recipe, STAGES) == {"guidance": "skipped", "guided": "skipped"}
+
+    new_rule = "Never tell the person to calm down"
+    g = json.loads(edited.read_text())
+    g["dimensions"][0]["rules"].append({"text": new_rule, "support": 1, "pair_ids": ["g2"]})
+    edited.write_text(json.dumps(g), encoding="utf-8")
+    assert run_stages(recipe, STAGES) == {"guidance": "ran", "guided": "ran"}
+    records = StageStore(run_dir, "guided").records()
+    assert records and all(new_rule in r["system"] for r in records), records[0].keys()
+
+
+# ------------------------------------------------------------------------ engine processes
+
+
+def _write_pairs_recipe(tmp_path: Path) -> Path:
+    spec = {"name": "smollm2-135m-instruct", "engine": "vllm", "enforce_eager": True, "max_model_len": 1024,
+            "kv_cache_gb": 0.25, "dtype": "float32", "sampling": {"temperature": 0.7, "max_tokens": 48, "seed": 0}}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({
+        "run": {"name": "orphan", "dir": str(tmp_path / "runs"), "stages": ["corpus", "pairs"]},
+        "models": {"weak": spec, "strong": spec},
+        "corpus": {"sources": [{"path": str(repo_root() / "data" / "venting_en.jsonl"), "format": "openings"}],
+                   "per_scene": None},
+        "pairs": {"batch_size": 2},
+    }))
+    return p
+
+
+def _alive(procs: dict[int, int]) -> dict[int, int]:
+    return {pid: st for pid, st in procs.items() if proc_start(pid) == st}
+
+
+def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
+    recipe = _write_pairs_recipe(tmp_path)
+    toushi = [sys.executable, "-m", "toushi.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    cache = tmp_path / "runs" / "orphan" / "pairs" / "weak_cache" / "records.jsonl"
+    proc = subprocess.Popen([*toushi, "run", str(recipe)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "first.log", "wb"), start_new_session=True)
+    seen: dict[int, int] = {}
+    try:
+        deadline = time.time() + 300
+        # wait until the engine is generating: some batches of weak answers are on disk
+        while time.time() < deadline and proc.poll() is None:
+            for pid in descendants(proc.pid):
+                st = proc_start(pid)
+                if st is not None:
+                    seen[pid] = st
+            if cache.exists() and len(cache.read_text().splitlines()) >= 4:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert cache.exists(), "the engine never produced a batch"
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in _alive(seen)}
+        assert any(n.startswith("VLLM::EngineCor") for n in names), names  # comm is cut at 15 chars
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and _alive(seen):
+            time.sleep(0.5)
+        assert not _alive(seen), f"left running 30 s after SIGKILL: {_alive(seen)}"
+    finally:  # never leave a run or an engine behind, even when the test fails
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _alive(seen):
+            os.kill(pid, signal.SIGKILL)
+
+    # the rerun completes: every prompt answered exactly once, nothing lost, nothing duplicated
+    rerun = subprocess.run([*toushi, "run", str(recipe)], env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "orphan"
+    prompts = {r["id"] for r in StageStore(run_dir, "corpus").records()}
+    for path in (cache, run_dir / "pairs" / "strong_cache" / "records.jsonl", run_dir / "pairs" / "records.jsonl"):
+        ids = [r["id"] for r in read_jsonl(path)]
+        assert len(ids) == len(set(ids)) == len(prompts), path
+    assert {r["id"] for r in StageStore(run_dir, "pairs").records()} == prompts
+    counts = StageStore(run_dir, "pairs").manifest()["counts"]
+    assert counts["failed"] == 0 and counts["pairs"] == len(prompts)
+    assert counts["weak_generated"] < len(prompts)  # the batches written before the kill were kept
