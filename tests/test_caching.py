@@ -275,3 +275,7 @@ def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
     counts = StageStore(run_dir, "pairs").manifest()["counts"]
     assert counts["failed"] == 0 and counts["pairs"] == len(prompts)
     assert counts["weak_generated"] < len(prompts)  # the batches written before the kill were kept
+    # quiet terminal: the engine's own output went to the stage's log, not to the terminal
+    log = (run_dir / "pairs" / "engine.log").read_text()
+    assert "EngineCore" in log and "EngineCore" not in rerun.stderr, rerun.stderr[-2000:]
+    assert "✓ pairs" in rerun.stderr

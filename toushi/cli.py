@@ -55,7 +55,12 @@ def run_path(run: str) -> Path:
 def run(
     recipe: Path,
     set_: SetOpt = None,
-    force: Annotated[list[str] | None, typer.Option("--force", help="Rerun this stage even if complete.")] = None,
+    force: Annotated[
+        list[str] | None, typer.Option("--force", help="Rerun this stage and every stage downstream of it.")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show engine and library output (default: each stage's engine.log).")
+    ] = False,
 ):
     """Run the recipe's stages in order (finished, unchanged stages are skipped)."""
     from toushi.runner import run_stages
@@ -66,7 +71,7 @@ def run(
     err.print(f"[bold]recipe[/bold] {recipe} → {r.run_dir}")
     err.print(r.to_yaml(), markup=False, highlight=False)
     try:
-        run_stages(r, STAGES, set(force or []))
+        run_stages(r, STAGES, set(force or []), quiet=not verbose)
     except (ValueError, StoreError, OSError) as e:
         _fail(str(e))
     out.print(f"run complete: {r.run_dir}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import make_engine
 from toushi.guidance import load_guidance
 from toushi.runner import StageContext
 from toushi.store import atomic_write_text, stable_id
@@ -99,7 +98,7 @@ def run_stage(ctx: StageContext) -> dict:
     if todo:
         batch = r.pairs.batch_size
         ctx.console.print(f"guided: {spec.name} answers {len(todo)} prompts with the guidance")
-        with make_engine(spec) as engine, ctx.store.writer() as w, Progress(
+        with ctx.engine(spec) as engine, ctx.store.writer() as w, Progress(
             TextColumn("[bold]guided[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
             TimeElapsedColumn(), console=ctx.console,
         ) as bar:

@@ -48,11 +48,14 @@ def run_training_stage(ctx: StageContext, script: str) -> dict:
     cmd = accelerate_command(script, recipe_path, section.train.accelerate_config, resume=True)
     ctx.console.print(f"[dim]$ {' '.join(cmd)}[/dim]", highlight=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ctx.free_engines()  # the trainer gets the memory the run's engines held
     ensure_watchdog()  # training processes must not outlive `toushi run`, even on SIGKILL
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
         for line in proc.stdout:
-            sys.stderr.write(line)
+            sys.stderr.write(line)  # the stage's engine.log when quiet, else the terminal
+            if ctx.quiet and (line.startswith("[toushi]") or line.startswith("{'loss'")):
+                ctx.console.print(line.rstrip(), markup=False, highlight=False)
         rc = proc.wait()
     except BaseException:
         proc.terminate()  # Ctrl-C: do not leave training processes behind

@@ -15,7 +15,7 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import Completion, make_engine
+from toushi.engines import Completion
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, stable_id
@@ -107,7 +107,7 @@ def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache) -> set
     failed: set[str] = set()
     batch_size = ctx.recipe.pairs.batch_size
     ctx.console.print(f"{role}: loading {spec.name} ({spec.engine}) for {len(todo)} prompts")
-    with make_engine(spec) as engine, Progress(
+    with ctx.engine(spec) as engine, Progress(
         TextColumn(f"[bold]{role}[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
         TextColumn("{task.fields[tps]:.1f} out tok/s"), TimeElapsedColumn(), console=ctx.console,
     ) as bar:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
 from toushi.digests import path_digest
+from toushi.engines.pool import EnginePool
 from toushi.recipe import Recipe, iter_paths, save_recipe
 from toushi.store import StageStore, stable_id
 
@@ -33,6 +35,8 @@ class StageContext:
     recipe: Recipe
     store: StageStore
     console: Console = field(default_factory=lambda: console)
+    quiet: bool = False  # library/engine output goes to the stage's engine.log, not the terminal
+    engines: EnginePool | None = None  # shared by the stages of one `toushi run` (engines/pool.py)
 
     @property
     def run_dir(self) -> Path:
@@ -40,6 +44,20 @@ class StageContext:
 
     def stage(self, name: str) -> StageStore:
         return StageStore(self.run_dir, name)
+
+    def engine(self, spec):
+        """An engine for a role: the run's shared one (closing it frees nothing), or, for a stage run on its
+        own, a new engine that the caller's ``with`` block closes."""
+        if self.engines is not None:
+            return self.engines.get(spec)
+        from toushi.engines import make_engine
+
+        return make_engine(spec)
+
+    def free_engines(self) -> None:
+        """Free the run's engines (before training in this process or a launched one)."""
+        if self.engines is not None:
+            self.engines.close()
 
 
 @dataclass(frozen=True)
@@ -105,8 +123,17 @@ def why_rerun(manifest: dict | None, recipe_hash: str, inputs: dict[str, dict]) 
     return "changed: " + ", ".join(changed) if changed else "fingerprint changed"
 
 
-def run_stages(recipe: Recipe, stages: list[Stage], force: set[str] | None = None) -> dict[str, str]:
-    """Run the recipe's stages (in the recipe's order). Returns stage -> 'ran' | 'skipped'."""
+def run_stages(
+    recipe: Recipe, stages: list[Stage], force: set[str] | None = None, quiet: bool = False
+) -> dict[str, str]:
+    """Run the recipe's stages (in the recipe's order). Returns stage -> 'ran' | 'skipped'.
+
+    quiet: each stage's library and engine output (fds 1 and 2, subprocesses included) goes to
+    ``runs/<run>/<stage>/engine.log``; the terminal shows toushi's lines, progress bars and errors.
+    """
+    from toushi.logs import LOG_NAME, output_to, terminal_console
+
+    term = terminal_console() if quiet else console
     force = force or set()
     by_name = {s.name: s for s in stages}
     unknown = [n for n in recipe.run.stages if n not in by_name]
@@ -119,45 +146,64 @@ def run_stages(recipe: Recipe, stages: list[Stage], force: set[str] | None = Non
     if force:
         forced = downstream(recipe, by_name, force)
         extra = [n for n in forced if n not in force]
-        console.print(f"--force {', '.join(sorted(force))}: rerunning " + ", ".join(forced)
+        term.print(f"--force {', '.join(sorted(force))}: rerunning " + ", ".join(forced)
                       + (f" ({', '.join(extra)} read from it)" if extra else ""), highlight=False)
         force = set(forced)
     outcome: dict[str, str] = {}
-    for name in recipe.run.stages:
-        stage = by_name[name]
-        store = StageStore(recipe.run_dir, name)
-        fp, upstream = fingerprint(recipe, stage, by_name)
-        if name not in force and store.is_complete(fp):
-            console.print(f"[dim]• {name}: up to date, skipped[/dim]")
-            outcome[name] = "skipped"
-            continue
-        own = recipe.section_hash(*stage.sections)
-        reason = "--force" if name in force else why_rerun(store.manifest(), own, upstream)
-        console.rule(f"[bold]{name}[/bold] [dim]({reason})[/dim]")
-        save_recipe(recipe, store.dir)
-        store.write_manifest(
-            status="running",
-            fingerprint=fp,
-            recipe_hash=own,
-            inputs=upstream,
-            rerun_reason=reason,
-            started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )
-        t0 = time.time()
-        try:
-            counts = stage.run(StageContext(recipe=recipe, store=store)) or {}
-        except BaseException as e:
-            store.write_manifest(
-                status="failed",
-                error=f"{type(e).__name__}: {e}",
-                traceback=traceback.format_exc(limit=8),
-                wall_s=round(time.time() - t0, 2),
-            )
-            raise
-        store.write_manifest(status="complete", counts=counts, wall_s=round(time.time() - t0, 2))
-        console.print(f"[green]✓ {name}[/green] {counts}")
-        outcome[name] = "ran"
+    engines = EnginePool(console=term)
+    try:
+        for name in recipe.run.stages:
+            outcome[name] = _run_one(recipe, by_name[name], by_name, name in force, quiet, term, engines)
+    finally:
+        with output_to(recipe.run_dir / LOG_NAME) if quiet else nullcontext():
+            engines.close()  # nothing of the run stays loaded, whatever happened
     return outcome
+
+
+def _run_one(recipe: Recipe, stage: Stage, by_name: dict[str, Stage], forced: bool, quiet: bool, term: Console,
+             engines: EnginePool) -> str:
+    from toushi.logs import LOG_NAME, output_to, tail
+
+    name = stage.name
+    store = StageStore(recipe.run_dir, name)
+    fp, upstream = fingerprint(recipe, stage, by_name)
+    if not forced and store.is_complete(fp):
+        term.print(f"[dim]• {name}: up to date, skipped[/dim]")
+        return "skipped"
+    own = recipe.section_hash(*stage.sections)
+    reason = "--force" if forced else why_rerun(store.manifest(), own, upstream)
+    term.rule(f"[bold]{name}[/bold] [dim]({reason})[/dim]")
+    save_recipe(recipe, store.dir)
+    store.write_manifest(
+        status="running",
+        fingerprint=fp,
+        recipe_hash=own,
+        inputs=upstream,
+        rerun_reason=reason,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    t0 = time.time()
+    log = store.dir / LOG_NAME
+    before = engines.stats()
+    ctx = StageContext(recipe=recipe, store=store, console=term, quiet=quiet, engines=engines)
+    try:
+        with output_to(log) if quiet else nullcontext():
+            counts = stage.run(ctx) or {}
+    except BaseException as e:
+        store.write_manifest(
+            status="failed",
+            error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc(limit=8),
+            wall_s=round(time.time() - t0, 2),
+        )
+        if quiet and log.exists():
+            term.print(f"[red]✗ {name} failed[/red]; last lines of {log}:", highlight=False)
+            term.print(tail(log), markup=False, highlight=False)
+        raise
+    used = {k: v - before[k] for k, v in engines.stats().items()}
+    store.write_manifest(status="complete", counts=counts, engines=used, wall_s=round(time.time() - t0, 2))
+    term.print(f"[green]✓ {name}[/green] {counts}")
+    return "ran"
 
 
 def stage_status(run_dir: Path, names: list[str]) -> list[dict]:

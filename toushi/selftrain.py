@@ -279,6 +279,7 @@ def finished_rounds(path: Path, key: str, rounds: int) -> list[dict]:
 
 def run_stage(ctx: StageContext) -> dict:
     recipe, cfg, store = ctx.recipe, ctx.recipe.selftrain, ctx.store
+    ctx.free_engines()  # self-training trains in this process: free the run's engines first
     if recipe.models.student is None:
         raise SelfTrainError("models.student: selftrain needs a student model")
     prompts = train_prompts(ctx.stage("pairs").records(), cfg.max_prompts)

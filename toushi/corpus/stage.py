@@ -101,9 +101,7 @@ def run_stage(ctx: StageContext) -> dict:
             if role not in engines:
                 if specs[role] is None:
                     raise CorpusError(f"corpus: the rewrite/persona steps use models.{role}, which is not set")
-                from toushi.engines import make_engine
-
-                engines[role] = make_engine(specs[role])
+                engines[role] = ctx.engine(specs[role])  # the run's shared engine when run by `toushi run`
             return engines[role]
 
         return get

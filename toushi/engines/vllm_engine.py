@@ -55,6 +55,7 @@ class VLLMEngine(Engine):
 
         ensure_watchdog()  # the engine core subprocess must not outlive this process, even on SIGKILL
         self.spec = spec
+        self._lora_ids: dict[str, int] = {}
         self.kwargs = engine_kwargs(spec)
         self.llm = LLM(**self.kwargs)
 
@@ -64,8 +65,11 @@ class VLLMEngine(Engine):
             return None
         from vllm.lora.request import LoRARequest
 
-        ids = {name: i + 1 for i, name in enumerate(self.spec.lora_adapters)}  # vLLM ids start at 1
-        return LoRARequest(lora_name, ids[lora_name], str(self.spec.lora_adapters[lora_name]))
+        # vLLM caches an adapter by its integer id: one id per adapter directory for the engine's life, so
+        # roles sharing the engine (toushi.engines.pool) never get another role's adapter under a reused id
+        path = str(self.spec.lora_adapters[lora_name])
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)  # vLLM ids start at 1
+        return LoRARequest(lora_name, lora_id, path)
 
     def generate(
         self, conversations: list[Conversation], sampling: Sampling, lora_name: str | None = None

@@ -1,0 +1,70 @@
+"""Engine reuse within one `toushi run`: a model is loaded once and serves every role and stage."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from toushi.engines.pool import EnginePool, engine_key, fits_together
+from toushi.paths import repo_root
+from toushi.recipe import ModelSpec, Sampling, load_recipe
+from toushi.runner import run_stages
+from toushi.stages import STAGES
+from toushi.store import StageStore
+
+
+def test_roles_of_one_model_share_an_engine(tiny_model):
+    weak = ModelSpec(name=str(tiny_model), engine="hf", dtype="float32", sampling=Sampling(temperature=0.9))
+    strong = weak.model_copy(update={"sampling": Sampling(temperature=0.0, max_tokens=4)})
+    other = weak.model_copy(update={"dtype": "bfloat16"})
+    assert engine_key(weak) == engine_key(strong) != engine_key(other)
+    pool = EnginePool()
+    try:
+        a, b = pool.get(weak), pool.get(strong)
+        assert a.engine is b.engine and pool.stats() == {"started": 1, "reused": 1}
+        out = b.generate([[{"role": "user", "content": "I lost my job."}]], strong.sampling)
+        assert out[0][0].completion_tokens > 0
+        b.close()  # a role's view frees nothing
+        assert pool.get(weak).engine is a.engine
+        assert pool.get(other).engine is not a.engine and pool.stats()["started"] == 2
+    finally:
+        pool.close()
+
+
+def test_memory_rule_for_two_models():
+    gpu = dict(engine="vllm", gpu_memory_utilization=0.85)
+    assert not fits_together([ModelSpec(name="a/weak", **gpu), ModelSpec(name="b/strong", **gpu)])
+    assert fits_together([ModelSpec(name="a/weak", engine="vllm", gpu_memory_utilization=0.4),
+                          ModelSpec(name="b/strong", engine="vllm", gpu_memory_utilization=0.45)])
+    cpu = dict(engine="vllm", kv_cache_gb=0.5)
+    assert fits_together([ModelSpec(name="a/weak", **cpu), ModelSpec(name="b/strong", **cpu)])
+
+
+def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
+    """pairs (weak + strong) and guided (weak) on SmolLM2 through a real vLLM engine: one start in all."""
+    stages = ["corpus", "pairs", "guided"]
+    spec = {"name": "smollm2-135m-instruct", "engine": "vllm", "enforce_eager": True, "max_model_len": 1024,
+            "kv_cache_gb": 0.25, "dtype": "float32", "sampling": {"temperature": 0.0, "max_tokens": 12}}
+    strong = {**spec, "system_prompt_file": str(repo_root() / "toushi/templates/en/strong_system.j2"),
+              "sampling": {"temperature": 0.3, "max_tokens": 16, "seed": 0}}
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({
+        "run": {"name": "pool", "dir": str(tmp_path / "runs"), "stages": stages},
+        "models": {"weak": spec, "strong": strong},
+        "corpus": {"sources": [{"path": str(repo_root() / "data" / "venting_en.jsonl")}], "per_scene": 1,
+                   "max_posts": 6},
+    }))
+    recipe = load_recipe(p)
+    guidance = StageStore(recipe.run_dir, "guidance")
+    guidance.dir.mkdir(parents=True)
+    (guidance.dir / "guidance.json").write_text(json.dumps({"dimensions": [{
+        "name": "Validation", "definition": "Name the feeling first.",
+        "rules": [{"text": "Say what the person seems to feel", "support": 1, "pair_ids": []}]}]}))
+    assert run_stages(recipe, STAGES) == {s: "ran" for s in stages}
+    assert StageStore(recipe.run_dir, "pairs").manifest()["engines"] == {"started": 1, "reused": 1}
+    assert StageStore(recipe.run_dir, "guided").manifest()["engines"] == {"started": 0, "reused": 1}
+    # the roles still differ per call: the strong role's system prompt reached the shared engine
+    for rec in StageStore(recipe.run_dir, "pairs").records():
+        assert rec["strong"][0]["prompt_tokens"] > rec["weak"][0]["prompt_tokens"] + 20
+        assert rec["strong"][0]["completion_tokens"] <= 16 and rec["weak"][0]["completion_tokens"] <= 12
