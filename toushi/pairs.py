@@ -76,6 +76,7 @@ def run_stage(ctx: StageContext) -> dict:
     caches = {role: StageStore(ctx.store.dir, f"{role}_cache") for role in ROLES}
     counts: dict[str, int] = {"prompts": len(prompts)}
     failed: set[str] = set()
+    endpoints: dict[str, dict] = {}  # role -> per-endpoint requests/errors of this run (openai roles)
     for role, (spec, sampling, system) in setups.items():
         have = caches[role].ids()
         todo = [pid for pid in prompts if not set(wanted[role][pid]) <= have]
@@ -83,7 +84,9 @@ def run_stage(ctx: StageContext) -> dict:
         if not todo:
             ctx.console.print(f"[dim]{role}: all {len(prompts)} prompts cached[/dim]")
             continue
-        failed |= _generate_role(ctx, role, spec, sampling, todo, convs[role], wanted[role], caches[role])
+        failed |= _generate_role(ctx, role, spec, sampling, todo, convs[role], wanted[role], caches[role],
+                                 endpoints)
+    ctx.store.write_manifest(endpoints=endpoints)  # written before a PairsIncomplete is raised, too
 
     written = _write_records(ctx, posts, prompts, pair_key, wanted, caches, setups)
     counts.update(pairs=len(ctx.store.ids()), written=written, failed=len(failed))
@@ -102,8 +105,9 @@ def run_stage(ctx: StageContext) -> dict:
     return counts
 
 
-def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache) -> set[str]:
-    """Generate every sample of the ``todo`` prompts for one role; returns the prompt ids that failed."""
+def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache, endpoints) -> set[str]:
+    """Generate every sample of the ``todo`` prompts for one role; returns the prompt ids that failed.
+    An openai role's per-endpoint counts go into ``endpoints[role]``."""
     failed: set[str] = set()
     batch_size = ctx.recipe.pairs.batch_size
     ctx.console.print(f"{role}: loading {spec.name} ({spec.engine}) for {len(todo)} prompts")
@@ -126,6 +130,7 @@ def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache) -> set
                 batch = [convs[pid] for pid in ids]
                 if spec.engine == "openai":
                     results = engine.generate(batch, sampling, on_error=on_error)
+                    endpoints[role] = engine.endpoint_stats()
                 else:
                     results = engine.generate(batch, sampling)
                 for pid, comps in zip(ids, results):
