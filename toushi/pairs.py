@@ -6,6 +6,8 @@ role it touches). The roles run one after the other, each engine freed before th
 ``records.jsonl`` gets one record per prompt once both roles have all ``n`` samples. Requests that fail
 for good are logged to ``errors.jsonl``; the stage still answers every other prompt and then fails with
 a count, so the manifest never says complete while pairs are missing, and the rerun retries only those.
+An openai role's requests and errors per endpoint (``base_url`` may list several) go into the manifest's
+``endpoints``.
 """
 
 from __future__ import annotations
