@@ -1,4 +1,7 @@
-"""One rank of test_sharded_save's FSDP2 check: ``torchrun --nproc_per_node 2 tests/fsdp_save_worker.py BASE OUT``.
+"""One rank of test_sharded_save's FSDP2 check.
+
+    torchrun --nproc_per_node 2 tests/fsdp_save_worker.py BASE_MODEL_DIR OUT_DIR
+
 
 accelerate 1.15 never selects FSDP on CPU (its FSDP branch is reached only from the accelerator process
 types), so the trainer cannot run FSDP here. This worker shards a LoRA model with torch's FSDP2 itself (gloo,

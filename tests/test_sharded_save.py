@@ -43,8 +43,9 @@ def check_loads_and_runs(adapter_dir, base_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(adapter_dir)
-    ids = tok.apply_chat_template([{"role": "user", "content": "I failed my exam."}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    messages = [{"role": "user", "content": "I failed my exam."}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     with torch.no_grad():
         base_logits = base(ids).logits
@@ -85,5 +86,6 @@ def test_fsdp2_sharded_model_saves_the_full_adapter(single_process_adapter, tmp_
     assert result["world_size"] == 2 and result["params_are_dtensors"]  # the model really was sharded
     if result["naive"] == "saved":  # the old save: at best one rank's shards, never the full adapter
         naive = adapter_weights(tmp_path / "naive")
-        assert {k: v.shape for k, v in naive.items()} != {k: v.shape for k, v in single_process_adapter.items()}
+        assert {k: v.shape for k, v in naive.items()} != {
+            k: v.shape for k, v in single_process_adapter.items()}
     check_adapter(tmp_path / "adapter", single_process_adapter, tiny_model)

@@ -250,8 +250,8 @@ def export_data_cmd(
 def serve(
     recipe: Path,
     set_: SetOpt = None,
-    replicas: Annotated[int, typer.Option(min=1, help="Start this many servers on ports serve.port, +1, ... "
-                                                      "(each with its own GPUs) and print their base_url list.")] = 1,
+    replicas: Annotated[int, typer.Option(min=1, help="Start this many servers on ports serve.port, +1, "
+                                                      "... (each with its own GPUs); print their base_url list.")] = 1,
 ):
     """Serve the recipe's serve.role with vLLM's OpenAI server, the run's LoRA adapters registered by name."""
     from toushi.engines.adapters import AdapterError

@@ -69,8 +69,8 @@ class Replicas:
         self.ports = [recipe.serve.port + i for i in range(replicas)]
         self.urls = [f"http://{client_host}:{p}/v1" for p in self.ports]
         self.cmds = [
-            [sys.executable, "-m", "toushi.cli", "serve", str(recipe_path), *(a for o in overrides for a in ("--set", o)),
-             "--set", f"serve.port={port}"]
+            [sys.executable, "-m", "toushi.cli", "serve", str(recipe_path),
+             *(a for o in overrides for a in ("--set", o)), "--set", f"serve.port={port}"]
             for port in self.ports
         ]
         self.devices = devices
@@ -89,8 +89,10 @@ class Replicas:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 log = open(self.log_dir / f"replica-{i}.log", "ab")
             # Own session: a terminal Ctrl-C reaches the launcher only, which stops each worker once.
-            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                               start_new_session=True, preexec_fn=_die_with_parent))
+            self.procs.append(subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            ))
             if log:
                 log.close()
         try:
@@ -107,7 +109,8 @@ class Replicas:
             for i, url in list(waiting.items()):
                 if self.procs[i].poll() is not None:
                     where = f" (log: {self.log_dir / f'replica-{i}.log'})" if self.log_dir else ""
-                    raise ReplicaError(f"replica {i} exited with code {self.procs[i].returncode} while starting{where}")
+                    code = self.procs[i].returncode
+                    raise ReplicaError(f"replica {i} exited with code {code} while starting{where}")
                 try:
                     if httpx.get(url.removesuffix("/v1") + "/health", timeout=2.0).status_code == 200:
                         del waiting[i]
@@ -143,8 +146,9 @@ def serve_replicas(recipe_path: Path, overrides: list[str], recipe: Recipe, repl
                    log_dir: Path | None = None) -> int:
     """Start the replicas, print the base_url list for the recipe, keep them up until Ctrl-C."""
     group = Replicas(recipe_path, overrides, recipe, replicas, log_dir)
-    console.print(f"starting {replicas} replicas of {recipe.serve.role} on ports {group.ports[0]}-{group.ports[-1]}"
-                  + (f" (logs: {log_dir})" if log_dir else "") + " ...", highlight=False)
+    logs = f" (logs: {log_dir})" if log_dir else ""
+    ports = f"{group.ports[0]}-{group.ports[-1]}"
+    console.print(f"starting {replicas} replicas of {recipe.serve.role} on ports {ports}{logs} ...", highlight=False)
     try:
         group.start()
         console.print("all replicas healthy; in the recipe, for an openai role:", highlight=False)

@@ -227,7 +227,8 @@ def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
         "peak_memory_gib": peak_memory_gib(),
         "num_processes": trainer.accelerator.num_processes,
-        "distributed_type": trainer.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+        # NO, MULTI_CPU, MULTI_GPU, FSDP or DEEPSPEED: what the launcher's config turned into
+        "distributed_type": trainer.accelerator.distributed_type.value,
     }
 
 

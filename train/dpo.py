@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- save
     state_dict = full_state_dict(trainer)  # every process: ZeRO-3 / FSDP gather the sharded weights here
     if trainer.accelerator.is_main_process:
-        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, store.dir / "adapter", state_dict)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_adapter(model, tokenizer, store.dir / "adapter", state_dict)
         summary = train_summary(trainer, result, eval_loss)
         rewards = [h for h in trainer.state.log_history if "rewards/margins" in h]
         if rewards:

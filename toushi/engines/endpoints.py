@@ -4,8 +4,9 @@ Each request goes to the endpoint with the fewest requests outstanding, at most 
 on each. An endpoint whose request fails with a retryable error (connection refused, 5xx, 429, timeout)
 is taken out for a back-off period (doubling with each failure in a row, capped), and the request is
 sent at once to another endpoint that is up. When the back-off ends, the endpoint gets one probe request
-at a time until one succeeds (with several endpoints). When every endpoint is out, requests still go to the one back soonest, after
-the engine's own jittered retry delay: with a single endpoint this is exactly the engine's plain retry.
+at a time until one succeeds (with several endpoints). When every endpoint is out, requests still go to
+the one back soonest, after the engine's own jittered retry delay: with a single endpoint this is exactly
+the engine's plain retry.
 
 The pool is plain bookkeeping (no I/O, no event loop), so it outlives the engine's per-call event loops:
 an endpoint found dead in one batch stays out for the next. ``stats()`` is what stages write into their
@@ -39,7 +40,7 @@ class Endpoint:
         return now >= self.down_until
 
     def capacity(self, per_endpoint: int, probe: bool) -> int:
-        # Back from a back-off but not yet proven healthy: one probe at a time (when others can take the load).
+        # Back from a back-off, not yet proven healthy: one probe at a time (when others take the load).
         return 1 if probe and self.failures_in_row else per_endpoint
 
 
@@ -88,6 +89,11 @@ class EndpointPool:
         ep.outstanding -= 1
         ep.ok += 1
         ep.failures_in_row = 0
+
+    def abandoned(self, ep: Endpoint) -> None:
+        """A request given up without an answer (cancelled): neither a success nor the endpoint's fault."""
+        ep.outstanding -= 1
+        ep.requests -= 1
 
     def failed(self, ep: Endpoint, exc: BaseException, take_out: bool) -> None:
         """Count a failed attempt; ``take_out`` (a retryable, endpoint-side error) starts a back-off."""

@@ -4,10 +4,10 @@ An async client sends one chat request per (conversation, sample k) with at most
 in flight per endpoint. 429s, 5xx, timeouts and connection errors are retried with exponential backoff
 and full jitter; each request has ``spec.timeout_s``. When ``base_url`` lists several endpoints, requests
 are spread over them and a failing one is taken out for a while, its requests sent elsewhere at once
-(:mod:`toushi.engines.endpoints`); ``endpoint_stats()`` reports requests and errors per endpoint. A conversation whose request still fails is reported to
-``on_error(index, exc)`` and gets no completions (or, without ``on_error``, the batch raises once every
-request has finished). The API key is read from the environment variable the spec names and is never
-logged or stored.
+(:mod:`toushi.engines.endpoints`); ``endpoint_stats()`` reports requests and errors per endpoint. A
+conversation whose request still fails is reported to ``on_error(index, exc)`` and gets no completions
+(or, without ``on_error``, the batch raises once every request has finished). The API key is read from
+the environment variable the spec names and is never logged or stored.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class OpenAIEngine(Engine):
 
     async def _generate(self, conversations, sampling, model, on_error):
         clients = {
-            url: openai.AsyncOpenAI(base_url=url, api_key=self.key, max_retries=0, timeout=self.spec.timeout_s)
-            for url in self.pool.urls
+            u: openai.AsyncOpenAI(base_url=u, api_key=self.key, max_retries=0, timeout=self.spec.timeout_s)
+            for u in self.pool.urls
         }
         sem = asyncio.Semaphore(self.pool.total_capacity)
         slots = asyncio.Condition()  # signalled whenever a request leaves an endpoint
@@ -108,8 +108,8 @@ class OpenAIEngine(Engine):
         if failures and on_error is None:
             i, exc = next(iter(sorted(failures.items())))
             raise GenerationError(
-                f"model {model} at {', '.join(self.pool.urls)}: {len(failures)} of {len(conversations)} conversations "
-                f"failed; first (#{i}): {type(exc).__name__}: {exc}"
+                f"model {model} at {', '.join(self.pool.urls)}: {len(failures)} of {len(conversations)} "
+                f"conversations failed; first (#{i}): {type(exc).__name__}: {exc}"
             ) from exc
         return results
 
@@ -153,6 +153,9 @@ class OpenAIEngine(Engine):
                 await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
                 attempt, failed_on = attempt + 1, set()
                 continue
+            except BaseException:  # cancelled (Ctrl-C): give the slot back so the pool stays usable
+                self.pool.abandoned(ep)
+                raise
             async with slots:
                 self.pool.succeeded(ep)
                 slots.notify_all()
