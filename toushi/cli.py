@@ -252,16 +252,26 @@ def export_data_cmd(
 
 
 @app.command()
-def serve(recipe: Path, set_: SetOpt = None):
+def serve(
+    recipe: Path,
+    set_: SetOpt = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Start this many servers on ports serve.port, +1, "
+                                                      "... (each with its own GPUs); print their base_url list.")] = 1,
+):
     """Serve the recipe's serve.role with vLLM's OpenAI server, the run's LoRA adapters registered by name."""
     from toushi.engines.adapters import AdapterError
     from toushi.engines.server import ServerError
     from toushi.recipe import RecipeError
+    from toushi.replicas import ReplicaError, serve_replicas
     from toushi.serve import serve_forever
 
+    r = load(recipe, set_)
     try:
-        code = serve_forever(load(recipe, set_), err)
-    except (RecipeError, ServerError, AdapterError) as e:
+        if replicas > 1:
+            code = serve_replicas(recipe, set_ or [], r, replicas, err, log_dir=r.run_dir / "serve")
+        else:
+            code = serve_forever(r, err)
+    except (RecipeError, ServerError, AdapterError, ReplicaError) as e:
         _fail(str(e))
     raise typer.Exit(code)
 

@@ -6,6 +6,8 @@ role it touches). The roles run one after the other, each engine freed before th
 ``records.jsonl`` gets one record per prompt once both roles have all ``n`` samples. Requests that fail
 for good are logged to ``errors.jsonl``; the stage still answers every other prompt and then fails with
 a count, so the manifest never says complete while pairs are missing, and the rerun retries only those.
+An openai role's requests and errors per endpoint (``base_url`` may list several) go into the manifest's
+``endpoints``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def run_stage(ctx: StageContext) -> dict:
     caches = {role: StageStore(ctx.store.dir, f"{role}_cache") for role in ROLES}
     counts: dict[str, int] = {"prompts": len(prompts)}
     failed: set[str] = set()
+    endpoints: dict[str, dict] = {}  # role -> per-endpoint requests/errors of this run (openai roles)
     for role, (spec, sampling, system) in setups.items():
         have = caches[role].ids()
         todo = [pid for pid in prompts if not set(wanted[role][pid]) <= have]
@@ -83,7 +86,9 @@ def run_stage(ctx: StageContext) -> dict:
         if not todo:
             ctx.console.print(f"[dim]{role}: all {len(prompts)} prompts cached[/dim]")
             continue
-        failed |= _generate_role(ctx, role, spec, sampling, todo, convs[role], wanted[role], caches[role])
+        failed |= _generate_role(ctx, role, spec, sampling, todo, convs[role], wanted[role], caches[role],
+                                 endpoints)
+    ctx.store.write_manifest(endpoints=endpoints)  # written before a PairsIncomplete is raised, too
 
     written = _write_records(ctx, posts, prompts, pair_key, wanted, caches, setups)
     counts.update(pairs=len(ctx.store.ids()), written=written, failed=len(failed))
@@ -102,8 +107,9 @@ def run_stage(ctx: StageContext) -> dict:
     return counts
 
 
-def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache) -> set[str]:
-    """Generate every sample of the ``todo`` prompts for one role; returns the prompt ids that failed."""
+def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache, endpoints) -> set[str]:
+    """Generate every sample of the ``todo`` prompts for one role; returns the prompt ids that failed.
+    An openai role's per-endpoint counts go into ``endpoints[role]``."""
     failed: set[str] = set()
     batch_size = ctx.recipe.pairs.batch_size
     ctx.console.print(f"{role}: loading {spec.name} ({spec.engine}) for {len(todo)} prompts")
@@ -126,6 +132,7 @@ def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache) -> set
                 batch = [convs[pid] for pid in ids]
                 if spec.engine == "openai":
                     results = engine.generate(batch, sampling, on_error=on_error)
+                    endpoints[role] = engine.endpoint_stats()
                 else:
                     results = engine.generate(batch, sampling)
                 for pid, comps in zip(ids, results):

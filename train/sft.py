@@ -25,6 +25,7 @@ from toushi.models import resolve_model  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
 from toushi.training import (  # noqa: E402
     checkpoint_fingerprint,
+    full_state_dict,
     is_main_process,
     load_and_save_recipe,
     load_student,
@@ -98,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
 
     # ---- save
+    state_dict = full_state_dict(trainer)  # every process: ZeRO-3 / FSDP gather the sharded weights here
     if trainer.accelerator.is_main_process:
-        save_adapter(trainer.model, tokenizer, store.dir / "adapter")
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_adapter(model, tokenizer, store.dir / "adapter", state_dict)
         summary = train_summary(trainer, result, eval_loss)
         store.write_manifest(
             data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),

@@ -1,11 +1,13 @@
 """OpenAI-compatible engine: vLLM's server, DeepSeek's API, Ollama, llama.cpp.
 
 An async client sends one chat request per (conversation, sample k) with at most ``spec.concurrency``
-in flight. 429s, 5xx, timeouts and connection errors are retried with exponential backoff and full
-jitter; each request has ``spec.timeout_s``. A conversation whose request still fails is reported to
-``on_error(index, exc)`` and gets no completions (or, without ``on_error``, the batch raises once every
-request has finished). The API key is read from the environment variable the spec names and is never
-logged or stored.
+in flight per endpoint. 429s, 5xx, timeouts and connection errors are retried with exponential backoff
+and full jitter; each request has ``spec.timeout_s``. When ``base_url`` lists several endpoints, requests
+are spread over them and a failing one is taken out for a while, its requests sent elsewhere at once
+(:mod:`toushi.engines.endpoints`); ``endpoint_stats()`` reports requests and errors per endpoint. A
+conversation whose request still fails is reported to ``on_error(index, exc)`` and gets no completions
+(or, without ``on_error``, the batch raises once every request has finished). The API key is read from
+the environment variable the spec names and is never logged or stored.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 import openai
 
 from toushi.engines import Completion, Conversation, Engine, GenerationError, make_completion, sample_seed
+from toushi.engines.endpoints import EndpointPool
 from toushi.recipe import ModelSpec, Sampling
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
@@ -35,6 +38,11 @@ def api_key(spec: ModelSpec) -> str:
     return key
 
 
+def base_urls(spec: ModelSpec) -> list[str]:
+    """The role's endpoints: ``base_url`` is one URL or a list of them."""
+    return [spec.base_url] if isinstance(spec.base_url, str) else list(spec.base_url)
+
+
 def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, RETRYABLE):
         return True
@@ -48,6 +56,12 @@ class OpenAIEngine(Engine):
         self.spec = spec
         self.key = api_key(spec)
         self.retries_done = 0  # retries made so far (for tests and progress reports)
+        # Kept for the engine's life, so an endpoint found dead in one batch stays out in the next.
+        self.pool = EndpointPool(base_urls(spec), per_endpoint=spec.concurrency)
+
+    def endpoint_stats(self) -> dict[str, dict]:
+        """Requests, successes and errors per endpoint so far (for the stage manifest)."""
+        return self.pool.stats()
 
     def generate(
         self,
@@ -63,16 +77,18 @@ class OpenAIEngine(Engine):
         return asyncio.run(self._generate(conversations, sampling, model, on_error))
 
     async def _generate(self, conversations, sampling, model, on_error):
-        client = openai.AsyncOpenAI(
-            base_url=self.spec.base_url, api_key=self.key, max_retries=0, timeout=self.spec.timeout_s
-        )
-        sem = asyncio.Semaphore(self.spec.concurrency)
+        clients = {
+            u: openai.AsyncOpenAI(base_url=u, api_key=self.key, max_retries=0, timeout=self.spec.timeout_s)
+            for u in self.pool.urls
+        }
+        sem = asyncio.Semaphore(self.pool.total_capacity)
+        slots = asyncio.Condition()  # signalled whenever a request leaves an endpoint
         failures: dict[int, BaseException] = {}
 
         async def one(i: int, k: int) -> Completion | None:
             async with sem:
                 try:
-                    return await self._request(client, conversations[i], sampling, k, model)
+                    return await self._request(clients, slots, conversations[i], sampling, k, model)
                 except Exception as e:  # noqa: BLE001 - reported per conversation below
                     failures.setdefault(i, e)
                     return None
@@ -81,7 +97,8 @@ class OpenAIEngine(Engine):
             tasks = [[one(i, k) for k in range(sampling.n)] for i in range(len(conversations))]
             flat = await asyncio.gather(*(t for row in tasks for t in row))
         finally:
-            await client.close()
+            for client in clients.values():
+                await client.close()
         n = sampling.n
         results = [[c for c in flat[i * n : (i + 1) * n]] for i in range(len(conversations))]
         for i, exc in sorted(failures.items()):
@@ -91,12 +108,12 @@ class OpenAIEngine(Engine):
         if failures and on_error is None:
             i, exc = next(iter(sorted(failures.items())))
             raise GenerationError(
-                f"model {model} at {self.spec.base_url}: {len(failures)} of {len(conversations)} conversations "
-                f"failed; first (#{i}): {type(exc).__name__}: {exc}"
+                f"model {model} at {', '.join(self.pool.urls)}: {len(failures)} of {len(conversations)} "
+                f"conversations failed; first (#{i}): {type(exc).__name__}: {exc}"
             ) from exc
         return results
 
-    async def _request(self, client, messages, sampling: Sampling, k: int, model: str) -> Completion:
+    async def _request(self, clients, slots, messages, sampling: Sampling, k: int, model: str) -> Completion:
         kwargs = dict(
             model=model,
             messages=messages,
@@ -110,17 +127,39 @@ class OpenAIEngine(Engine):
             kwargs["seed"] = seed
         if sampling.stop:
             kwargs["stop"] = sampling.stop
-        for attempt in range(self.spec.max_retries + 1):
+        attempt, failed_on = 0, set()  # failed_on: endpoints this request failed on since its last backoff
+        while True:
+            async with slots:
+                while (ep := self.pool.choose(failed_on)) is None:
+                    await slots.wait()
+                self.pool.start(ep)
             t0 = time.perf_counter()
             try:
-                resp = await client.chat.completions.create(**kwargs)
-                break
+                resp = await clients[ep.url].chat.completions.create(**kwargs)
             except Exception as e:
-                if not is_retryable(e) or attempt == self.spec.max_retries:
+                retryable = is_retryable(e)
+                async with slots:
+                    self.pool.failed(ep, e, take_out=retryable)
+                    slots.notify_all()
+                if not retryable:
+                    raise
+                failed_on.add(ep.url)
+                if self.pool.other_up(failed_on):
+                    continue  # fail over at once; the retry budget is for when no endpoint is left
+                if attempt == self.spec.max_retries:
                     raise
                 self.retries_done += 1
                 # Full jitter: uniform in [0, base * 2^attempt], capped, so retrying clients spread out.
                 await asyncio.sleep(random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)))
+                attempt, failed_on = attempt + 1, set()
+                continue
+            except BaseException:  # cancelled (Ctrl-C): give the slot back so the pool stays usable
+                self.pool.abandoned(ep)
+                raise
+            async with slots:
+                self.pool.succeeded(ep)
+                slots.notify_all()
+            break
         latency = time.perf_counter() - t0
         choice = resp.choices[0]
         msg = choice.message

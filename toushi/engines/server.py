@@ -41,6 +41,8 @@ def server_command(spec: ModelSpec, host: str, port: int, served_name: str | Non
     cmd += ["--served-model-name", served_name or spec.served_model or spec.name, "--host", host, "--port", str(port)]
     cmd += ["--dtype", kw["dtype"], "--tensor-parallel-size", str(kw["tensor_parallel_size"])]
     cmd += ["--gpu-memory-utilization", str(kw["gpu_memory_utilization"])]
+    if "data_parallel_size" in kw:  # replicas behind this one server, each tensor_parallel_size GPUs
+        cmd += ["--data-parallel-size", str(kw["data_parallel_size"])]
     if kw["max_model_len"] is not None:
         cmd += ["--max-model-len", str(kw["max_model_len"])]
     if "kv_cache_memory_bytes" in kw:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import time
 
-from toushi.engines import Completion, Conversation, Engine, make_completion, sample_seed
+from toushi.engines import Completion, Conversation, Engine, GenerationError, make_completion, sample_seed
 from toushi.engines.adapters import max_lora_rank
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
@@ -38,6 +38,8 @@ def engine_kwargs(spec: ModelSpec) -> dict:
         # Whole-prompt prefill avoids it; the budget must then hold the longest prompt.
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max(spec.max_model_len or 8192, 4096)
+    if spec.data_parallel_size > 1:  # only the server takes it (vllm.LLM refuses it in one process)
+        kwargs["data_parallel_size"] = spec.data_parallel_size
     if spec.kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * (1 << 30))
     if spec.enable_lora or spec.lora_adapters:
@@ -55,6 +57,12 @@ class VLLMEngine(Engine):
 
         ensure_watchdog()  # the engine core subprocess must not outlive this process, even on SIGKILL
         self.spec = spec
+        if spec.data_parallel_size > 1:
+            # vllm.LLM raises on it too ("not supported for single-process usage"); this says what to do.
+            raise GenerationError(
+                f"model {spec.name}: data_parallel_size={spec.data_parallel_size} needs vLLM's server: run "
+                "`toushi serve` for this role and point a role with engine: openai at its base_url"
+            )
         self._lora_ids: dict[str, int] = {}
         self.kwargs = engine_kwargs(spec)
         self.llm = LLM(**self.kwargs)
