@@ -49,14 +49,6 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGINT when the launcher dies, even by SIGKILL (Linux prctl)."""
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # 1 = PR_SET_PDEATHSIG
-
-
 class Replicas:
     """Start, health-check and stop N ``toushi serve`` workers for one recipe."""
 
@@ -80,6 +72,9 @@ class Replicas:
 
     def start(self) -> Replicas:
         """Start every worker at once, then wait until each answers /health."""
+        from toushi.lifetime import ensure_watchdog
+
+        ensure_watchdog()  # workers (and, through their own watchdogs, their servers) die with the launcher
         for i, (cmd, dev) in enumerate(zip(self.cmds, self.devices)):
             env = dict(os.environ)
             if dev is not None:
@@ -91,7 +86,6 @@ class Replicas:
             # Own session: a terminal Ctrl-C reaches the launcher only, which stops each worker once.
             self.procs.append(subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True,
-                preexec_fn=_die_with_parent,
             ))
             if log:
                 log.close()
