@@ -102,6 +102,7 @@ def engine_successes(metrics: str) -> dict[str, float]:
     return done
 
 
+@pytest.mark.slow  # two vLLM engines behind one server: 2.5-6 minutes on 2 cores
 def test_data_parallel_server_spreads_requests_over_two_engines(tmp_path, tiny_model):
     from toushi.engines.server import VLLMServer, server_command
     from toushi.engines.vllm_engine import VLLMEngine
