@@ -68,10 +68,15 @@ STAGES: list[Stage] = [
     Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided")),
     Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft")),
     Stage("grpo", _train("grpo"), ("run.seed", "grpo", "models.student", "models.judge"), ("corpus", "sft")),
+    # on-policy like grpo (the student samples, something scores), so it sits beside it; the guided teacher's
+    # system prompt is built from the guidance and the pairs' strong answers, as the guided stage builds it
+    Stage("distill", _train("distill"),
+          ("run.seed", "run.lang", "distill", "guided.retrieved_examples", "models.student", "models.strong"),
+          ("pairs", "guidance", "sft")),
     # the judge roles matter only with selftrain.confidence: judge; in logprob mode a change redoes no round
     Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
           ("pairs", "guided", "sft")),
-    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "selftrain")),
+    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "distill", "selftrain")),
     Stage("report", _report, (), ("eval", "guidance")),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
