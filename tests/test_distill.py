@@ -253,3 +253,72 @@ def test_distill_refuses_mismatched_teacher_before_loading_weights(tmp_path, tin
     with pytest.raises(IncompatibleTeacher, match=rf"teacher {len(other)} tokens / {len(other)} rows"):
         load_distill_main()(["--recipe", str(recipe)])
     assert not (run_dir / "distill" / "checkpoints").exists()
+
+
+def tiny_trainer(tmp_path, tiny_model, unscored_ids=None, **config):
+    """The wrapped trainer on the tiny model, with a perturbed copy as teacher (another model than the student)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DistillationConfig
+
+    from toushi.distill import TeacherPromptDistillationTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.padding_side = "left"
+    student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    args = DistillationConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=False, max_steps=1,
+                              **config)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}], "teacher_prompt_ids": [1, 2]}])
+    trainer = TeacherPromptDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                               processing_class=tok, unscored_ids=unscored_ids)
+    return trainer, tok
+
+
+def test_teacher_scores_the_student_completion_after_its_own_prompt(tmp_path, tiny_model):
+    """The override's alignment: the teacher's hidden states for the completion tokens equal those of a plain
+    forward of (teacher prompt + completion), row by row, whatever the left padding of either prompt."""
+    import torch
+
+    trainer, tok = tiny_trainer(tmp_path, tiny_model)
+    teacher = trainer.teacher_model
+    pad = tok.pad_token_id
+    student_prompt = torch.tensor([[pad, pad, 11, 12, 13], [21, 22, 23, 24, 25]])
+    teacher_prompt = torch.tensor([[31, 32, 33, 34, 35, 36, 37], [pad, pad, pad, 41, 42, 43, 44]])
+    completion = torch.tensor([[101, 102, 103, 104], [201, 202, pad, pad]])
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ids = torch.cat([student_prompt, completion], 1)
+    mask = torch.cat([(student_prompt != pad).long(), completion_mask], 1)
+    trainer._teacher_prompt = (teacher_prompt, (teacher_prompt != pad).long())
+    with torch.no_grad():
+        got = trainer._get_last_hidden_state(teacher, ids, mask, logits_to_keep=4)
+        assert trainer.teacher_calls == 1 and trainer.teacher_tokens == 6
+        rows = ((teacher_prompt[0], completion[0], 4), (teacher_prompt[1, 3:], completion[1], 2))  # unpadded
+        for row, (tp, c, n) in enumerate(rows):
+            plain = teacher.model(input_ids=torch.cat([tp, c[:n]]).unsqueeze(0)).last_hidden_state[0]
+            want = plain[len(tp) - 1 : len(tp) - 1 + n]  # the states that predict the completion tokens
+            torch.testing.assert_close(got[row, :n], want, atol=1e-4, rtol=1e-4)
+        # the student's own call is left alone (its prompt, not the teacher's)
+        own = trainer._get_last_hidden_state(trainer.model, ids, mask, logits_to_keep=4)
+        assert trainer.teacher_calls == 1 and not torch.allclose(own[0], got[0])
+
+
+def test_rollouts_carry_teacher_prompts_and_leave_unscored_end_tokens_out(tmp_path, tiny_model):
+    """A real generation step: each rollout gets its own teacher prompt (left-padded), and an end token the
+    teacher cannot read (here forced as the 4th and last token) is out of the loss mask and the token count."""
+    end = 2  # <|im_end|>
+    trainer, tok = tiny_trainer(tmp_path, tiny_model, unscored_ids=[end], max_completion_length=4,
+                                generation_kwargs={"forced_eos_token_id": end, "min_new_tokens": 4})
+    inputs = [{"prompt": [{"role": "user", "content": "I failed my exam."}], "teacher_prompt_ids": [5, 6, 7]},
+              {"prompt": [{"role": "user", "content": "My dog died."}], "teacher_prompt_ids": [8, 9]}]
+    out = trainer._generate_and_score_completions(inputs)
+    assert out["teacher_prompt_ids"].tolist() == [[5, 6, 7], [tok.pad_token_id, 8, 9]]
+    assert out["teacher_prompt_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert out["completion_ids"][:, -1].tolist() == [end, end]
+    assert out["completion_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 0]]
+    assert int(out["num_items_in_batch"]) == 6
