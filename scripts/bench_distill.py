@@ -14,7 +14,7 @@ CPU, the offline SmolLM2-135M-Instruct as student and (with a guidance system pr
 4. on the held-out prompts, for the base student and each adapter: NLL of the teacher's answers and reverse KL
    to the teacher over them (bare prompt vs guided prompt), and the mean rule reward (the GRPO sum) of the
    student's own greedy answers.
-Writes <out>/bench.json and prints a Markdown table for docs/benchmarks.md. Held-out numbers on a handful of
+Each finished method is kept (``--reuse`` resumes a cut run). Writes <out>/bench.json and prints a Markdown table for docs/benchmarks.md. Held-out numbers on a handful of
 prompts are noisy; one run, as measured.
 """
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 
 from toushi.paths import repo_root  # noqa: E402
-from toushi.store import StageStore  # noqa: E402
+from toushi.store import StageStore, atomic_write_text  # noqa: E402
 
 GUIDANCE = ("Reply as a warm friend under the post. Name the feeling you hear first, in the person's own terms. "
             "Stay with them: no lectures, no lists, no advice unless asked. Two or three short plain sentences.")
@@ -52,8 +52,7 @@ def write_run(run_dir: Path, n_posts: int, n_heldout: int) -> list[dict]:
         split = "heldout" if i in held else "train"
         recs.append({"id": p["id"], "lang": "en", "scene": p.get("scene"), "split": split, "post": p["text"],
                      "prompt": task_prompt(p["text"], "en"), "text": p["text"]})
-    with StageStore(run_dir, "corpus").writer() as w:
-        w.write_many([{k: r[k] for k in ("id", "lang", "scene", "split", "text")} for r in recs])
+    write_records(run_dir, "corpus", [{k: r[k] for k in ("id", "lang", "scene", "split", "text")} for r in recs])
     (run_dir / "guidance").mkdir(parents=True, exist_ok=True)
     (run_dir / "guidance" / "guidance.json").write_text(json.dumps({"system_prompt": GUIDANCE}))
     return recs
@@ -86,12 +85,18 @@ def write_answers(run_dir: Path, recs: list[dict], answers: list[str]) -> None:
     def comp(text):
         return {"text": text, "reasoning": None, "finish_reason": "length", "flags": []}
 
-    with StageStore(run_dir, "pairs").writer() as w:
-        w.write_many([{**{k: r[k] for k in ("id", "lang", "scene", "split", "post", "prompt")},
-                       "weak": [comp(a)], "strong": [comp(a)]} for r, a in zip(recs, answers)])
-    with StageStore(run_dir, "guided").writer() as w:
-        w.write_many([{**{k: r[k] for k in ("id", "lang", "scene", "split", "post", "prompt")}, "system": GUIDANCE,
-                       "guided": [comp(a)]} for r, a in zip(recs, answers)])
+    keys = ("id", "lang", "scene", "split", "post", "prompt")
+    write_records(run_dir, "pairs", [{**{k: r[k] for k in keys}, "weak": [comp(a)], "strong": [comp(a)]}
+                                     for r, a in zip(recs, answers)])
+    write_records(run_dir, "guided", [{**{k: r[k] for k in keys}, "system": GUIDANCE, "guided": [comp(a)]}
+                                      for r, a in zip(recs, answers)])
+
+
+def write_records(run_dir: Path, stage: str, records: list[dict]) -> None:
+    """Replace a stage's records whole (a rerun of the benchmark starts from the same files)."""
+    path = StageStore(run_dir, stage).records_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def train(method: str, recipe: Path) -> float:
@@ -152,6 +157,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=6)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="Keep the teacher's answers and every method already trained in --out (resume a cut run).")
     args = ap.parse_args()
 
     from toushi.models import resolve_model
@@ -161,9 +168,20 @@ def main() -> None:
     run_dir = root / "runs" / "bench"
     recs = write_run(run_dir, args.posts, args.heldout)
     t0 = time.time()
-    answers, teacher_ids = teacher_answers(model_path, recs)
+    guided = {g["id"]: g["guided"][0]["text"] for g in StageStore(run_dir, "guided").records()}
+    if args.reuse and set(guided) == {r["id"] for r in recs}:  # greedy: the same answers as last time
+        from transformers import AutoTokenizer
+
+        from toushi.distill import teacher_prompt_ids
+        from toushi.pairs import conversation
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+        answers = [guided[r["id"]] for r in recs]
+        teacher_ids = [teacher_prompt_ids(tok, conversation(r["prompt"], GUIDANCE)) for r in recs]
+    else:
+        answers, teacher_ids = teacher_answers(model_path, recs)
+        write_answers(run_dir, recs, answers)
     teacher_s = time.time() - t0
-    write_answers(run_dir, recs, answers)
     held = [(r, a, i) for r, a, i in zip(recs, answers, teacher_ids) if r["split"] == "heldout"]
 
     lora = {"r": 8, "alpha": 16, "dropout": 0.0}
@@ -179,6 +197,11 @@ def main() -> None:
     }
     results = {}
     for method, section in sections.items():
+        done = root / f"{method}.result.json"
+        if args.reuse and done.exists() and (run_dir / method / "adapter" / "adapter_config.json").exists():
+            results[method] = json.loads(done.read_text())
+            print(f"{method}: reused {results[method]}", flush=True)
+            continue
         recipe = root / f"{method}.yaml"
         recipe.write_text(yaml.safe_dump({
             "run": {"name": "bench", "dir": str(run_dir.parent), "stages": [method]},
@@ -190,6 +213,7 @@ def main() -> None:
         results[method] = {"wall_s": round(wall, 1), "train_runtime_s": t["train_runtime_s"],
                            "tokens_seen": t["tokens_seen"], "tokens_per_s": t["tokens_per_s"],
                            "steps": t["steps"], "first_loss": t["first_loss"], "final_loss": t["final_loss"]}
+        done.write_text(json.dumps(results[method]) + "\n")
         print(f"{method}: {results[method]}", flush=True)
 
     adapters = {m: run_dir / m / "adapter" for m in sections}

@@ -322,3 +322,22 @@ def test_rollouts_carry_teacher_prompts_and_leave_unscored_end_tokens_out(tmp_pa
     assert out["completion_ids"][:, -1].tolist() == [end, end]
     assert out["completion_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 0]]
     assert int(out["num_items_in_batch"]) == 6
+
+
+@pytest.mark.gpu
+def test_guided_distill_with_vllm_rollouts_on_gpu(tmp_path, offline_model):
+    """The GPU path: the student's rollouts come from TRL's colocated vLLM (distill.use_vllm), the teacher
+    scores in-process on the GPU."""
+    run_dir = write_guidance(write_run(tmp_path / "runs" / "dv"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run": {"name": "dv", "dir": str(run_dir.parent), "stages": ["distill"]},
+        "models": {"student": {"name": "smollm2-135m-instruct"}},
+        "distill": {"teacher": "guided", "use_vllm": True, "max_completion_length": 32,
+                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                    "train": {**SMALL_TRAIN, "max_steps": 4, "learning_rate": 1e-3}},
+    }))
+    load_distill_main()(["--recipe", str(recipe)])
+    m = json.loads((run_dir / "distill" / "manifest.json").read_text())
+    assert m["use_vllm"] is True and m["training"]["steps"] == 4 and m["training"]["teacher_calls"] == 4
+    assert all(math.isfinite(v) for v in m["training"]["kl"])
