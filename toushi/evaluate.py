@@ -1,7 +1,7 @@
 """The ``eval`` stage: compare every system a run produced on the held-out prompts.
 
 Systems: ``weak`` and ``strong`` (pairs stage), ``guided`` (guided stage), ``student`` (the base student,
-no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo|selftrain>/adapter/``. For each:
+no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo|distill|selftrain>/adapter/``. For each:
 
 1. rule metrics per answer (``toushi.metrics``), aggregated with bootstrap 95% CIs;
 2. held-out NLL of the strong answers under the base student and each adapter (transformers + PEFT);
@@ -26,9 +26,9 @@ from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, file_hash, stable_id
 
-ADAPTER_STAGES = ("sft", "dpo", "grpo", "selftrain")
+ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 # Report order: baselines first, then the students, the teacher last.
-SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "selftrain", "strong")
+SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "distill", "selftrain", "strong")
 RATE_METRICS = ("markdown", "empty", "refusal", "lang_match")
 
 

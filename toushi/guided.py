@@ -58,6 +58,23 @@ def retrieve(queries: list[str], pool_ids: list[str], pool_texts: list[str], k: 
     return out
 
 
+def guided_systems(recs: list[dict], pairs: list[dict], guidance: str, k: int, lang: str
+                   ) -> list[tuple[list[str], str]]:
+    """(example ids, system prompt) for each pairs record in ``recs``: the guidance, plus the strong answers to
+    the k most similar train posts of ``pairs`` (the distill stage's guided teacher reads the same prompt)."""
+    # examples come only from train posts with a usable strong answer, so eval never sees its own answers
+    pool = [p for p in pairs if p.get("split") == "train" and p["strong"] and p["strong"][0]["text"]
+            and not p["strong"][0]["flags"]]
+    picks = retrieve([p["post"] for p in recs], [p["id"] for p in pool], [p["post"] for p in pool], k)
+    by_id = {p["id"]: p for p in pool}
+    out = []
+    for rec, ex_ids in zip(recs, picks):
+        examples = [{"post": by_id[i]["post"], "reply": by_id[i]["strong"][0]["text"]} for i in ex_ids]
+        out.append((ex_ids, render("guided_system", rec.get("lang") or lang, guidance=guidance,
+                                   examples=examples).strip()))
+    return out
+
+
 def run_stage(ctx: StageContext) -> dict:
     r, cfg = ctx.recipe, ctx.recipe.guided
     spec = r.models.weak
@@ -71,17 +88,9 @@ def run_stage(ctx: StageContext) -> dict:
     model = spec.served_model or spec.name
 
     todo_recs = [p for p in pairs if cfg.include_heldout or p.get("split") != "heldout"]
-    # examples come only from train posts with a usable strong answer, so eval never sees its own answers
-    pool = [p for p in pairs if p.get("split") == "train" and p["strong"] and p["strong"][0]["text"]
-            and not p["strong"][0]["flags"]]
-    picks = retrieve([p["post"] for p in todo_recs], [p["id"] for p in pool], [p["post"] for p in pool],
-                     cfg.retrieved_examples)
-    by_id = {p["id"]: p for p in pool}
-
     jobs = []
-    for rec, ex_ids in zip(todo_recs, picks):
-        examples = [{"post": by_id[i]["post"], "reply": by_id[i]["strong"][0]["text"]} for i in ex_ids]
-        system = render("guided_system", rec.get("lang") or r.run.lang, guidance=guidance, examples=examples).strip()
+    for rec, (ex_ids, system) in zip(todo_recs, guided_systems(todo_recs, pairs, guidance, cfg.retrieved_examples,
+                                                                r.run.lang)):
         conv = [{"role": "system", "content": system}, {"role": "user", "content": rec["prompt"]}]
         key = stable_id(conv, model, sampling.model_dump(mode="json"))
         jobs.append((rec, ex_ids, system, conv, key))

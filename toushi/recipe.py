@@ -14,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-StageName = Literal["corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "selftrain", "eval", "report"]
+StageName = Literal[
+    "corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "distill", "selftrain", "eval", "report"
+]
 Lang = Literal["zh", "en"]
 
 
@@ -363,6 +365,50 @@ class GRPOSection(Section):
     )
 
 
+class DistillSection(Section):
+    teacher: Literal["guided", "strong"] = Field(
+        "guided",
+        description="Who scores the student's answers. guided: the student's base model with the run's guidance "
+        "(and guided.retrieved_examples strong answers to similar posts) as its system prompt, while the student "
+        "sees the bare prompt (on-policy context distillation: the guidance moves into the weights). strong: "
+        "models.strong reading the prompt in its own chat template (needs the student's vocabulary).",
+    )
+    beta: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Generalised JSD interpolation (TRL DistillationConfig.beta): 1.0 reverse KL (mode-seeking, the "
+        "on-policy distillation default), 0.0 forward KL, 0.5 symmetric JSD.",
+    )
+    max_completion_length: int = Field(
+        128, ge=8,
+        description="Most tokens the student samples per answer. Shorter than a full answer gives prefix-only "
+        "rollouts: the teacher still scores every sampled token, so long answers are learnt from their openings.",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="Sampling temperature of the student's answers and of both distributions in the loss."
+    )
+    strong_reasoning: Literal["empty", "pairs"] = Field(
+        "empty",
+        description="teacher: strong with models.strong.reasoning: what fills the teacher's <think> block before the "
+        "student's answer. empty: an empty block (the answer is scored as if the teacher answered at once); pairs: "
+        "the strong model's own reasoning for that prompt from the pairs stage (empty where it has none).",
+    )
+    from_sft: bool = Field(False, description="Continue from the SFT adapter instead of a fresh LoRA.")
+    use_vllm: bool | None = Field(
+        None,
+        description="Sample the student's answers with TRL's colocated vLLM (None: when CUDA and vLLM are available; "
+        "CPU uses generate()). The teacher always scores in-process: trl 1.16's DistillationTrainer has no vLLM "
+        "teacher that reads another prompt than the student's.",
+    )
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec, description="LoRA / QLoRA adapter settings (unused with from_sft: the SFT adapter's)."
+    )
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec(learning_rate=1e-4, eval_fraction=0.0),
+        description="Optimiser, batch and checkpoint settings (max_length and eval_fraction are unused: distill "
+        "bounds answers with max_completion_length).",
+    )
+
+
 class SelfTrainSection(Section):
     rounds: int = Field(1, ge=1, description="Self-training rounds (sample, filter, retrain); finished rounds are kept.")
     samples_per_prompt: int = Field(4, ge=1, description="Answers sampled from the current student per train prompt.")
@@ -404,7 +450,7 @@ class SelfTrainSection(Section):
 
 class EvalSection(Section):
     systems: list[str] = Field(
-        default_factory=lambda: ["weak", "guided", "strong", "student", "sft", "dpo", "grpo", "selftrain"],
+        default_factory=lambda: ["weak", "guided", "strong", "student", "sft", "dpo", "grpo", "distill", "selftrain"],
         description="Systems compared (those the run produced; others are skipped).",
     )
     judge: bool = Field(True, description="Run the pairwise judge (models.judge, else models.strong).")
@@ -440,6 +486,7 @@ class Recipe(Section):
     sft: SFTSection = Field(default_factory=SFTSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
     grpo: GRPOSection = Field(default_factory=GRPOSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     selftrain: SelfTrainSection = Field(default_factory=SelfTrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     serve: ServeSection = Field(default_factory=ServeSection)

@@ -15,7 +15,7 @@ import jinja2
 
 from toushi.store import StageStore, atomic_write_text
 
-TRAIN_STAGES = ("sft", "dpo", "grpo", "selftrain")
+TRAIN_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 EXAMPLES = 5
 # Metric rows of the table: (key in summary["metrics"], label, format, higher is better or None).
 METRIC_ROWS = [

@@ -17,7 +17,7 @@ from rich.console import Console
 from toushi.engines.server import ServerError, VLLMServer
 from toushi.recipe import ModelSpec, Recipe, RecipeError
 
-ADAPTER_STAGES = ("sft", "dpo", "grpo", "selftrain")
+ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 
 
 def role_spec(recipe: Recipe, role: str) -> ModelSpec:

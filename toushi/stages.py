@@ -72,10 +72,15 @@ STAGES: list[Stage] = [
     Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft"), ADAPTER),
     Stage("grpo", _train("grpo"), ("run.seed", "grpo", "pairs", "models.student", "models.judge"),
           ("corpus", "guidance", "sft"), ADAPTER),
+    # on-policy like grpo (the student samples, something scores), so it sits beside it; the guided teacher's
+    # system prompt is built from the guidance and the pairs' strong answers, as the guided stage builds it
+    Stage("distill", _train("distill"),
+          ("run.seed", "run.lang", "distill", "guided.retrieved_examples", "models.student", "models.strong"),
+          ("pairs", "guidance", "sft"), ADAPTER),
     # the judge roles matter only with selftrain.confidence: judge; in logprob mode a change redoes no round
     Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
           ("pairs", "guided", "sft"), ADAPTER),
-    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "selftrain"),
+    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "distill", "selftrain"),
           ("records.jsonl", "summary.json")),
     Stage("report", _report, (), ("eval", "guidance"), ()),
 ]
