@@ -2,7 +2,10 @@
 
 An async client sends one chat request per (conversation, sample k) with at most ``spec.concurrency``
 in flight. 429s, 5xx, timeouts and connection errors are retried with exponential backoff and full
-jitter; each request has ``spec.timeout_s``. A conversation whose request still fails is reported to
+jitter; each request has ``spec.timeout_s``. A structured request sends the constraint in the body (a JSON
+schema as ``response_format``, choices and regexes as vLLM's ``structured_outputs``); an endpoint that
+refuses it (400/422) gets plain requests from then on, and an answer that breaks the constraint is asked
+for again (``STRUCTURED_RETRIES`` times, with the expected form spelled out) before it is returned flagged. A conversation whose request still fails is reported to
 ``on_error(index, exc)`` and gets no completions (or, without ``on_error``, the batch raises once every
 request has finished). The API key is read from the environment variable the spec names and is never
 logged or stored.
@@ -11,19 +14,32 @@ logged or stored.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import openai
 
-from toushi.engines import Completion, Conversation, Engine, GenerationError, make_completion, sample_seed
+from toushi.engines import (
+    Completion,
+    Conversation,
+    Engine,
+    GenerationError,
+    Structured,
+    make_completion,
+    mark_unstructured,
+    per_conversation,
+    sample_seed,
+    top_logprobs,
+)
 from toushi.recipe import ModelSpec, Sampling
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+STRUCTURED_RETRIES = 2
 
 
 def api_key(spec: ModelSpec) -> str:
@@ -48,18 +64,23 @@ class OpenAIEngine(Engine):
         self.spec = spec
         self.key = api_key(spec)
         self.retries_done = 0  # retries made so far (for tests and progress reports)
+        self.structured_refused: str | None = None  # the endpoint's refusal of a constraint, once seen
 
     def generate(
         self,
         conversations: list[Conversation],
         sampling: Sampling,
         lora_name: str | None = None,
+        structured: Structured | Sequence[Structured | None] | None = None,
+        logprobs: int | None = None,
         on_error: Callable[[int, BaseException], None] | None = None,
     ) -> list[list[Completion]]:
         # A served LoRA adapter is addressed by its name as the model.
         if lora_name is not None:
             self.check_lora(lora_name)
         model = lora_name or self.spec.served_model or self.spec.name
+        self._constraints = per_conversation(structured, len(conversations))
+        self._logprobs = logprobs
         return asyncio.run(self._generate(conversations, sampling, model, on_error))
 
     async def _generate(self, conversations, sampling, model, on_error):
@@ -72,7 +93,8 @@ class OpenAIEngine(Engine):
         async def one(i: int, k: int) -> Completion | None:
             async with sem:
                 try:
-                    return await self._request(client, conversations[i], sampling, k, model)
+                    return await self._structured_request(client, conversations[i], sampling, k, model,
+                                                          self._constraints[i])
                 except Exception as e:  # noqa: BLE001 - reported per conversation below
                     failures.setdefault(i, e)
                     return None
@@ -96,7 +118,34 @@ class OpenAIEngine(Engine):
             ) from exc
         return results
 
-    async def _request(self, client, messages, sampling: Sampling, k: int, model: str) -> Completion:
+    async def _structured_request(self, client, messages, sampling: Sampling, k: int, model: str,
+                                  constraint: Structured | None) -> Completion:
+        """One request; with a constraint, parse-and-retry until the answer satisfies it (or give up and
+        return it flagged "unstructured")."""
+        c = None
+        for attempt in range(STRUCTURED_RETRIES + 1 if constraint is not None else 1):
+            msgs = messages
+            if attempt:  # spell out the expected form; a new seed so a greedy endpoint can answer otherwise
+                msgs = [*messages, {"role": "assistant", "content": c.text},
+                        {"role": "user", "content": expected_form(constraint, messages)}]
+            c = await self._request(client, msgs, sampling, k + 1000 * attempt, model, constraint)
+            if constraint is None or constraint.check(c.text):
+                return c
+        return mark_unstructured(c, constraint)
+
+    def _body(self, constraint: Structured | None) -> dict:
+        """The request fields that carry a constraint (none once the endpoint has refused them)."""
+        if constraint is None or self.structured_refused:
+            return {}
+        if constraint.json_schema is not None:
+            return {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "answer", "schema": constraint.json_schema}}}
+        key = "choice" if constraint.choices is not None else "regex"
+        value = list(constraint.choices) if constraint.choices is not None else constraint.regex
+        return {"extra_body": {"structured_outputs": {key: value}}}
+
+    async def _request(self, client, messages, sampling: Sampling, k: int, model: str,
+                       constraint: Structured | None = None) -> Completion:
         kwargs = dict(
             model=model,
             messages=messages,
@@ -110,9 +159,19 @@ class OpenAIEngine(Engine):
             kwargs["seed"] = seed
         if sampling.stop:
             kwargs["stop"] = sampling.stop
+        if self._logprobs is not None:
+            kwargs.update(logprobs=True, top_logprobs=self._logprobs)
         for attempt in range(self.spec.max_retries + 1):
             t0 = time.perf_counter()
+            body = self._body(constraint)
             try:
+                resp = await client.chat.completions.create(**kwargs, **body)
+                break
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                if not body:
+                    raise
+                # the endpoint does not take this constraint: plain text from now on, parsed and retried
+                self.structured_refused = f"{type(e).__name__}: {e}"[:300]
                 resp = await client.chat.completions.create(**kwargs)
                 break
             except Exception as e:
@@ -128,6 +187,9 @@ class OpenAIEngine(Engine):
         # vLLM's reasoning parsers and DeepSeek's API return the think block separately.
         reasoning = extra.get("reasoning_content") or extra.get("reasoning")
         usage = resp.usage
+        top = None
+        if self._logprobs is not None and choice.logprobs is not None and choice.logprobs.content:
+            top = [top_logprobs((t.token, t.logprob) for t in pos.top_logprobs) for pos in choice.logprobs.content]
         return make_completion(
             msg.content or "",
             reasoning=reasoning,
@@ -137,4 +199,16 @@ class OpenAIEngine(Engine):
             completion_tokens=usage.completion_tokens if usage else 0,
             latency_s=latency,
             model=model,
+            logprobs=top,
         )
+
+
+def expected_form(constraint: Structured, messages: Conversation) -> str:
+    """The follow-up message after an answer that broke its constraint (endpoints that cannot enforce it),
+    in the language of the conversation's last message."""
+    from toushi.metrics import detect_lang
+    from toushi.templates import render
+
+    lang = detect_lang(messages[-1]["content"]) or "en"
+    schema = json.dumps(constraint.json_schema, ensure_ascii=False) if constraint.json_schema is not None else None
+    return render("structured_retry", lang, choices=constraint.choices, regex=constraint.regex, schema=schema)

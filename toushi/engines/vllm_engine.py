@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Sequence
 
-from toushi.engines import Completion, Conversation, Engine, make_completion, sample_seed
+from toushi.engines import (
+    Completion,
+    Conversation,
+    Engine,
+    Structured,
+    make_completion,
+    mark_unstructured,
+    per_conversation,
+    sample_seed,
+    top_logprobs,
+)
 from toushi.engines.adapters import max_lora_rank
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
@@ -47,6 +58,16 @@ def engine_kwargs(spec: ModelSpec) -> dict:
     return kwargs
 
 
+def structured_outputs(constraint: Structured | None):
+    """vLLM's StructuredOutputsParams for a constraint (None: free decoding)."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=constraint.json_schema, regex=constraint.regex,
+                                   choice=list(constraint.choices) if constraint.choices else None)
+
+
 class VLLMEngine(Engine):
     def __init__(self, spec: ModelSpec):
         from vllm import LLM
@@ -65,17 +86,24 @@ class VLLMEngine(Engine):
         return LoRARequest(lora_name, ids[lora_name], str(self.spec.lora_adapters[lora_name]))
 
     def generate(
-        self, conversations: list[Conversation], sampling: Sampling, lora_name: str | None = None
+        self,
+        conversations: list[Conversation],
+        sampling: Sampling,
+        lora_name: str | None = None,
+        structured: Structured | Sequence[Structured | None] | None = None,
+        logprobs: int | None = None,
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         lora = self._lora_request(lora_name)
+        constraints = per_conversation(structured, len(conversations))
         # One request per (conversation, sample k) with seed+k, rather than n=...: sample k is then the
         # same whatever n is, so the pairs cache can key on the sample index.
-        messages, params = [], []
-        for conv in conversations:
+        messages, params, flat_constraints = [], [], []
+        for conv, constraint in zip(conversations, constraints):
             for k in range(sampling.n):
                 messages.append(conv)
+                flat_constraints.append(constraint)
                 params.append(
                     SamplingParams(
                         n=1,
@@ -84,6 +112,8 @@ class VLLMEngine(Engine):
                         max_tokens=sampling.max_tokens,
                         seed=sample_seed(sampling, k),
                         stop=sampling.stop or None,
+                        structured_outputs=structured_outputs(constraint),
+                        logprobs=logprobs,
                     )
                 )
         if not messages:
@@ -93,9 +123,12 @@ class VLLMEngine(Engine):
         latency = time.perf_counter() - t0  # offline batch: every request shares the batch's wall time
         model = lora_name or self.spec.name
         flat = []
-        for out in outputs:
+        for out, constraint in zip(outputs, flat_constraints):
             c = out.outputs[0]
-            flat.append(
+            top = None
+            if logprobs is not None and c.logprobs is not None:
+                top = [top_logprobs((lp.decoded_token, lp.logprob) for lp in pos.values()) for pos in c.logprobs]
+            flat.append(mark_unstructured(
                 make_completion(
                     c.text,
                     opened_think=self.spec.reasoning,
@@ -104,8 +137,10 @@ class VLLMEngine(Engine):
                     completion_tokens=len(c.token_ids),
                     latency_s=latency,
                     model=model,
-                )
-            )
+                    logprobs=top,
+                ),
+                constraint,
+            ))
         n = sampling.n
         return [flat[i * n : (i + 1) * n] for i in range(len(conversations))]
 
