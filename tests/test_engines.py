@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -81,3 +82,50 @@ def test_adapter_checks(lora_adapter, tmp_path):
         max_lora_rank({"bad": bad})
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         max_lora_rank({"missing": tmp_path})
+
+
+# ---- structured outputs: every engine returns parseable, schema-valid JSON for a constrained request
+
+FEELING = {"type": "object", "additionalProperties": False, "required": ["feeling", "intensity"],
+           "properties": {"feeling": {"type": "string", "maxLength": 40},
+                          "intensity": {"type": "integer", "minimum": 1, "maximum": 10}}}
+ASK_JSON = [[{"role": "user", "content": "I failed my driving test again. As JSON: my feeling and its intensity."}],
+            [{"role": "user", "content": "My cat died today. Name the feeling and how strong it is, in JSON."}]]
+ASK_CHOICE = [{"role": "user", "content": "Which reply is kinder to a grieving friend: A) 'I'm so sorry, that hurts' "
+                                          "or B) 'It was just a cat'? Answer A, B or tie."}]
+
+
+def check_structured(engine):
+    """A JSON-schema request and a choices request with logprobs, in one batch."""
+    from toushi.engines import Structured
+
+    schema, choice = Structured(json_schema=FEELING), Structured(choices=("A", "B", "tie"))
+    out = engine.generate(ASK_JSON + [ASK_CHOICE], Sampling(temperature=0.0, max_tokens=48),
+                          structured=[schema, schema, choice], logprobs=5)
+    for cs in out[:2]:
+        value = json.loads(cs[0].text)  # parseable, and valid under the schema
+        assert set(value) == {"feeling", "intensity"} and 1 <= value["intensity"] <= 10, cs[0].text
+        assert "unstructured" not in cs[0].flags
+    choice_out = out[2][0]
+    assert choice_out.text in ("A", "B", "tie")
+    first = choice_out.logprobs[0]  # reported after the constraint's mask: only choice tokens carry mass
+    assert first and all(t.strip() and "tie".startswith(t.strip().lower()) or t.strip() in "AB" for t in first)
+    assert 0.99 < sum(math.exp(v) for v in first.values()) < 1.01
+    free = engine.generate(ASK_JSON[:1], Sampling(temperature=0.0, max_tokens=48))
+    assert free[0][0].logprobs is None
+    return [cs[0].text for cs in out]
+
+
+def test_vllm_structured_outputs(vllm_engine):
+    check_structured(vllm_engine)
+
+
+def test_hf_structured_outputs(offline_model):
+    with make_engine(ModelSpec(name="smollm2-135m-instruct", engine="hf", dtype="float32")) as hf:
+        check_structured(hf)
+
+
+def test_openai_structured_outputs_on_vllm_server(vllm_server):
+    engine = make_engine(ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server))
+    check_structured(engine)
+    assert engine.structured_refused is None  # vLLM's server takes response_format and structured_outputs

@@ -66,8 +66,9 @@ def guidance_dimensions(run_dir: Path) -> list[dict]:
     for i, d in enumerate(data.get("dimensions") or []):
         if not isinstance(d, dict) or not str(d.get("name", "")).strip():
             raise ValueError(f"{path}: dimensions[{i}] has no name")
-        if d.get("flags") or not d.get("rules"):
-            continue  # raw unstructured notes and empty or flagged dimensions are not criteria
+        rules = [r for r in d.get("rules") or [] if "unstructured" not in (r.get("flags") or [])]
+        if "unstructured" in (d.get("flags") or []) or not rules:
+            continue  # raw model output kept for review, and dimensions without a rule, are not criteria
         # One line per dimension in the answer format, so names and definitions must be single-line.
         name = " ".join(str(d["name"]).split())
         definition = " ".join(str(d.get("definition") or "").split())
