@@ -129,3 +129,52 @@ def test_openai_structured_outputs_on_vllm_server(vllm_server):
     engine = make_engine(ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server))
     check_structured(engine)
     assert engine.structured_refused is None  # vLLM's server takes response_format and structured_outputs
+
+
+def test_openai_falls_back_when_an_endpoint_refuses_the_constraint():
+    """An endpoint that rejects response_format with a 400 (as some hosted APIs do; a stand-in, since a
+    remote API cannot run here): the engine drops the constraint for good, then parses and retries until
+    the plain answer satisfies the schema."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from toushi.engines import Structured
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            if "response_format" in body:
+                status, reply = 400, {"error": {"message": "response_format json_schema is not supported"}}
+            else:
+                text = "Sure! You feel sad." if len(body["messages"]) == 1 else '{"feeling": "sad", "intensity": 6}'
+                status, reply = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": text}}],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine = make_engine(ModelSpec(name="m", engine="openai", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                       max_retries=0))
+        out = engine.generate(ASK_JSON[:1], Sampling(temperature=0.0, max_tokens=32),
+                              structured=Structured(json_schema=FEELING))
+    finally:
+        server.shutdown()
+    assert json.loads(out[0][0].text) == {"feeling": "sad", "intensity": 6} and "unstructured" not in out[0][0].flags
+    assert "not supported" in engine.structured_refused
+    # refused once, then plain requests: the second one spells out the schema after the unusable answer
+    assert ["response_format" in b for b in seen] == [True, False, False]
+    assert '"intensity"' in seen[2]["messages"][-1]["content"] and seen[2]["messages"][-2]["role"] == "assistant"

@@ -2,13 +2,14 @@
 
 An async client sends one chat request per (conversation, sample k) with at most ``spec.concurrency``
 in flight. 429s, 5xx, timeouts and connection errors are retried with exponential backoff and full
-jitter; each request has ``spec.timeout_s``. A structured request sends the constraint in the body (a JSON
-schema as ``response_format``, choices and regexes as vLLM's ``structured_outputs``); an endpoint that
-refuses it (400/422) gets plain requests from then on, and an answer that breaks the constraint is asked
-for again (``STRUCTURED_RETRIES`` times, with the expected form spelled out) before it is returned flagged. A conversation whose request still fails is reported to
-``on_error(index, exc)`` and gets no completions (or, without ``on_error``, the batch raises once every
-request has finished). The API key is read from the environment variable the spec names and is never
-logged or stored.
+jitter; each request has ``spec.timeout_s``. A structured request sends the constraint in the body (a
+JSON schema as ``response_format``, choices and regexes as vLLM's ``structured_outputs``); an endpoint
+that refuses it (400/422, while the same request without it goes through) gets plain requests from then
+on, and an answer that breaks the constraint is asked for again (``STRUCTURED_RETRIES`` times, with the
+expected form spelled out) before it is returned flagged. A conversation whose request still fails is
+reported to ``on_error(index, exc)`` and gets no completions (or, without ``on_error``, the batch raises
+once every request has finished). The API key is read from the environment variable the spec names and
+is never logged or stored.
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ class OpenAIEngine(Engine):
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                 if not body:
                     raise
-                # the endpoint does not take this constraint: plain text from now on, parsed and retried
-                self.structured_refused = f"{type(e).__name__}: {e}"[:300]
+                # the request without the constraint goes through (else its own error is raised): the endpoint
+                # does not take constraints, so plain text from now on, parsed and retried
                 resp = await client.chat.completions.create(**kwargs)
+                self.structured_refused = f"{type(e).__name__}: {e}"[:300]
                 break
             except Exception as e:
                 if not is_retryable(e) or attempt == self.spec.max_retries:
