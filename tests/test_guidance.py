@@ -86,7 +86,7 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies():
     answer = {"new_dimensions": [
         {"name": "Validation", "definition": "Name the feeling first.",
          "rules": [{"rule": "Reflect the exact feeling the poster names", "pairs": ["p1"]},
-                   {"rule": "reflect the exact feeling   the poster names", "pairs": ["p2"]}]},
+                   {"rule": "Reflect the exact  feeling the poster names", "pairs": ["p2"]}]},
         {"name": "Next step", "definition": "One small doable action.",
          "rules": [{"rule": "Offer one small step they can take today", "pairs": ["p2"]}]},
         {"name": "Warmth", "definition": "Sound like a person who cares.",
@@ -95,6 +95,9 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies():
     with pytest.raises(jsonschema.ValidationError):  # a label the call never showed is not in the enum
         jsonschema.validate({"new_dimensions": [{**answer["new_dimensions"][0], "rules": [
             {"rule": "Reflect the exact feeling the poster names", "pairs": ["p9"]}]}] * 3}, first)
+    for bad_name in ("add_rules", "p5, rules", "[R1.2] rule"):  # copied keys, labels, ids are not names
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"new_dimensions": [{**answer["new_dimensions"][0], "name": bad_name}] * 3}, first)
     parsed = parse_json_ops(json.dumps(answer))
     mem = empty.copy()
     st = mem.apply(parsed.ops, ALIASES)

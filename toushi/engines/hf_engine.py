@@ -59,8 +59,8 @@ class HFEngine(Engine):
             vocab = self.model.get_output_embeddings().weight.shape[0]
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab)
             self._compiler = xgr.GrammarCompiler(info)
-        if constraint.json_schema is not None:
-            return self._compiler.compile_json_schema(json.dumps(constraint.json_schema))
+        if constraint.json_schema is not None:  # no free whitespace, as the vLLM engine is configured
+            return self._compiler.compile_json_schema(json.dumps(constraint.json_schema), any_whitespace=False)
         return self._compiler.compile_regex(constraint.as_regex())
 
     def generate(

@@ -1,7 +1,9 @@
 """Rule memory: the guidance held as named dimensions, each a short list of rules with support counts.
 
 Analysis calls do not rewrite the guidance as free text (which drifts); they return *operations* on
-this memory, one per line, as ExpeL does with its insight list:
+this memory, as ExpeL does with its insight list. Models answer them as JSON under a per-call schema
+(``toushi.guidance.structured``); the line form below is what that JSON maps to, and what is still read
+from a model that could not be constrained:
 
     DIM <name>: <definition>                   new dimension (or a definition for an existing one)
     ADD <D# or dimension name>: <rule> [p3, p7]   new rule, supported by pairs p3 and p7

@@ -23,9 +23,15 @@ from toushi.guidance.memory import Memory, Op, ParseResult
 MIN_FIRST_DIMENSIONS = 3
 # Bounds on every string: each one ends, so a constrained answer cannot run on until max_tokens.
 NAME_CHARS, DEFINITION_CHARS, RULE_CHARS = 40, 120, 160
+# A name or a rule is prose: it starts like a sentence or a title (not lowercase, a digit or punctuation)
+# and has no brackets, braces or underscores, so a small model cannot fill it with copied keys
+# ("add_rules"), ids ("[R1.2") or labels ("p5, rules").
+_PROSE = '^[^a-z0-9_\\s\\[\\]{}()<>"\'.,:;-][^_\\[\\]{}<>"]{%d,%d}$'
 
 
-def _text(lo: int, hi: int) -> dict:
+def _text(lo: int, hi: int, prose: bool = False) -> dict:
+    if prose:
+        return {"type": "string", "pattern": _PROSE % (lo - 1, hi - 1)}
     return {"type": "string", "minLength": lo, "maxLength": hi}
 
 
@@ -40,22 +46,22 @@ def _array(item: dict, hi: int, lo: int = 0) -> dict:
 def ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int) -> dict:
     """The schema of one call's answer, given the memory it shows and the pair labels it shows."""
     pairs = {"pairs": _array({"type": "string", "enum": labels}, min(3, len(labels)), 1)} if labels else {}
-    rule = _obj({"rule": _text(15, RULE_CHARS), **pairs})
+    rule = _obj({"rule": _text(15, RULE_CHARS, prose=True), **pairs})
     n_dims = len(memory.dimensions)
     room = max(0, max_dimensions - n_dims)
     props = {"new_dimensions": _array(
-        _obj({"name": _text(3, NAME_CHARS), "definition": _text(10, DEFINITION_CHARS),
+        _obj({"name": _text(3, NAME_CHARS, prose=True), "definition": _text(10, DEFINITION_CHARS),
               "rules": _array(rule, min(2, cap), 1)}),
         min(room, MIN_FIRST_DIMENSIONS), min(room, MIN_FIRST_DIMENSIONS) if n_dims == 0 else 0)}
     names = [d.name for d in memory.dimensions]
     if names:
         props["add_rules"] = _array(_obj({"dimension": {"type": "string", "enum": names},
-                                          "rule": _text(15, RULE_CHARS), **pairs}), 3)
+                                          "rule": _text(15, RULE_CHARS, prose=True), **pairs}), 3)
     ids = [f"R{di}.{ri}" for di, d in enumerate(memory.dimensions, 1) for ri in range(1, len(d.rules) + 1)]
     if ids:
         rule_id = {"type": "string", "enum": ids}
         props["agree"] = _array(_obj({"rule": rule_id, **pairs}), 4)
-        props["edit"] = _array(_obj({"rule": rule_id, "text": _text(15, RULE_CHARS), **pairs}), 2)
+        props["edit"] = _array(_obj({"rule": rule_id, "text": _text(15, RULE_CHARS, prose=True), **pairs}), 2)
         props["remove"] = _array(rule_id, 2)
     return _obj(props)
 
