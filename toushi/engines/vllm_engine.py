@@ -49,9 +49,10 @@ def engine_kwargs(spec: ModelSpec) -> dict:
         # Whole-prompt prefill avoids it; the budget must then hold the longest prompt.
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max(spec.max_model_len or 8192, 4096)
-    # Structured outputs without free whitespace: a small model otherwise pads its JSON with newlines and
-    # indentation (tokens spent, and a run of them can reach max_tokens before the JSON closes).
-    kwargs["structured_outputs_config"] = {"disable_any_whitespace": True}
+    # Structured outputs without free whitespace (an option of the xgrammar backend, which the hf engine
+    # uses too): a small model otherwise pads its JSON with newlines and indentation (tokens spent, and a
+    # run of them can reach max_tokens before the JSON closes).
+    kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     if spec.reasoning:  # constrain the answer after </think>, not the reasoning (as the server does)
         kwargs["structured_outputs_config"]["reasoning_parser"] = "deepseek_r1"
     if spec.kv_cache_gb is not None:

@@ -161,7 +161,8 @@ class Session:
         when the call showed that pair. Intermediates go to intermediate/<step>.json."""
         prompts = [self.render(s.template, **s.variables) for s in steps]
         labels = [[p["label"] for p in s.variables.get("pairs", [])] for s in steps]
-        constraints = [ops_constraint(s.base, lab, self.max_dimensions, self.cap) for s, lab in zip(steps, labels)]
+        constraints = [ops_constraint(s.base, lab, self.max_dimensions, self.cap, self.calls.sampling.max_tokens)
+                       for s, lab in zip(steps, labels)]
         outputs = self.text_calls([s.name for s in steps], prompts, constraints)
         parsed = [parse_output(o) for o in outputs]
         bad = [i for i, p in enumerate(parsed) if not p.structured]

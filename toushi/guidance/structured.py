@@ -29,10 +29,26 @@ NAME_CHARS, DEFINITION_CHARS, RULE_CHARS = 40, 120, 160
 _PROSE = '^[^a-z0-9_\\s\\[\\]{}()<>"\'.,:;-][^_\\[\\]{}<>"]{%d,%d}$'
 
 
+# Characters per token of a worst-case answer (JSON punctuation and repetitive text tokenise poorly).
+CHARS_PER_TOKEN = 3
+
+
 def _text(lo: int, hi: int, prose: bool = False) -> dict:
+    out = {"type": "string", "minLength": lo, "maxLength": hi}
     if prose:
-        return {"type": "string", "pattern": _PROSE % (lo - 1, hi - 1)}
-    return {"type": "string", "minLength": lo, "maxLength": hi}
+        out["pattern"] = _PROSE % (lo - 1, hi - 1)
+    return out
+
+
+def max_chars(schema: dict) -> int:
+    """Characters of the longest answer the schema allows (compact JSON)."""
+    if schema.get("type") == "object":
+        return 2 + sum(len(k) + 4 + max_chars(v) for k, v in schema["properties"].items())
+    if schema.get("type") == "array":
+        return 2 + schema["maxItems"] * (max_chars(schema["items"]) + 1)
+    if "enum" in schema:
+        return 2 + max(len(str(v)) for v in schema["enum"])
+    return 2 + schema["maxLength"]
 
 
 def _obj(props: dict) -> dict:
@@ -43,31 +59,47 @@ def _array(item: dict, hi: int, lo: int = 0) -> dict:
     return {"type": "array", "items": item, "minItems": lo, "maxItems": hi}
 
 
-def ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int) -> dict:
-    """The schema of one call's answer, given the memory it shows and the pair labels it shows."""
+# List sizes of an answer, largest first; ops_schema takes the first that fits the call's max_tokens (a
+# truncated answer is unusable): rules per new dimension, add_rules, agree, edit, remove.
+_SIZES = ((2, 3, 4, 2, 2), (1, 3, 3, 2, 2), (1, 2, 2, 1, 1), (1, 1, 1, 1, 1))
+
+
+def ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int, max_tokens: int = 1024) -> dict:
+    """The schema of one call's answer, given the memory it shows and the pair labels it shows, with lists
+    short enough that the longest allowed answer fits ``max_tokens``."""
+    for sizes in _SIZES:
+        schema = _ops_schema(memory, labels, max_dimensions, cap, *sizes)
+        if max_chars(schema) <= max_tokens * CHARS_PER_TOKEN:
+            break
+    return schema
+
+
+def _ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int,
+                n_rules: int, n_add: int, n_agree: int, n_edit: int, n_remove: int) -> dict:
     pairs = {"pairs": _array({"type": "string", "enum": labels}, min(3, len(labels)), 1)} if labels else {}
     rule = _obj({"rule": _text(15, RULE_CHARS, prose=True), **pairs})
     n_dims = len(memory.dimensions)
     room = max(0, max_dimensions - n_dims)
     props = {"new_dimensions": _array(
         _obj({"name": _text(3, NAME_CHARS, prose=True), "definition": _text(10, DEFINITION_CHARS),
-              "rules": _array(rule, min(2, cap), 1)}),
+              "rules": _array(rule, min(n_rules, cap), 1)}),
         min(room, MIN_FIRST_DIMENSIONS), min(room, MIN_FIRST_DIMENSIONS) if n_dims == 0 else 0)}
     names = [d.name for d in memory.dimensions]
     if names:
         props["add_rules"] = _array(_obj({"dimension": {"type": "string", "enum": names},
-                                          "rule": _text(15, RULE_CHARS, prose=True), **pairs}), 3)
+                                          "rule": _text(15, RULE_CHARS, prose=True), **pairs}), n_add)
     ids = [f"R{di}.{ri}" for di, d in enumerate(memory.dimensions, 1) for ri in range(1, len(d.rules) + 1)]
     if ids:
         rule_id = {"type": "string", "enum": ids}
-        props["agree"] = _array(_obj({"rule": rule_id, **pairs}), 4)
-        props["edit"] = _array(_obj({"rule": rule_id, "text": _text(15, RULE_CHARS, prose=True), **pairs}), 2)
-        props["remove"] = _array(rule_id, 2)
+        props["agree"] = _array(_obj({"rule": rule_id, **pairs}), n_agree)
+        props["edit"] = _array(_obj({"rule": rule_id, "text": _text(15, RULE_CHARS, prose=True), **pairs}), n_edit)
+        props["remove"] = _array(rule_id, n_remove)
     return _obj(props)
 
 
-def ops_constraint(memory: Memory, labels: list[str], max_dimensions: int, cap: int) -> Structured:
-    return Structured(json_schema=ops_schema(memory, labels, max_dimensions, cap))
+def ops_constraint(memory: Memory, labels: list[str], max_dimensions: int, cap: int,
+                   max_tokens: int = 1024) -> Structured:
+    return Structured(json_schema=ops_schema(memory, labels, max_dimensions, cap, max_tokens))
 
 
 def parse_json_ops(output: str) -> ParseResult | None:
