@@ -92,6 +92,9 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies():
         {"name": "Warmth", "definition": "Sound like a person who cares.",
          "rules": [{"rule": "Avoid platitudes such as everything happens", "pairs": ["p1", "p2"]}]}]}
     jsonschema.validate(answer, first)
+    from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+    assert not has_xgrammar_unsupported_json_features(first)  # vLLM's xgrammar backend takes it
     with pytest.raises(jsonschema.ValidationError):  # a label the call never showed is not in the enum
         jsonschema.validate({"new_dimensions": [{**answer["new_dimensions"][0], "rules": [
             {"rule": "Reflect the exact feeling the poster names", "pairs": ["p9"]}]}] * 3}, first)

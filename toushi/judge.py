@@ -16,7 +16,8 @@
   preference) also asks for the overall verdict as one constrained choice token and reads the graded
   preference P(A) + P(tie)/2 from the probabilities of A, B and tie; the two orders are then averaged.
 
-Any engine can judge: it only needs ``generate(conversations, sampling) -> [[completion with .text]]``.
+Any engine can judge: it only needs ``generate(conversations, sampling, structured=..., logprobs=...)
+-> [[completion with .text and .logprobs]]``.
 Calls are cached in a StageStore keyed by a content hash of (judge model, sampling, prompt), so a
 rerun makes no call it already made and a crash loses at most one batch.
 """

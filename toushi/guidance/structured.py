@@ -16,6 +16,7 @@ Keys that cannot apply to a call (no dimension or rule to refer to, no pair show
 from __future__ import annotations
 
 import json
+import re
 
 from toushi.engines import Structured
 from toushi.guidance.memory import Memory, Op, ParseResult
@@ -34,10 +35,9 @@ CHARS_PER_TOKEN = 3
 
 
 def _text(lo: int, hi: int, prose: bool = False) -> dict:
-    out = {"type": "string", "minLength": lo, "maxLength": hi}
-    if prose:
-        out["pattern"] = _PROSE % (lo - 1, hi - 1)
-    return out
+    if prose:  # the pattern carries the length bounds (xgrammar takes a pattern or bounds, not both)
+        return {"type": "string", "pattern": _PROSE % (lo - 1, hi - 1)}
+    return {"type": "string", "minLength": lo, "maxLength": hi}
 
 
 def max_chars(schema: dict) -> int:
@@ -48,6 +48,8 @@ def max_chars(schema: dict) -> int:
         return 2 + schema["maxItems"] * (max_chars(schema["items"]) + 1)
     if "enum" in schema:
         return 2 + max(len(str(v)) for v in schema["enum"])
+    if "pattern" in schema:  # a _PROSE pattern: one first character, then at most {lo,hi}
+        return 3 + int(re.search(r",(\d+)\}\$$", schema["pattern"]).group(1))
     return 2 + schema["maxLength"]
 
 
