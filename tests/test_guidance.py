@@ -74,8 +74,10 @@ def test_ops_update_support_and_provenance():
     assert mem.dimensions[1].rules[0].support == 3 and mem.dimensions[1].rules[0].pair_ids == ["id-3", "id-2"]
 
 
-def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies():
+def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_model):
     import jsonschema
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
 
     from toushi.guidance.structured import ops_schema, parse_json_ops
 
@@ -95,12 +97,11 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies():
     from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
 
     assert not has_xgrammar_unsupported_json_features(first)  # vLLM's xgrammar backend takes it
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(offline_model)))
+    compiler.compile_json_schema(json.dumps(first), any_whitespace=False)  # and compiles it (as vLLM will)
     with pytest.raises(jsonschema.ValidationError):  # a label the call never showed is not in the enum
         jsonschema.validate({"new_dimensions": [{**answer["new_dimensions"][0], "rules": [
             {"rule": "Reflect the exact feeling the poster names", "pairs": ["p9"]}]}] * 3}, first)
-    for bad_name in ("add_rules", "p5, rules", "[R1.2] rule"):  # copied keys, labels, ids are not names
-        with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate({"new_dimensions": [{**answer["new_dimensions"][0], "name": bad_name}] * 3}, first)
     parsed = parse_json_ops(json.dumps(answer))
     mem = empty.copy()
     st = mem.apply(parsed.ops, ALIASES)
@@ -115,6 +116,7 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies():
     st = mem.apply(parse_json_ops(json.dumps({"new_dimensions": [], "add_rules": [], "edit": [], "remove": [],
                                               "agree": [{"rule": "R2.1", "pairs": ["p3"]}]})).ops, ALIASES)
     assert mem.dimensions[1].rules[0].support == 3 and mem.dimensions[1].rules[0].pair_ids == ["id-2", "id-3"]
+    compiler.compile_json_schema(json.dumps(later), any_whitespace=False)
     consolidate = ops_schema(mem, [], max_dimensions=5, cap=4)  # no pairs shown: no pair fields at all
     assert "pairs" not in consolidate["properties"]["agree"]["items"]["properties"]
     assert parse_json_ops("DIM Warmth: be kind") is None  # not JSON: read as operation lines instead

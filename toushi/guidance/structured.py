@@ -16,7 +16,6 @@ Keys that cannot apply to a call (no dimension or rule to refer to, no pair show
 from __future__ import annotations
 
 import json
-import re
 
 from toushi.engines import Structured
 from toushi.guidance.memory import Memory, Op, ParseResult
@@ -24,19 +23,15 @@ from toushi.guidance.memory import Memory, Op, ParseResult
 MIN_FIRST_DIMENSIONS = 3
 # Bounds on every string: each one ends, so a constrained answer cannot run on until max_tokens.
 NAME_CHARS, DEFINITION_CHARS, RULE_CHARS = 40, 120, 160
-# A name or a rule is prose: it starts like a sentence or a title (not lowercase, a digit or punctuation)
-# and has no brackets, braces or underscores, so a small model cannot fill it with copied keys
-# ("add_rules"), ids ("[R1.2") or labels ("p5, rules").
-_PROSE = '^[^a-z0-9_\\s\\[\\]{}()<>"\'.,:;-][^_\\[\\]{}<>"]{%d,%d}$'
 
 
 # Characters per token of a worst-case answer (JSON punctuation and repetitive text tokenise poorly).
 CHARS_PER_TOKEN = 3
 
 
-def _text(lo: int, hi: int, prose: bool = False) -> dict:
-    if prose:  # the pattern carries the length bounds (xgrammar takes a pattern or bounds, not both)
-        return {"type": "string", "pattern": _PROSE % (lo - 1, hi - 1)}
+def _text(lo: int, hi: int) -> dict:
+    # Length bounds only: a "pattern" here (e.g. to keep copied keys out of names) makes xgrammar 0.2.8
+    # fail to compile the whole operations schema (grammar_functor.cc per_rule_fsm_hashes check).
     return {"type": "string", "minLength": lo, "maxLength": hi}
 
 
@@ -48,8 +43,6 @@ def max_chars(schema: dict) -> int:
         return 2 + schema["maxItems"] * (max_chars(schema["items"]) + 1)
     if "enum" in schema:
         return 2 + max(len(str(v)) for v in schema["enum"])
-    if "pattern" in schema:  # a _PROSE pattern: one first character, then at most {lo,hi}
-        return 3 + int(re.search(r",(\d+)\}\$$", schema["pattern"]).group(1))
     return 2 + schema["maxLength"]
 
 
@@ -79,22 +72,22 @@ def ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int,
 def _ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int,
                 n_rules: int, n_add: int, n_agree: int, n_edit: int, n_remove: int) -> dict:
     pairs = {"pairs": _array({"type": "string", "enum": labels}, min(3, len(labels)), 1)} if labels else {}
-    rule = _obj({"rule": _text(15, RULE_CHARS, prose=True), **pairs})
+    rule = _obj({"rule": _text(15, RULE_CHARS), **pairs})
     n_dims = len(memory.dimensions)
     room = max(0, max_dimensions - n_dims)
     props = {"new_dimensions": _array(
-        _obj({"name": _text(3, NAME_CHARS, prose=True), "definition": _text(10, DEFINITION_CHARS),
+        _obj({"name": _text(3, NAME_CHARS), "definition": _text(10, DEFINITION_CHARS),
               "rules": _array(rule, min(n_rules, cap), 1)}),
         min(room, MIN_FIRST_DIMENSIONS), min(room, MIN_FIRST_DIMENSIONS) if n_dims == 0 else 0)}
     names = [d.name for d in memory.dimensions]
     if names:
         props["add_rules"] = _array(_obj({"dimension": {"type": "string", "enum": names},
-                                          "rule": _text(15, RULE_CHARS, prose=True), **pairs}), n_add)
+                                          "rule": _text(15, RULE_CHARS), **pairs}), n_add)
     ids = [f"R{di}.{ri}" for di, d in enumerate(memory.dimensions, 1) for ri in range(1, len(d.rules) + 1)]
     if ids:
         rule_id = {"type": "string", "enum": ids}
         props["agree"] = _array(_obj({"rule": rule_id, **pairs}), n_agree)
-        props["edit"] = _array(_obj({"rule": rule_id, "text": _text(15, RULE_CHARS, prose=True), **pairs}), n_edit)
+        props["edit"] = _array(_obj({"rule": rule_id, "text": _text(15, RULE_CHARS), **pairs}), n_edit)
         props["remove"] = _array(rule_id, n_remove)
     return _obj(props)
 
