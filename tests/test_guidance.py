@@ -277,9 +277,9 @@ def _session(tmp_path, engine, pairs, mode, **kw) -> Session:
     store = StageStore(tmp_path, "guidance")
     spec_path = str(Path(engine.spec.name))
     return Session(
-        store=store, lang="en", calls=CallCache(store, lambda: engine, "smollm2", Sampling(temperature=0.3, max_tokens=512)),
+        store=store, lang="en", calls=CallCache(store, lambda: engine, "smollm2", Sampling(temperature=0.3, max_tokens=768)),
         pairs=pairs, blind=kw.get("blind", True), cap=3, max_dimensions=4, batch_size=kw.get("batch_size", 3),
-        count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1450), drift_threshold=0.3, mode=mode,
+        count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1200), drift_threshold=0.3, mode=mode,
         gate=kw.get("gate"),
     )
 

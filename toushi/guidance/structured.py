@@ -22,11 +22,12 @@ from toushi.guidance.memory import Memory, Op, ParseResult
 
 MIN_FIRST_DIMENSIONS = 3
 # Bounds on every string: each one ends, so a constrained answer cannot run on until max_tokens.
-NAME_CHARS, DEFINITION_CHARS, RULE_CHARS = 40, 120, 160
+NAME_CHARS, DEFINITION_CHARS, RULE_CHARS = 32, 100, 120
 
 
-# Characters per token of a worst-case answer (JSON punctuation and repetitive text tokenise poorly).
-CHARS_PER_TOKEN = 3
+# Characters per token of a worst-case answer: JSON punctuation and the degenerate repetition of a small
+# model ("R1.2.3.3.3.3...") take about two characters per token.
+CHARS_PER_TOKEN = 2
 
 
 def _text(lo: int, hi: int) -> dict:
