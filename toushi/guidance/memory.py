@@ -219,6 +219,7 @@ class Memory:
                     ids.append(aliases[a.lower()])
                 else:
                     stats.unknown_pairs += 1
+            ids = list(dict.fromkeys(ids))  # a label listed twice is one pair
             if op.kind == "DIM":
                 d = self._dim(op.target, create=True)
                 if d is None:
