@@ -76,19 +76,20 @@ def user_conversation(prompt: str) -> list[dict]:
 
 def generate_students(
     spec: ModelSpec, adapters: dict[str, Path], convs: list[list[dict]], sampling: Sampling, console,
-    base: bool = True,
+    base: bool = True, open_engine=None,
 ) -> tuple[dict[str, list[str]], str]:
     """Answers of the base student (when ``base``) and each adapter: name -> texts. Returns (answers,
     engine used).
 
-    One engine serves the base and every adapter (``lora_name`` per call). If vLLM with LoRA fails
-    (LoRA support varies on CPU builds), fall back to the transformers engine with PEFT and say so.
+    One engine serves the base and every adapter (``lora_name`` per call): ``open_engine(spec)`` (the
+    run's shared engine under `toushi run`), else a new one. If vLLM with LoRA fails (LoRA support varies
+    on CPU builds), fall back to the transformers engine with PEFT and say so.
     """
     from toushi.engines import make_engine
 
-    def run(s: ModelSpec) -> dict[str, list[str]]:
+    def run(s: ModelSpec, opener=open_engine or make_engine) -> dict[str, list[str]]:
         out = {}
-        with make_engine(s) as engine:
+        with opener(s) as engine:
             if base:
                 out["student"] = [c[0].text for c in engine.generate(convs, sampling)]
             for name in adapters:
@@ -103,7 +104,7 @@ def generate_students(
             raise
         console.print(f"[yellow]eval: vLLM with LoRA failed ({type(e).__name__}: {e}); "
                       "falling back to the transformers engine with PEFT[/yellow]")
-    return run(spec.model_copy(update={**lora, "engine": "hf"})), "hf+peft (vLLM LoRA failed)"
+    return run(spec.model_copy(update={**lora, "engine": "hf"}), make_engine), "hf+peft (vLLM LoRA failed)"
 
 
 def _load_student(spec: ModelSpec, adapters: dict[str, Path]):
@@ -294,7 +295,8 @@ def run_stage(ctx: StageContext) -> dict:
         if missing:
             use = {n: adapters[n] for n in missing if n in adapters}
             console.print(f"eval: generating {len(prompts)} answers for {', '.join(missing)}")
-            gen, engine_used = generate_students(spec, use, convs, sampling, console, base="student" in missing)
+            gen, engine_used = generate_students(spec, use, convs, sampling, console, base="student" in missing,
+                                                  open_engine=ctx.engine)
             if engine_used != spec.engine:
                 notes.append(f"students generated with {engine_used}")
             with sstore.writer() as w:
@@ -366,7 +368,6 @@ def run_stage(ctx: StageContext) -> dict:
 
 
 def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[str], progress: Progress) -> dict | None:
-    from toushi.engines import make_engine
     from toushi.judge import PairTask, aggregate, judge_dimensions, pending_calls, run_judge, win_rates
 
     r, cfg = ctx.recipe, ctx.recipe.eval
@@ -391,7 +392,7 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
     # Open the engine only when some call is not cached (a vLLM start costs a minute on CPU).
     mode = cfg.judge_mode
     if pending_calls(tasks, store, dims, sampling, spec.name, mode):
-        with make_engine(spec) as engine:
+        with ctx.engine(spec) as engine:
             calls = run_judge(engine, tasks, store, dims, sampling, spec.name,
                               progress=lambda n: progress.advance(task, n), mode=mode)
     else:

@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from toushi.engines.pool import EnginePool
 from toushi.guidance.render import load_guidance, read_guidance_file, system_prompt, to_json, to_markdown
 from toushi.store import StageStore, atomic_write_text, stable_id
 
@@ -61,28 +62,7 @@ def _local_path(spec) -> str | None:
         return None
 
 
-class EnginePool:
-    """One engine per distinct model spec (sampling aside): on a small machine the weak, strong and judge
-    roles are often the same model, and loading it three times wastes memory."""
-
-    def __init__(self):
-        self._engines: dict[str, object] = {}
-
-    def get(self, spec):
-        from toushi.engines import make_engine
-
-        key = stable_id(spec.model_dump(mode="json", exclude={"sampling"}))
-        if key not in self._engines:
-            self._engines[key] = make_engine(spec)
-        return self._engines[key]
-
-    def close(self) -> None:
-        for e in self._engines.values():
-            e.close()
-        self._engines.clear()
-
-
-def _make_gate(ctx, pool: EnginePool, dev: list[dict]):
+def _make_gate(ctx, pool, dev: list[dict]):
     """gate(new_memory, old_memory | None) -> decision dict, using the weak role to answer the dev prompts
     and the judge role to compare (both cached)."""
     from toushi.guidance.gate import decide, judge_outcomes
@@ -140,7 +120,9 @@ def run_stage(ctx) -> dict:
     spec = r.models.strong
     context = cfg.context_tokens or spec.max_model_len or 4096
     budget = context - cfg.sampling.max_tokens - 64  # 64: chat-template tokens around the prompt
-    pool = EnginePool()
+    # one engine per model for the strong, weak and judge roles: the run's shared pool under `toushi run`
+    own_pool = ctx.engines is None
+    pool = EnginePool() if own_pool else ctx.engines
     store = ctx.store
     atomic_write_text(store.path("labels.json"), json.dumps(
         {p["id"]: {"label": p["label"], **{a["label"]: a["role"] for a in p["answers"]}} for p in pairs + dev},
@@ -162,7 +144,8 @@ def run_stage(ctx) -> dict:
                           + (f", gate on {len(dev)} dev prompts" if dev else ""))
         MODES[cfg.mode](session, pairs)
     finally:
-        pool.close()
+        if own_pool:
+            pool.close()
     counts = finish(session, store, pairs, skipped, gate_on)
     return counts
 
