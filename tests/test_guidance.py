@@ -123,6 +123,24 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_mo
     assert parse_json_ops('{"agree": [{"pairs": ["p1"]}]}').malformed  # an entry without its rule id
 
 
+def test_merged_partials_keep_at_most_max_dimensions():
+    """Partial analyses merged in map-reduce can bring more dimensions than the cap; prune keeps the
+    best-supported ones (the tiny-cpu run once ended with 15 of a cap of 5)."""
+    merged = Memory(cap=4, max_dimensions=2)
+    for calls in (["ADD Warmth: say you are sorry", "AGREE R1.1"], ["ADD Next step: offer one small step"],
+                  ["ADD Validation: name the feeling", "AGREE R1.1", "AGREE R1.1"]):
+        part = Memory(cap=4, max_dimensions=2)
+        for text in calls:  # one analysis call each: agreement in a later call adds support
+            part.apply(parse_ops(text).ops, ALIASES)
+        merged.merge(part)
+    support = {d.name: sum(r.support for r in d.rules) for d in merged.dimensions}
+    assert len(support) == 3 and support["Validation"] > support["Warmth"] > support["Next step"], support
+    assert merged.prune() == 1  # the one rule of the dropped dimension
+    assert [d.name for d in merged.dimensions] == ["Warmth", "Validation"]
+    merged.keep_raw("free text", "map-9", ["id-1"])  # the raw-notes log does not count against the cap
+    assert [d.name for d in merged.dimensions] == ["Warmth", "Validation", "Unstructured notes"]
+
+
 def test_cap_prunes_lowest_support_newest_first():
     mem = Memory(cap=2)
     mem.apply(parse_ops("ADD Warmth: rule a\nADD Warmth: rule b").ops, ALIASES)

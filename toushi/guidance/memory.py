@@ -278,9 +278,10 @@ class Memory:
         return self.find(target, create=create)
 
     def prune(self) -> int:
-        """Enforce the cap: drop the lowest-support rules; among equals the newest goes first, so an
-        established rule is not displaced by an untested one. Empty dimensions beyond the first
-        ``max_dimensions`` are dropped too."""
+        """Enforce the caps: drop the lowest-support rules of a dimension beyond ``cap``, and the
+        lowest-support dimensions beyond ``max_dimensions`` (merged partial analyses can bring more); among
+        equals the newest goes first, so an established rule or dimension is not displaced by an untested
+        one. Returns the number of rules dropped."""
         pruned = 0
         for d in self.dimensions:
             # raw notes are a review log kept out of the prompt: the cap must not throw away the evidence
@@ -289,6 +290,12 @@ class Memory:
                 keep = set(order[: self.cap])
                 pruned += len(d.rules) - self.cap
                 d.rules = [r for i, r in enumerate(d.rules) if i in keep]
+        counted = [i for i, d in enumerate(self.dimensions) if "unstructured" not in d.flags]
+        if len(counted) > self.max_dimensions:
+            support = {i: sum(r.support for r in self.dimensions[i].rules) for i in counted}
+            drop = set(sorted(counted, key=lambda i: (-support[i], i))[self.max_dimensions:])
+            pruned += sum(len(self.dimensions[i].rules) for i in drop)
+            self.dimensions = [d for i, d in enumerate(self.dimensions) if i not in drop]
         return pruned
 
     # ---- copies, merges, serialisation
