@@ -81,8 +81,7 @@ def _make_gate(ctx, pool, dev: list[dict]):
 
     def gate(new, old) -> dict:
         outcomes = judge_outcomes(pool.get(judge), gate_store, judge.name, judge.sampling, r.run.lang, None,
-                                  [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old),
-                                  mode=r.eval.judge_mode)
+                                  [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old))
         return decide(outcomes)
 
     return gate
