@@ -113,3 +113,13 @@ def vllm_server(offline_model, tmp_path_factory):
     server = VLLMServer(cpu_vllm_spec("smollm2-135m-instruct"), port=free_port(), log_path=log)
     with server:
         yield server.base_url
+
+
+def write_corpus(run_dir: Path, posts: list[str]) -> None:
+    """A corpus stage's records for these posts (ids p0, p1, ...; all train), so pairs can run on them."""
+    from toushi.store import StageStore
+
+    with StageStore(run_dir, "corpus").writer() as w:
+        for i, text in enumerate(posts):
+            w.write({"id": f"p{i}", "lang": "en", "scene": "test", "text": text, "source": "test",
+                     "source_id": f"p{i}", "split": "train", "flags": [], "persona": None})

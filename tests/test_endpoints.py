@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.conftest import cpu_vllm_spec, free_port
+from tests.conftest import cpu_vllm_spec, free_port, write_corpus
 from toushi.engines.endpoints import BACKOFF_BASE_S, EndpointPool
 from toushi.engines.server import VLLMServer
 from toushi.pairs import run_stage
@@ -123,10 +123,7 @@ def test_pairs_over_two_servers_one_killed_mid_stage(two_servers, tmp_path):
         "pairs": {"batch_size": 2},
     })
     ctx = StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
-    with StageStore(recipe.run_dir, "corpus").writer() as w:
-        for i, text in enumerate(POSTS):
-            w.write({"id": f"p{i}", "lang": "en", "scene": "test", "text": text, "source": "test",
-                     "source_id": f"p{i}", "split": "train", "flags": [], "persona": None})
+    write_corpus(recipe.run_dir, POSTS)
     weak_cache = StageStore(ctx.store.dir, "weak_cache").records_path
     dead = two_servers[1]
     done = threading.Event()

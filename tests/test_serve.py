@@ -21,7 +21,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import REPO, cpu_vllm_spec, free_port
+from tests.conftest import REPO, cpu_vllm_spec, free_port, write_corpus
 from toushi.chat import ChatSession, chat_loop, default_model, make_client
 from toushi.cli import app
 from toushi.engines import GenerationError, make_engine
@@ -185,10 +185,7 @@ def kill_after_first_flush(cache: Path, server, done: threading.Event) -> None:
 def test_pairs_survive_a_server_killed_mid_stage(served):
     recipe, server = served
     ctx = StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
-    with StageStore(recipe.run_dir, "corpus").writer() as w:
-        for i, text in enumerate(POSTS):
-            w.write({"id": f"p{i}", "lang": "en", "scene": "test", "text": text, "source": "test",
-                     "source_id": f"p{i}", "split": "train", "flags": [], "persona": None})
+    write_corpus(recipe.run_dir, POSTS)
     weak_cache = StageStore(ctx.store.dir, "weak_cache").records_path
     done = threading.Event()
     killer = threading.Thread(target=kill_after_first_flush, args=(weak_cache, server, done), daemon=True)
