@@ -79,6 +79,15 @@ def test_changed_hparam_retrains(tmp_path, tiny_model):
     first = adapter_weights(run_dir / "sft" / "adapter")
     assert run_stages(load_recipe(recipe_path, sft_only), STAGES) == {"sft": "skipped"}
 
+    # an input stage outside run.stages still counts by content: an edited pairs file reruns sft
+    pairs = StageStore(run_dir, "pairs")
+    records = pairs.records()
+    records[0]["scene"] = "edited by hand"
+    pairs.records_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_stages(load_recipe(recipe_path, sft_only), STAGES) == {"sft": "ran"}
+    assert manifest(run_dir, "sft")["rerun_reason"] == "changed: pairs output"
+    first = adapter_weights(run_dir / "sft" / "adapter")  # same examples: the same adapter again
+
     changed = load_recipe(recipe_path, [*sft_only, "sft.train.learning_rate=0.05"])
     assert run_stages(changed, STAGES) == {"sft": "ran"}
     m = manifest(run_dir, "sft")

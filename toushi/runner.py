@@ -90,7 +90,8 @@ def fingerprint(recipe: Recipe, stage: Stage, by_name: dict[str, Stage]) -> tupl
     """
     inputs: dict[str, dict] = {"files": input_files(recipe, stage.sections)}
     for name in stage.inputs:
-        if name in recipe.run.stages:
+        # an input stage made earlier (or by another recipe on this run dir) counts too, by its content
+        if name in recipe.run.stages or StageStore(recipe.run_dir, name).dir.is_dir():
             m = StageStore(recipe.run_dir, name).manifest() or {}
             inputs[name] = {"fingerprint": m.get("fingerprint", "missing"),
                             "outputs": output_digest(recipe.run_dir, by_name[name])}
