@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -81,3 +82,99 @@ def test_adapter_checks(lora_adapter, tmp_path):
         max_lora_rank({"bad": bad})
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         max_lora_rank({"missing": tmp_path})
+
+
+# ---- structured outputs: every engine returns parseable, schema-valid JSON for a constrained request
+
+FEELING = {"type": "object", "additionalProperties": False, "required": ["feeling", "intensity"],
+           "properties": {"feeling": {"type": "string", "maxLength": 40},
+                          "intensity": {"type": "integer", "minimum": 1, "maximum": 10}}}
+ASK_JSON = [[{"role": "user", "content": "I failed my driving test again. As JSON: my feeling and its intensity."}],
+            [{"role": "user", "content": "My cat died today. Name the feeling and how strong it is, in JSON."}]]
+ASK_CHOICE = [{"role": "user", "content": "Which reply is kinder to a grieving friend: A) 'I'm so sorry, that hurts' "
+                                          "or B) 'It was just a cat'? Answer A, B or tie."}]
+
+
+def check_structured(engine):
+    """A JSON-schema request and a choices request with logprobs, in one batch."""
+    from toushi.engines import Structured
+
+    schema, choice = Structured(json_schema=FEELING), Structured(choices=("A", "B", "tie"))
+    out = engine.generate(ASK_JSON + [ASK_CHOICE], Sampling(temperature=0.0, max_tokens=48),
+                          structured=[schema, schema, choice], logprobs=5)
+    for cs in out[:2]:
+        value = json.loads(cs[0].text)  # parseable, and valid under the schema
+        assert set(value) == {"feeling", "intensity"} and 1 <= value["intensity"] <= 10, cs[0].text
+        assert "unstructured" not in cs[0].flags
+    choice_out = out[2][0]
+    assert choice_out.text in ("A", "B", "tie")
+    first = choice_out.logprobs[0]  # reported after the constraint's mask: only choice tokens carry mass
+    assert first and all(t.strip() and "tie".startswith(t.strip().lower()) or t.strip() in "AB" for t in first)
+    assert 0.99 < sum(math.exp(v) for v in first.values()) < 1.01
+    free = engine.generate(ASK_JSON[:1], Sampling(temperature=0.0, max_tokens=48))
+    assert free[0][0].logprobs is None
+    return [cs[0].text for cs in out]
+
+
+def test_vllm_structured_outputs(vllm_engine):
+    check_structured(vllm_engine)
+
+
+def test_hf_structured_outputs(offline_model):
+    with make_engine(ModelSpec(name="smollm2-135m-instruct", engine="hf", dtype="float32")) as hf:
+        check_structured(hf)
+
+
+def test_openai_structured_outputs_on_vllm_server(vllm_server):
+    engine = make_engine(ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server))
+    check_structured(engine)
+    assert engine.structured_refused is None  # vLLM's server takes response_format and structured_outputs
+
+
+def test_openai_falls_back_when_an_endpoint_refuses_the_constraint():
+    """An endpoint that rejects response_format with a 400 (as some hosted APIs do; a stand-in, since a
+    remote API cannot run here): the engine drops the constraint for good, then parses and retries until
+    the plain answer satisfies the schema."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from toushi.engines import Structured
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            if "response_format" in body:
+                status, reply = 400, {"error": {"message": "response_format json_schema is not supported"}}
+            else:
+                text = "Sure! You feel sad." if len(body["messages"]) == 1 else '{"feeling": "sad", "intensity": 6}'
+                status, reply = 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": text}}],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}
+            data = json.dumps(reply).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine = make_engine(ModelSpec(name="m", engine="openai", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                       max_retries=0))
+        out = engine.generate(ASK_JSON[:1], Sampling(temperature=0.0, max_tokens=32),
+                              structured=Structured(json_schema=FEELING))
+    finally:
+        server.shutdown()
+    assert json.loads(out[0][0].text) == {"feeling": "sad", "intensity": 6} and "unstructured" not in out[0][0].flags
+    assert "not supported" in engine.structured_refused
+    # refused once, then plain requests: the second one spells out the schema after the unusable answer
+    assert ["response_format" in b for b in seen] == [True, False, False]
+    assert '"intensity"' in seen[2]["messages"][-1]["content"] and seen[2]["messages"][-2]["role"] == "assistant"

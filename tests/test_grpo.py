@@ -103,9 +103,9 @@ class CountingEngine:
     def __init__(self, engine):
         self.engine, self.requests = engine, 0
 
-    def generate(self, conversations, sampling, lora_name=None):
+    def generate(self, conversations, sampling, lora_name=None, **kwargs):
         self.requests += len(conversations)
-        return self.engine.generate(conversations, sampling, lora_name)
+        return self.engine.generate(conversations, sampling, lora_name, **kwargs)
 
 
 def test_judge_reward_against_real_server_is_parsed_and_cached(vllm_server, tmp_path):
@@ -123,15 +123,15 @@ def test_judge_reward_against_real_server_is_parsed_and_cached(vllm_server, tmp_
     completions = [[{"role": "assistant", "content": a}] for a in (GOOD_EN, MARKDOWN_EN, GOOD_EN)]
     first = reward(prompts=[None] * 3, completions=completions, post=[SHORT_POST] * 3, trainer_state=None)
     assert engine.requests == 2  # the repeated answer is asked once
-    assert len(first) == 3 and first[0] == first[2] and all(-1.0 <= s <= 1.0 for s in first)
+    # decoded under the "Score: N" format, every verdict is a score: none is invalid
+    assert len(first) == 3 and first[0] == first[2] and all(s is not None and -1.0 <= s <= 1.0 for s in first)
     records = cache.records()
     assert len(records) == 2  # one verdict per distinct (post, answer)
     for rec, value in zip(records, first):
         assert rec["raw"]  # the judge's own words are kept for inspection
-        # each verdict is either a parsed 1-10 score or recorded invalid (None, counted, reward 0)
-        assert rec["score"] == parse_score(rec["raw"])
-        assert value == (0.0 if rec["score"] is None else (rec["score"] - 5.5) / 4.5)
-    assert scorer.invalid == sum(rec["score"] is None for rec in records)
+        assert rec["score"] == parse_score(rec["raw"]) is not None
+        assert value == (rec["score"] - 5.5) / 4.5
+    assert scorer.invalid == 0
     # second call: everything comes from the cache, no request reaches the server
     again = reward(prompts=[None] * 3, completions=completions, post=[SHORT_POST] * 3)
     assert again == first and engine.requests == 2

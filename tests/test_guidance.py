@@ -74,6 +74,55 @@ def test_ops_update_support_and_provenance():
     assert mem.dimensions[1].rules[0].support == 3 and mem.dimensions[1].rules[0].pair_ids == ["id-3", "id-2"]
 
 
+def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_model):
+    import jsonschema
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from toushi.guidance.structured import ops_schema, parse_json_ops
+
+    empty = Memory(cap=4, max_dimensions=5)
+    first = ops_schema(empty, ["p1", "p2"], max_dimensions=5, cap=4)
+    assert set(first["properties"]) == {"new_dimensions"}  # nothing shown to agree with, edit or remove
+    assert first["properties"]["new_dimensions"]["minItems"] == 3  # a first analysis names >= 3 dimensions
+    answer = {"new_dimensions": [
+        {"name": "Validation", "definition": "Name the feeling first.",
+         "rules": [{"rule": "Reflect the exact feeling the poster names", "pairs": ["p1"]},
+                   {"rule": "Reflect the exact  feeling the poster names", "pairs": ["p2"]}]},
+        {"name": "Next step", "definition": "One small doable action.",
+         "rules": [{"rule": "Offer one small step they can take today", "pairs": ["p2"]}]},
+        {"name": "Warmth", "definition": "Sound like a person who cares.",
+         "rules": [{"rule": "Avoid platitudes such as everything happens", "pairs": ["p1", "p2"]}]}]}
+    jsonschema.validate(answer, first)
+    from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+    assert not has_xgrammar_unsupported_json_features(first)  # vLLM's xgrammar backend takes it
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(offline_model)))
+    compiler.compile_json_schema(json.dumps(first), any_whitespace=False)  # and compiles it (as vLLM will)
+    with pytest.raises(jsonschema.ValidationError):  # a label the call never showed is not in the enum
+        jsonschema.validate({"new_dimensions": [{**answer["new_dimensions"][0], "rules": [
+            {"rule": "Reflect the exact feeling the poster names", "pairs": ["p9"]}]}] * 3}, first)
+    parsed = parse_json_ops(json.dumps(answer))
+    mem = empty.copy()
+    st = mem.apply(parsed.ops, ALIASES)
+    # one lesson is one ADD: the reworded repeat in the same answer adds neither a rule nor support
+    assert [len(d.rules) for d in mem.dimensions] == [1, 1, 1] and st.duplicates == 1 and st.malformed == 0
+    assert mem.dimensions[0].rules[0].support == 2 and mem.dimensions[0].rules[0].pair_ids == ["id-1"]
+    later = ops_schema(mem, ["p3"], max_dimensions=5, cap=4)
+    assert later["properties"]["new_dimensions"]["maxItems"] == 2  # room left under max_dimensions
+    assert later["properties"]["agree"]["items"]["properties"]["rule"]["enum"] == ["R1.1", "R2.1", "R3.1"]
+    assert later["properties"]["add_rules"]["items"]["properties"]["dimension"]["enum"] == [
+        "Validation", "Next step", "Warmth"]
+    st = mem.apply(parse_json_ops(json.dumps({"new_dimensions": [], "add_rules": [], "edit": [], "remove": [],
+                                              "agree": [{"rule": "R2.1", "pairs": ["p3"]}]})).ops, ALIASES)
+    assert mem.dimensions[1].rules[0].support == 3 and mem.dimensions[1].rules[0].pair_ids == ["id-2", "id-3"]
+    compiler.compile_json_schema(json.dumps(later), any_whitespace=False)
+    consolidate = ops_schema(mem, [], max_dimensions=5, cap=4)  # no pairs shown: no pair fields at all
+    assert "pairs" not in consolidate["properties"]["agree"]["items"]["properties"]
+    assert parse_json_ops("DIM Warmth: be kind") is None  # not JSON: read as operation lines instead
+    assert parse_json_ops('{"agree": [{"pairs": ["p1"]}]}').malformed  # an entry without its rule id
+
+
 def test_merged_partials_keep_at_most_max_dimensions():
     """Partial analyses merged in map-reduce can bring more dimensions than the cap; prune keeps the
     best-supported ones (the tiny-cpu run once ended with 15 of a cap of 5)."""
@@ -234,21 +283,21 @@ class Counting:
         self.engine, self.stop_after, self.calls, self.prompts = engine, stop_after, 0, 0
         self.spec = engine.spec
 
-    def generate(self, conversations, sampling):
+    def generate(self, conversations, sampling, **kwargs):
         if self.stop_after is not None and self.calls >= self.stop_after:
             raise KeyboardInterrupt("simulated kill")
         self.calls += 1
         self.prompts += len(conversations)
-        return self.engine.generate(conversations, sampling)
+        return self.engine.generate(conversations, sampling, **kwargs)
 
 
 def _session(tmp_path, engine, pairs, mode, **kw) -> Session:
     store = StageStore(tmp_path, "guidance")
     spec_path = str(Path(engine.spec.name))
     return Session(
-        store=store, lang="en", calls=CallCache(store, lambda: engine, "smollm2", Sampling(temperature=0.3, max_tokens=96)),
+        store=store, lang="en", calls=CallCache(store, lambda: engine, "smollm2", Sampling(temperature=0.3, max_tokens=768)),
         pairs=pairs, blind=kw.get("blind", True), cap=3, max_dimensions=4, batch_size=kw.get("batch_size", 3),
-        count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1800), drift_threshold=0.3, mode=mode,
+        count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1200), drift_threshold=0.3, mode=mode,
         gate=kw.get("gate"),
     )
 
@@ -259,7 +308,11 @@ def _check_outputs(s: Session, pairs: list[dict], corpus_ids: set[str]) -> None:
     counts = finish(s, s.store, pairs, 0, False)
     d = s.store.dir
     data = json.loads((d / "guidance.json").read_text())
-    assert data["dimensions"], "never silently empty: raw output is kept as a flagged dimension"
+    # decoded under the operations schema, the model's answers are all usable: no malformed operation, no
+    # raw output kept aside, and at least three dimensions with rules (fails when the model emits nothing)
+    assert counts["malformed_ops"] == 0 and counts["unstructured"] == 0 and counts["unknown_pair_ids"] == 0
+    usable = [dim for dim in data["dimensions"] if "unstructured" not in dim["flags"] and dim["rules"]]
+    assert len(usable) >= 3, data["dimensions"]
     for dim in data["dimensions"]:
         for r in dim["rules"]:
             assert r["text"].strip()
@@ -294,6 +347,12 @@ def test_mode_end_to_end(mode, tmp_path, engine, pairs_records):
     s = _session(tmp_path, engine, pairs, mode)
     M.MODES[mode](s, pairs)
     _check_outputs(s, pairs, {r["id"] for r in pairs_records})
+    if mode == "map-reduce":  # a worked example (constrained JSON, rendered) for every dimension with rules
+        data = json.loads((tmp_path / "guidance" / "guidance.json").read_text())
+        for dim in data["dimensions"]:
+            if dim["rules"]:
+                worked = [e for e in dim["examples"] if e["kind"] == "worked"]
+                assert worked and worked[0]["text"].startswith("“") and worked[0]["pair_ids"], dim
 
 
 def test_resume_after_kill_repeats_no_finished_call(tmp_path, engine, pairs_records):
@@ -326,7 +385,7 @@ def test_repair_path_keeps_structured_repair(tmp_path, engine, pairs_records):
         def __init__(self):
             self.n = 0
 
-        def generate(self, conversations, sampling):
+        def generate(self, conversations, sampling, structured=None):
             from toushi.engines import make_completion
 
             out = []

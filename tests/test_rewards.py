@@ -96,3 +96,28 @@ def test_adherence_prompt_carries_guidance_as_data():
     guided = render("judge_score", "zh", post=ZH_POST, answer=ZH_ANSWER, guidance="先说出对方的感受。")
     assert "GUIDANCE" not in plain and "<<<GUIDANCE\n先说出对方的感受。\nGUIDANCE>>>" in guided
     assert plain.rstrip().endswith("Score: <1-10>")
+
+
+def test_judge_scorer_counts_an_unreadable_verdict_and_never_scores_it(tmp_path):
+    """A judge endpoint that ignores the "Score: N" constraint (scripted: a remote API cannot run here):
+    its unreadable verdict is counted and gets None, which TRL leaves out of the reward sum (not 0)."""
+    from toushi.engines import make_completion
+    from toushi.recipe import Sampling
+    from toushi.rewards import SCORE_FORMAT, JudgeScorer
+    from toushi.store import StageStore
+
+    class Unconstrained:
+        def __init__(self):
+            self.constraints = []
+
+        def generate(self, conversations, sampling, structured=None):
+            self.constraints.append(structured)
+            texts = ["Score: 8", "I would rather not rate this."]
+            return [[make_completion(texts[i % 2], finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                                     latency_s=0.0, model="scripted")] for i in range(len(conversations))]
+
+    engine = Unconstrained()
+    scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=8), StageStore(tmp_path, "c"), "scripted")
+    assert scorer.scores([SHORT_POST] * 2, [GOOD_EN, MARKDOWN_EN]) == [pytest.approx((8 - 5.5) / 4.5), None]
+    assert scorer.invalid == 1 and engine.constraints == [SCORE_FORMAT]
+    assert SCORE_FORMAT.check("Score: 10") and not SCORE_FORMAT.check("Score: 11")

@@ -166,7 +166,7 @@ class ScriptedJudge:
     def __init__(self, verdicts):
         self.verdicts, self.requests = list(verdicts), 0
 
-    def generate(self, conversations, sampling, lora_name=None):
+    def generate(self, conversations, sampling, lora_name=None, structured=None, logprobs=None):
         from toushi.engines import Completion
 
         out = []

@@ -390,15 +390,16 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
     store = StageStore(ctx.store.dir, "judge")
     task = progress.add_task("judge", total=2 * len(tasks))
     # Open the engine only when some call is not cached (a vLLM start costs a minute on CPU).
-    if pending_calls(tasks, store, dims, sampling, spec.name):
+    mode = cfg.judge_mode
+    if pending_calls(tasks, store, dims, sampling, spec.name, mode):
         with ctx.engine(spec) as engine:
             calls = run_judge(engine, tasks, store, dims, sampling, spec.name,
-                              progress=lambda n: progress.advance(task, n))
+                              progress=lambda n: progress.advance(task, n), mode=mode)
     else:
-        calls = run_judge(None, tasks, store, dims, sampling, spec.name)
+        calls = run_judge(None, tasks, store, dims, sampling, spec.name, mode=mode)
     pairs = aggregate(tasks, calls, dims)
     return {
-        "model": spec.name, "reference": ref, "dimensions": [d["name"] for d in dims],
+        "model": spec.name, "mode": mode, "reference": ref, "dimensions": [d["name"] for d in dims],
         "calls": len(calls), "invalid_calls": sum(1 for c in calls if not c["valid"]),
         "retried_calls": sum(1 for c in calls if c.get("retry_raw") is not None),
         "systems": win_rates(pairs, dims, n_boot=cfg.bootstrap, seed=r.run.seed),

@@ -7,10 +7,17 @@
   prefixed with "│", so a reply cannot close its fence or start a line the parser would read; the judge
   is told that quoted text is material, not instructions; the parser skips quoted lines and fenced
   blocks in the judge's output, and takes the judge's *last* verdict line.
-* Parse failures: one retry asking for the bare answer lines, then the call is recorded as invalid
-  (never silently turned into a tie) and counted.
+* Format: the judge answers one JSON object (a verdict per dimension and an overall one), decoded under
+  that JSON schema wherever the engine can constrain it; the line format ("verdict: A") is still read
+  from judges that cannot be constrained.
+* Parse failures: one retry asking for the bare answer, then the call is recorded as invalid (never
+  silently turned into a tie) and counted.
+* Modes: ``generate`` reads the overall verdict from the JSON; ``logprob`` (AlpacaEval 2's weighted
+  preference) also asks for the overall verdict as one constrained choice token and reads the graded
+  preference P(A) + P(tie)/2 from the probabilities of A, B and tie; the two orders are then averaged.
 
-Any engine can judge: it only needs ``generate(conversations, sampling) -> [[completion with .text]]``.
+Any engine can judge: it only needs ``generate(conversations, sampling, structured=..., logprobs=...)
+-> [[completion with .text and .logprobs]]``.
 Calls are cached in a StageStore keyed by a content hash of (judge model, sampling, prompt), so a
 rerun makes no call it already made and a crash loses at most one batch.
 """
@@ -18,6 +25,7 @@ rerun makes no call it already made and a crash loses at most one batch.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -26,13 +34,16 @@ from pathlib import Path
 
 import yaml
 
+from toushi.engines import Structured
 from toushi.recipe import Sampling
 from toushi.store import StageStore, stable_id
 from toushi.templates import TEMPLATE_DIR, render
 
 QUOTE = "│ "
 Verdict = str  # "A" | "B" | "tie"
-
+CHOICES = ("A", "B", "tie")
+MODES = ("generate", "logprob")
+TOP_LOGPROBS = 20  # vLLM's default cap on logprobs per position
 
 # ------------------------------------------------------------------------------------ dimensions
 
@@ -56,6 +67,9 @@ def guidance_dimensions(run_dir: Path) -> list[dict]:
     for i, d in enumerate(data.get("dimensions") or []):
         if not isinstance(d, dict) or not str(d.get("name", "")).strip():
             raise ValueError(f"{path}: dimensions[{i}] has no name")
+        rules = [r for r in d.get("rules") or [] if "unstructured" not in (r.get("flags") or [])]
+        if "unstructured" in (d.get("flags") or []) or not rules:
+            continue  # raw model output kept for review, and dimensions without a rule, are not criteria
         # One line per dimension in the answer format, so names and definitions must be single-line.
         name = " ".join(str(d["name"]).split())
         definition = " ".join(str(d.get("definition") or "").split())
@@ -88,17 +102,53 @@ def quote(text: str) -> str:
     return "\n".join(QUOTE + line for line in (text.strip() or "(empty reply)").split("\n"))
 
 
-def build_prompt(lang: str, post: str, response_a: str, response_b: str, dimensions: list[dict]) -> str:
+def build_prompt(lang: str, post: str, response_a: str, response_b: str, dimensions: list[dict],
+                 answer: str = "json") -> str:
+    """The judge prompt; ``answer`` is "json" (a verdict per dimension and overall) or "choice" (the
+    overall verdict alone, one token: the logprob judge's question)."""
     # The fence tag is a hash of the content, so a reply cannot contain its own fence's tag.
     tag = stable_id("fence", post, response_a, response_b)[:8]
     return render(
         "judge_pairwise", lang, tag=tag, post=quote(post), response_a=quote(response_a),
-        response_b=quote(response_b), dimensions=dimensions,
+        response_b=quote(response_b), dimensions=dimensions, answer=answer,
     )
+
+
+def verdict_schema(dimensions: Sequence[dict]) -> dict:
+    """JSON schema of the judge's answer: {"<dimension name>": "A"|"B"|"tie", ..., "verdict": ...}."""
+    choice = {"type": "string", "enum": list(CHOICES)}
+    names = [d["name"] for d in dimensions] + ["verdict"]
+    return {"type": "object", "properties": {n: choice for n in names}, "required": names,
+            "additionalProperties": False}
+
+
+def json_budget(dimensions: Sequence[dict]) -> int:
+    """Enough new tokens for the longest valid answer (a truncated JSON is invalid): its characters / 2
+    (English and Chinese both take more than 2 characters per token on average) plus room for spacing."""
+    longest = json.dumps({**{d["name"]: "tie" for d in dimensions}, "verdict": "tie"}, ensure_ascii=False)
+    return len(longest) // 2 + 32
 
 
 def build_retry(lang: str, dimensions: list[dict]) -> str:
     return render("judge_pairwise_retry", lang, dimensions=dimensions)
+
+
+def choice_probabilities(logprobs: list[dict[str, float]] | None) -> dict[str, float] | None:
+    """P(A), P(B), P(tie) (normalised) from the first generated token's top logprobs: the tokens that
+    read "A", "B" or begin "tie". None when none of them is there."""
+    if not logprobs:
+        return None
+    mass = dict.fromkeys(CHOICES, 0.0)
+    for token, lp in logprobs[0].items():
+        t = token.strip()
+        if t in ("A", "B"):
+            mass[t] += math.exp(lp)
+        elif t and "tie".startswith(t.lower()):
+            mass["tie"] += math.exp(lp)
+    total = sum(mass.values())
+    if total <= 0:
+        return None
+    return {k: round(v / total, 6) for k, v in mass.items()}
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -121,14 +171,42 @@ def _judge_text(output: str) -> str:
     return "\n".join(line for line in output.split("\n") if not line.lstrip().startswith("│"))
 
 
+_JSON_OBJECT = re.compile(r"\{[^{}]*\}")
+
+
+def _from_json(data, dimensions: Sequence[dict]) -> dict | None:
+    if not isinstance(data, dict) or data.get("verdict") not in CHOICES:
+        return None
+    return {"verdict": data["verdict"],
+            "dims": {d["name"]: data.get(d["name"]) if data.get(d["name"]) in CHOICES else None for d in dimensions}}
+
+
 def parse_verdict(output: str, dimensions: Sequence[dict]) -> dict | None:
     """{"verdict": "A"|"B"|"tie", "dims": {name: "A"|"B"|"tie"|None}} or None when there is no verdict.
 
-    The overall verdict is the last verdict line the judge wrote; dimension lines are optional (a
-    missing one is None).
+    A constrained judge's output is one JSON object. Otherwise (a judge that could not be constrained) the
+    judge's own words are searched for JSON objects and "verdict: X" lines, and the last one counts;
+    dimension lines are optional (a missing one is None).
     """
+    try:
+        whole = _from_json(json.loads(output), dimensions)
+    except ValueError:
+        whole = None
+    if whole is not None:
+        return whole
     text = _judge_text(output)
-    found = _VERDICT_LINE.findall(text)
+    last_json, at = None, -1
+    for m in _JSON_OBJECT.finditer(text):
+        try:
+            got = _from_json(json.loads(m.group(0)), dimensions)
+        except ValueError:
+            continue
+        if got is not None:
+            last_json, at = got, m.start()
+    lines = list(_VERDICT_LINE.finditer(text))
+    if last_json is not None and (not lines or lines[-1].start() < at):
+        return last_json
+    found = [m.group(1) for m in lines]
     if not found:
         return None
     dims = {}
@@ -159,29 +237,36 @@ class PairTask:
         return stable_id("pair", self.prompt_id, self.system, self.reference, self.text, self.ref_text)
 
 
-def _calls(task: PairTask, dimensions: list[dict], cache_key: str) -> list[dict]:
+def _calls(task: PairTask, dimensions: list[dict], cache_key: str, mode: str) -> list[dict]:
     """The two orders of a pair: "sr" (system is A) and "rs" (reference is A)."""
     out = []
     for order, (a, b) in (("sr", (task.text, task.ref_text)), ("rs", (task.ref_text, task.text))):
         prompt = build_prompt(task.lang, task.post, a, b, dimensions)
-        out.append({"id": stable_id("judge", cache_key, prompt), "pair_id": task.pair_id, "order": order,
-                    "prompt": prompt})
+        call = {"id": stable_id("judge", cache_key, prompt), "pair_id": task.pair_id, "order": order,
+                "prompt": prompt}
+        if mode == "logprob":
+            call["choice_prompt"] = build_prompt(task.lang, task.post, a, b, dimensions, answer="choice")
+        out.append(call)
     return out
 
 
-def plan_calls(tasks: Sequence[PairTask], dimensions: list[dict], sampling: Sampling, judge_model: str) -> list[dict]:
+def plan_calls(tasks: Sequence[PairTask], dimensions: list[dict], sampling: Sampling, judge_model: str,
+               mode: str = "generate") -> list[dict]:
     """Every call the tasks need (two per task), each with its cache id."""
+    if mode not in MODES:
+        raise ValueError(f"judge mode {mode!r}: expected one of {', '.join(MODES)}")
     sampling = sampling.model_copy(update={"n": 1})
-    cache_key = stable_id(judge_model, sampling.model_dump(mode="json"))
-    return [c for t in tasks for c in _calls(t, dimensions, cache_key)]
+    cache_key = stable_id(judge_model, sampling.model_dump(mode="json"), mode)
+    return [c for t in tasks for c in _calls(t, dimensions, cache_key, mode)]
 
 
 def pending_calls(
-    tasks: Sequence[PairTask], store: StageStore, dimensions: list[dict], sampling: Sampling, judge_model: str
+    tasks: Sequence[PairTask], store: StageStore, dimensions: list[dict], sampling: Sampling, judge_model: str,
+    mode: str = "generate",
 ) -> int:
     """How many calls are not cached yet (0: no judge engine needs to start)."""
     done = store.ids()
-    return sum(1 for c in plan_calls(tasks, dimensions, sampling, judge_model) if c["id"] not in done)
+    return sum(1 for c in plan_calls(tasks, dimensions, sampling, judge_model, mode) if c["id"] not in done)
 
 
 def run_judge(
@@ -193,20 +278,29 @@ def run_judge(
     judge_model: str,
     batch_size: int = 32,
     progress=None,
+    mode: str = "generate",
 ) -> list[dict]:
     """Judge every task in both orders; returns the call records (cached ones read back, new ones
-    written as each batch finishes). ``progress`` is an optional callable(n_done) for progress bars."""
+    written as each batch finishes). ``progress`` is an optional callable(n_done) for progress bars.
+
+    Each record has the JSON answer's per-dimension verdicts and an overall ``verdict``; in logprob mode
+    also ``probs`` (P(A), P(B), P(tie) of the choice token) and ``preference`` (P(A) + P(tie)/2), and the
+    verdict is the most probable choice."""
     sampling = sampling.model_copy(update={"n": 1})
-    calls = plan_calls(tasks, dimensions, sampling, judge_model)
+    calls = plan_calls(tasks, dimensions, sampling, judge_model, mode)
     done = store.ids()
     # Identical prompts (same post and replies) share one call; ids are content hashes.
     todo = list({c["id"]: c for c in calls if c["id"] not in done}.values())
     lang_of = {t.pair_id: t.lang for t in tasks}
+    schema = Structured(json_schema=verdict_schema(dimensions))
+    json_sampling = sampling.model_copy(update={"max_tokens": max(sampling.max_tokens, json_budget(dimensions))})
+    # one token decides; a second lets "tie" finish where it takes two
+    choice_sampling = sampling.model_copy(update={"max_tokens": 2})
     with store.writer(batch_size=batch_size) as w:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             convs = [[{"role": "user", "content": c["prompt"]}] for c in batch]
-            first = [outs[0].text for outs in engine.generate(convs, sampling)]
+            first = [outs[0].text for outs in engine.generate(convs, json_sampling, structured=schema)]
             parsed = [parse_verdict(t, dimensions) for t in first]
             retry_idx = [i for i, p in enumerate(parsed) if p is None]
             retried: dict[int, str] = {}
@@ -216,14 +310,25 @@ def run_judge(
                                 {"role": "user", "content": build_retry(lang_of[batch[i]["pair_id"]], dimensions)}]
                     for i in retry_idx
                 ]
-                for i, outs in zip(retry_idx, engine.generate(retry_convs, sampling)):
+                for i, outs in zip(retry_idx, engine.generate(retry_convs, json_sampling, structured=schema)):
                     retried[i] = outs[0].text
                     parsed[i] = parse_verdict(outs[0].text, dimensions)
+            probs: list[dict | None] = [None] * len(batch)
+            if mode == "logprob":
+                choice_convs = [[{"role": "user", "content": c["choice_prompt"]}] for c in batch]
+                outs = engine.generate(choice_convs, choice_sampling, structured=Structured(choices=CHOICES),
+                                       logprobs=TOP_LOGPROBS)
+                probs = [choice_probabilities(o[0].logprobs) for o in outs]
             for i, c in enumerate(batch):
-                p = parsed[i]
-                w.write({**c, "judge_model": judge_model, "raw": first[i], "retry_raw": retried.get(i),
-                         "valid": p is not None, "verdict": p["verdict"] if p else None,
-                         "dims": p["dims"] if p else None})
+                p, pr = parsed[i], probs[i]
+                valid = p is not None and (mode == "generate" or pr is not None)
+                verdict = p["verdict"] if p else None
+                if pr is not None:
+                    verdict = max(CHOICES, key=lambda k: pr[k])
+                w.write({**c, "judge_model": judge_model, "mode": mode, "raw": first[i],
+                         "retry_raw": retried.get(i), "valid": valid, "verdict": verdict if valid else None,
+                         "dims": p["dims"] if p else None, "probs": pr,
+                         "preference": round(pr["A"] + pr["tie"] / 2, 6) if pr and valid else None})
             w.flush()
             if progress:
                 progress(len(batch))
@@ -235,8 +340,11 @@ def run_judge(
 # ------------------------------------------------------------------------------------ aggregation
 
 
-def _outcome_for_system(order: str, verdict: Verdict | None) -> float | None:
-    """1 win, 0.5 tie, 0 loss for the evaluated system, given the order it was shown in."""
+def _outcome_for_system(order: str, verdict: Verdict | None, preference: float | None = None) -> float | None:
+    """1 win, 0.5 tie, 0 loss for the evaluated system, given the order it was shown in; with a graded
+    ``preference`` (P(A is better)), the system's share of it."""
+    if preference is not None:
+        return preference if order == "sr" else 1.0 - preference
     if verdict is None:
         return None
     if verdict == "tie":
@@ -245,11 +353,18 @@ def _outcome_for_system(order: str, verdict: Verdict | None) -> float | None:
     return 1.0 if verdict == system_is else 0.0
 
 
-def _combine(a: float | None, b: float | None) -> float | None:
-    """Both orders agree: that outcome. They disagree: a tie. Either missing: None."""
+def _combine(a: float | None, b: float | None, graded: bool = False) -> float | None:
+    """Both orders agree: that outcome. They disagree: a tie. Either missing: None. Graded outcomes
+    (logprob mode) are averaged, which cancels a constant position bias."""
     if a is None or b is None:
         return None
+    if graded:
+        return (a + b) / 2
     return a if a == b else 0.5
+
+
+def _side(x: float) -> int:
+    return (x > 0.5) - (x < 0.5)
 
 
 def aggregate(tasks: Sequence[PairTask], calls: Sequence[dict], dimensions: Sequence[dict]) -> list[dict]:
@@ -263,8 +378,9 @@ def aggregate(tasks: Sequence[PairTask], calls: Sequence[dict], dimensions: Sequ
         got = by_pair.get(t.pair_id, {})
         sr, rs = got.get("sr"), got.get("rs")
         valid = bool(sr and rs and sr["valid"] and rs["valid"])
-        o_sr = _outcome_for_system("sr", sr["verdict"]) if sr and sr["valid"] else None
-        o_rs = _outcome_for_system("rs", rs["verdict"]) if rs and rs["valid"] else None
+        o_sr = _outcome_for_system("sr", sr["verdict"], sr.get("preference")) if sr and sr["valid"] else None
+        o_rs = _outcome_for_system("rs", rs["verdict"], rs.get("preference")) if rs and rs["valid"] else None
+        graded = valid and sr.get("preference") is not None
         dims = {}
         for d in dimensions:
             name = d["name"]
@@ -273,7 +389,8 @@ def aggregate(tasks: Sequence[PairTask], calls: Sequence[dict], dimensions: Sequ
             dims[name] = _combine(a, b)
         out.append({
             "pair_id": t.pair_id, "prompt_id": t.prompt_id, "system": t.system, "reference": t.reference,
-            "valid": valid, "outcome": _combine(o_sr, o_rs), "consistent": valid and o_sr == o_rs,
+            "valid": valid, "outcome": _combine(o_sr, o_rs, graded),
+            "consistent": valid and _side(o_sr) == _side(o_rs),
             "len_system": len(t.text), "len_reference": len(t.ref_text), "dims": dims,
             "invalid_calls": sum(1 for c in (sr, rs) if c is not None and not c["valid"]),
         })
@@ -298,9 +415,9 @@ def win_rates(pairs: Sequence[dict], dimensions: Sequence[dict], n_boot: int = 1
             "valid": len(valid),
             "invalid": len(ps) - len(valid),
             "invalid_calls": sum(p["invalid_calls"] for p in ps),
-            "wins": sum(1 for o in outcomes if o == 1.0),
+            "wins": sum(1 for o in outcomes if o > 0.5),
             "ties": sum(1 for o in outcomes if o == 0.5),
-            "losses": sum(1 for o in outcomes if o == 0.0),
+            "losses": sum(1 for o in outcomes if o < 0.5),
             "consistency": (sum(p["consistent"] for p in valid) / len(valid)) if valid else None,
             "win_rate": bootstrap_ci(outcomes, n_boot=n_boot, seed=seed),
             "lc_win_rate": length_controlled_ci(

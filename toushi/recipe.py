@@ -457,6 +457,11 @@ class EvalSection(Section):
     judge_sampling: Sampling | None = Field(
         None, description="Override the judge role's sampling for eval (n is always 1)."
     )
+    judge_mode: Literal["generate", "logprob"] = Field(
+        "generate", description="Pairwise judge (eval and the guidance gate): 'generate' reads the verdict the "
+        "judge writes (a JSON answer, constrained); 'logprob' reads a graded preference from the probabilities "
+        "of the A/B/tie choice token (AlpacaEval 2 style; needs an engine that returns logprobs).",
+    )
     reference: str = Field("weak", description="System every other one is compared to by the judge.")
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% CIs.")
     embeddings: bool = Field(False, description="Embedding similarity to the strong answer (MiniLM).")

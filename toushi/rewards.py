@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from toushi.engines import Structured
 from toushi.metrics import detect_lang, markdown_count, repetition_ratio, sentences, tokens
 from toushi.recipe import Sampling
 from toushi.store import StageStore, stable_id
@@ -107,6 +108,8 @@ RULE_REWARDS: dict[str, Callable[..., list[float]]] = {
 }
 
 _SCORE = re.compile(r"score\s*[:：]\s*(10|[1-9])(?!\d)", re.IGNORECASE)
+# The verdict line the judge_score template asks for, enforced while decoding where the engine can.
+SCORE_FORMAT = Structured(regex=r"Score: (10|[1-9])")
 
 
 def parse_score(output: str) -> int | None:
@@ -125,7 +128,8 @@ class JudgeScorer:
 
     With ``guidance`` it becomes the adherence reward: the judge also checks the run's guidance. Cache
     entries are keyed by post, answer, judge model and guidance, so repeated completions cost nothing and
-    a resumed run reuses every earlier verdict. An unparseable verdict scores 0 and is counted.
+    a resumed run reuses every earlier verdict. The verdict is decoded under ``SCORE_FORMAT``; one that
+    still cannot be read is counted (``invalid``) and has no score (None), never a made-up 0.
     """
 
     def __init__(self, engine, sampling, cache: StageStore, model_name: str, guidance: str | None = None):
@@ -134,9 +138,10 @@ class JudgeScorer:
         self.invalid = 0
         self._known = {r["id"]: r["score"] for r in cache.records()}
 
-    def scores(self, posts: list[str], answers: list[str]) -> list[float]:
-        """Scores in [-1, 1]; an unparseable verdict counts 0 (neither rewarded nor punished)."""
-        return [0.0 if s is None else unit_score(s) for s in self.raw_scores(posts, answers)]
+    def scores(self, posts: list[str], answers: list[str]) -> list[float | None]:
+        """Scores in [-1, 1]; None for an unparseable verdict (TRL then leaves this reward out of that
+        completion's total instead of counting it as 0)."""
+        return [None if s is None else unit_score(s) for s in self.raw_scores(posts, answers)]
 
     def raw_scores(self, posts: list[str], answers: list[str]) -> list[int | None]:
         """The judge's 1-10 score of each answer, None where its verdict could not be parsed."""
@@ -151,7 +156,7 @@ class JudgeScorer:
                 prompt = render("judge_score", detect_lang(posts[i]) or "en", post=posts[i],
                                 answer=answers[i], guidance=self.guidance)
                 convs.append([{"role": "user", "content": prompt}])
-            outputs = self.engine.generate(convs, self.sampling)
+            outputs = self.engine.generate(convs, self.sampling, structured=SCORE_FORMAT)
             with self.cache.writer() as w:
                 for key, out in zip(todo, outputs):
                     raw = out[0].text
@@ -161,8 +166,8 @@ class JudgeScorer:
                     w.write({"id": key, "score": score, "raw": raw[:500]})
         return [self._known[k] for k in keys]
 
-    def as_reward(self, name: str) -> Callable[..., list[float]]:
-        def reward(prompts, completions, post=None, **kwargs) -> list[float]:
+    def as_reward(self, name: str) -> Callable[..., list[float | None]]:
+        def reward(prompts, completions, post=None, **kwargs) -> list[float | None]:
             if post is None:
                 raise ValueError(f"reward {name!r} needs a 'post' column in the GRPO dataset")
             return self.scores(list(post), [completion_text(c) for c in completions])

@@ -34,15 +34,19 @@ class OutputCache:
         return self.data[key]
 
 
-def cache_key(kind: str, prompt: str, model: str, sampling: Sampling) -> str:
-    return stable_id(kind, prompt, model, sampling.model_dump(mode="json"))
+def cache_key(kind: str, prompt: str, model: str, sampling: Sampling, structured=None) -> str:
+    parts = [kind, prompt, model, sampling.model_dump(mode="json")]
+    if structured is not None:  # a constrained output is another output
+        parts.append(structured.key())
+    return stable_id(*parts)
 
 
 def generate_cached(cache: OutputCache, jobs: dict[str, str], get_engine: Callable[[], object],
-                    sampling: Sampling, label: str, batch_size: int = 8) -> int:
+                    sampling: Sampling, label: str, batch_size: int = 8, structured=None) -> int:
     """Generate the jobs (key -> user prompt) missing from the cache; returns how many were generated.
 
-    The engine is only started (``get_engine()``) when something is missing.
+    The engine is only started (``get_engine()``) when something is missing. ``structured`` (an
+    ``engines.Structured``) constrains every output.
     """
     missing = [(k, p) for k, p in jobs.items() if k not in cache]
     if not missing:
@@ -52,7 +56,8 @@ def generate_cached(cache: OutputCache, jobs: dict[str, str], get_engine: Callab
         task = progress.add_task(label, total=len(missing))
         for start in range(0, len(missing), batch_size):
             batch = missing[start : start + batch_size]
-            outputs = engine.generate([[{"role": "user", "content": p}] for _, p in batch], sampling)
+            outputs = engine.generate([[{"role": "user", "content": p}] for _, p in batch], sampling,
+                                      structured=structured)
             for (key, _), completions in zip(batch, outputs, strict=True):
                 texts = [c.text for c in completions]
                 writer.write({"id": key, "texts": texts})

@@ -1,7 +1,8 @@
 """Personas per scene (age, occupation, life situation, MBTI, writing style), then one post per persona.
 
-Small models often wrap the JSON in chatter, use single quotes, trailing commas or ``key: value`` lines;
-``parse_persona`` recovers what it can, fills the rest from a seeded pool (flag ``persona_repaired``), and
+The persona is decoded under a JSON schema (``PERSONA_SCHEMA``) wherever the engine can constrain it.
+Unconstrained small models often wrap the JSON in chatter, use single quotes, trailing commas or
+``key: value`` lines; ``parse_persona`` recovers what it can, fills the rest from a seeded pool (flag ``persona_repaired``), and
 falls back to a pool persona when nothing parses (flag ``persona_fallback``). It never raises.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from toushi.corpus.llm import OutputCache, cache_key, dumps, generate_cached, strip_wrapping
 from toushi.corpus.loaders import Post
+from toushi.engines import Structured
 from toushi.recipe import Sampling
 from toushi.store import stable_id
 from toushi.templates import TEMPLATE_DIR, render_any
@@ -32,6 +34,17 @@ _ALIASES = {
     "处境": "life_situation",
     "mbti": "mbti", "mbti_type": "mbti", "personality": "mbti", "personality_type": "mbti",
     "writing_style": "writing_style", "style": "writing_style", "写作风格": "writing_style", "文风": "writing_style",
+}
+MBTI_TYPES = [a + b + c + d for a in "EI" for b in "NS" for c in "TF" for d in "JP"]
+PERSONA_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": list(KEYS),
+    "properties": {
+        "age": {"type": "integer", "minimum": 13, "maximum": 95},
+        "occupation": {"type": "string", "minLength": 2, "maxLength": 60},
+        "life_situation": {"type": "string", "minLength": 8, "maxLength": 160},
+        "mbti": {"type": "string", "enum": MBTI_TYPES},
+        "writing_style": {"type": "string", "minLength": 3, "maxLength": 80},
+    },
 }
 _LINE = re.compile(r"^[\s\-*\"'{]*([A-Za-z _\-\u4e00-\u9fff]{2,20}?)[\"']?\s*[:：]\s*(.+?)[\s,，\"'}]*$")
 
@@ -115,9 +128,10 @@ def persona_posts(scenes: list[str], *, per_scene: int, lang: str, get_engine: C
     cache = OutputCache(cache_path)
     persona_sampling = sampling.model_copy(update={"n": per_scene})
     prompts = {s: render_any("persona", lang, persona_template, scene=s) for s in scenes}
-    keys = {s: cache_key("persona", p, model, persona_sampling) for s, p in prompts.items()}
+    schema = Structured(json_schema=PERSONA_SCHEMA)
+    keys = {s: cache_key("persona", p, model, persona_sampling, schema) for s, p in prompts.items()}
     generated = generate_cached(cache, {keys[s]: prompts[s] for s in scenes}, get_engine, persona_sampling,
-                                "writing personas")
+                                "writing personas", structured=schema)
     personas: list[tuple[str, int, dict, list[str]]] = []
     repaired = failures = 0
     for s in scenes:

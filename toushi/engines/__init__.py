@@ -1,7 +1,9 @@
 """Generation engines: one interface over offline vLLM, OpenAI-compatible servers and transformers.
 
 ``make_engine(spec).generate(conversations, sampling)`` takes a batch of chat conversations and returns,
-for each, ``sampling.n`` :class:`Completion` objects in the same order. Sample ``k`` of a prompt is drawn
+for each, ``sampling.n`` :class:`Completion` objects in the same order. A call may constrain its output
+(``structured=``: a JSON schema, a regex or a list of choices, one for the batch or one per conversation)
+and ask for the ``logprobs=k`` most likely tokens at each generated position. Sample ``k`` of a prompt is drawn
 with seed ``sampling.seed + k`` on every engine that honours seeds, so a sample index is a stable cache
 key. Engines hold a model (or a client): free them with ``close()`` or use them as context managers, so
 the weak and strong models can run one after the other in one process.
@@ -9,6 +11,10 @@ the weak and strong models can run one after the other in one process.
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from toushi.metrics import has_markdown
@@ -31,7 +37,10 @@ class Completion:
     completion_tokens: int
     latency_s: float
     model: str
-    flags: list[str] = field(default_factory=list)  # "empty", "unterminated_think", "markdown"
+    flags: list[str] = field(default_factory=list)  # "empty", "unterminated_think", "markdown", "unstructured"
+    # with logprobs=k: per generated token, the k most likely tokens (decoded text -> logprob); under a
+    # constraint the engines report them after the constraint's mask, so they sum to ~1 over allowed tokens
+    logprobs: list[dict[str, float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +60,7 @@ def make_completion(
     completion_tokens: int,
     latency_s: float,
     model: str,
+    logprobs: list[dict[str, float]] | None = None,
 ) -> Completion:
     """Build a Completion from raw model text: split off ``<think>`` reasoning and set the flags.
 
@@ -79,7 +89,77 @@ def make_completion(
         latency_s=round(latency_s, 4),
         model=model,
         flags=flags,
+        logprobs=logprobs,
     )
+
+
+@dataclass(frozen=True)
+class Structured:
+    """A constraint on one request's output: exactly one of a JSON schema, a regex or a list of choices.
+
+    vLLM (offline and server) and the hf engine enforce it while decoding; ``check`` tells whether a text
+    satisfies it (for endpoints that cannot enforce it, and for callers that must count failures).
+    """
+
+    json_schema: dict | None = None
+    regex: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choices)) != 1:
+            raise ValueError("Structured: give exactly one of json_schema, regex, choices")
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices))
+
+    def key(self) -> dict:
+        """A JSON-able description (for cache keys: a constrained call is not the free call)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v is not None}
+
+    def as_regex(self) -> str | None:
+        """Choices as an alternation regex (for backends without a choice constraint)."""
+        if self.choices is not None:
+            return "(" + "|".join(re.escape(c) for c in self.choices) + ")"
+        return self.regex
+
+    def check(self, text: str) -> bool:
+        if self.choices is not None:
+            return text.strip() in self.choices
+        if self.regex is not None:
+            return re.fullmatch(self.regex, text.strip(), re.S) is not None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        import jsonschema
+
+        return jsonschema.Draft202012Validator(self.json_schema).is_valid(value)
+
+
+def per_conversation(structured: Structured | Sequence[Structured | None] | None, n: int) -> list[Structured | None]:
+    """One constraint (or None) per conversation, from one for the whole batch or a list."""
+    if structured is None or isinstance(structured, Structured):
+        return [structured] * n
+    if len(structured) != n:
+        raise ValueError(f"structured: {len(structured)} constraints for {n} conversations")
+    return list(structured)
+
+
+def mark_unstructured(completion: Completion, structured: Structured | None) -> Completion:
+    """Flag a completion that breaks its constraint (a truncated JSON, a refused constraint)."""
+    if structured is not None and not structured.check(completion.text):
+        completion.flags.append("unstructured")
+    return completion
+
+
+def top_logprobs(candidates) -> dict[str, float]:
+    """{decoded token: logprob} from (text, logprob) pairs: tokens the constraint masked (-inf) are left
+    out, and distinct tokens that decode to the same text share one entry (their probabilities add)."""
+    out: dict[str, float] = {}
+    for text, lp in candidates:
+        if lp == float("-inf"):
+            continue
+        out[text] = math.log(math.exp(out[text]) + math.exp(lp)) if text in out else float(lp)
+    return out
 
 
 def sample_seed(sampling: Sampling, k: int) -> int | None:
@@ -93,7 +173,12 @@ class Engine:
     spec: ModelSpec
 
     def generate(
-        self, conversations: list[Conversation], sampling: Sampling, lora_name: str | None = None
+        self,
+        conversations: list[Conversation],
+        sampling: Sampling,
+        lora_name: str | None = None,
+        structured: Structured | Sequence[Structured | None] | None = None,
+        logprobs: int | None = None,
     ) -> list[list[Completion]]:
         raise NotImplementedError
 

@@ -1,12 +1,28 @@
-"""transformers engine: batched ``generate`` with left padding; the fallback where vLLM is missing."""
+"""transformers engine: batched ``generate`` with left padding; the fallback where vLLM is missing.
+
+Structured requests are constrained with xgrammar's transformers logits processor (xgrammar is vLLM's
+default structured-output backend, so both engines follow the same grammar for a schema).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import time
+from collections.abc import Sequence
 
-from toushi.engines import Completion, Conversation, Engine, make_completion, sample_seed
+from toushi.engines import (
+    Completion,
+    Conversation,
+    Engine,
+    Structured,
+    make_completion,
+    mark_unstructured,
+    per_conversation,
+    sample_seed,
+    top_logprobs,
+)
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
 
@@ -33,19 +49,52 @@ class HFEngine(Engine):
                 model.load_adapter(str(spec.lora_adapters[name]), adapter_name=name)
         self.model = model.eval()
         self.device = device
+        self._compiler = None  # xgrammar's grammar compiler, built on the first structured request
+
+    def _grammar(self, constraint: Structured):
+        import xgrammar as xgr
+
+        if self._compiler is None:
+            # the model's vocabulary can be larger than the tokenizer's (padding rows)
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab)
+            self._compiler = xgr.GrammarCompiler(info)
+        if constraint.json_schema is not None:  # no free whitespace, as the vLLM engine is configured
+            return self._compiler.compile_json_schema(json.dumps(constraint.json_schema), any_whitespace=False)
+        return self._compiler.compile_regex(constraint.as_regex())
 
     def generate(
-        self, conversations: list[Conversation], sampling: Sampling, lora_name: str | None = None
+        self,
+        conversations: list[Conversation],
+        sampling: Sampling,
+        lora_name: str | None = None,
+        structured: Structured | Sequence[Structured | None] | None = None,
+        logprobs: int | None = None,
     ) -> list[list[Completion]]:
-        import torch
-
         self.check_lora(lora_name)
         if self.spec.lora_adapters and lora_name is not None:
             self.model.set_adapter(lora_name)
+        constraints = per_conversation(structured, len(conversations))
+        # constrained and free conversations go in separate batches (the grammar processor covers every row)
+        results: list[list[Completion] | None] = [None] * len(conversations)
+        for free in (True, False):
+            idx = [i for i, c in enumerate(constraints) if (c is None) == free]
+            if idx:
+                outs = self._generate([conversations[i] for i in idx], [constraints[i] for i in idx], sampling,
+                                      lora_name, logprobs)
+                for i, out in zip(idx, outs):
+                    results[i] = out
+        return results
+
+    def _generate(self, conversations, constraints, sampling: Sampling, lora_name, logprobs) -> list[list[Completion]]:
+        import torch
+
         bs = self.spec.hf_batch_size
         results: list[list[Completion]] = []
         for start in range(0, len(conversations), bs):
             batch = conversations[start : start + bs]
+            batch_constraints = constraints[start : start + bs]
+            grammars = [self._grammar(c) for c in batch_constraints] if batch_constraints[0] is not None else None
             prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in batch]
             enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             per_conv: list[list[Completion]] = [[] for _ in batch]
@@ -66,17 +115,39 @@ class HFEngine(Engine):
                     kwargs.update(temperature=None, top_p=None, top_k=None)
                 if sampling.stop:
                     kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+                if grammars is not None:
+                    from xgrammar.contrib.hf import LogitsProcessor
+
+                    kwargs["logits_processor"] = [LogitsProcessor(grammars)]  # one use per generate call
+                if logprobs is not None:
+                    # scores after the logits processors: masked by the constraint, as vLLM reports them
+                    kwargs.update(output_scores=True, return_dict_in_generate=True)
                 t0 = time.perf_counter()
                 with torch.inference_mode(), self._adapters(lora_name):
                     out = self.model.generate(**enc, **kwargs)
                 latency = time.perf_counter() - t0
-                new = out[:, enc["input_ids"].shape[1] :]
+                seqs = out.sequences if logprobs is not None else out
+                new = seqs[:, enc["input_ids"].shape[1] :]
                 for i, row in enumerate(new):
-                    per_conv[i].append(self._completion(row, enc["attention_mask"][i], sampling, latency, lora_name))
+                    top = self._top(out.scores, i, logprobs) if logprobs is not None else None
+                    c = self._completion(row, enc["attention_mask"][i], sampling, latency, lora_name, top)
+                    per_conv[i].append(mark_unstructured(c, batch_constraints[i]))
             results.extend(per_conv)
         return results
 
-    def _completion(self, row, mask, sampling: Sampling, latency: float, lora_name: str | None) -> Completion:
+    def _top(self, scores, row: int, k: int) -> list[dict[str, float]]:
+        """The k most likely tokens at each generated position of one row, from generate's scores."""
+        import torch
+
+        out = []
+        for step in scores:
+            lp = torch.log_softmax(step[row].float(), dim=-1)
+            vals, ids = lp.topk(k)
+            out.append(top_logprobs((self.tokenizer.decode([t]), v) for t, v in zip(ids.tolist(), vals.tolist())))
+        return out
+
+    def _completion(self, row, mask, sampling: Sampling, latency: float, lora_name: str | None,
+                    logprobs: list[dict[str, float]] | None = None) -> Completion:
         ids = row.tolist()
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
@@ -95,6 +166,7 @@ class HFEngine(Engine):
             completion_tokens=len(kept) + (1 if cut is not None else 0),
             latency_s=latency,
             model=lora_name or self.spec.name,
+            logprobs=logprobs[: len(kept)] if logprobs is not None else None,
         )
 
     def _adapters(self, lora_name: str | None):

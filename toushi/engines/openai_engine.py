@@ -5,28 +5,45 @@ in flight per endpoint. 429s, 5xx, timeouts and connection errors are retried wi
 and full jitter; each request has ``spec.timeout_s``. When ``base_url`` lists several endpoints, requests
 are spread over them and a failing one is taken out for a while, its requests sent elsewhere at once
 (:mod:`toushi.engines.endpoints`); ``endpoint_stats()`` reports requests and errors per endpoint. A
-conversation whose request still fails is reported to ``on_error(index, exc)`` and gets no completions
-(or, without ``on_error``, the batch raises once every request has finished). The API key is read from
-the environment variable the spec names and is never logged or stored.
+structured request sends the constraint in the body (a JSON schema as ``response_format``, choices and
+regexes as vLLM's ``structured_outputs``); an endpoint that refuses it (400/422, while the same request
+without it goes through) gets plain requests from then on, and an answer that breaks the constraint is
+asked for again (``STRUCTURED_RETRIES`` times, with the expected form spelled out) before it is returned
+flagged. A conversation whose request still fails is reported to ``on_error(index, exc)`` and gets no
+completions (or, without ``on_error``, the batch raises once every request has finished). The API key is
+read from the environment variable the spec names and is never logged or stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import openai
 
-from toushi.engines import Completion, Conversation, Engine, GenerationError, make_completion, sample_seed
+from toushi.engines import (
+    Completion,
+    Conversation,
+    Engine,
+    GenerationError,
+    Structured,
+    make_completion,
+    mark_unstructured,
+    per_conversation,
+    sample_seed,
+    top_logprobs,
+)
 from toushi.engines.endpoints import EndpointPool
 from toushi.recipe import ModelSpec, Sampling
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
+STRUCTURED_RETRIES = 2
 
 
 def api_key(spec: ModelSpec) -> str:
@@ -58,6 +75,7 @@ class OpenAIEngine(Engine):
         self.retries_done = 0  # retries made so far (for tests and progress reports)
         # Kept for the engine's life, so an endpoint found dead in one batch stays out in the next.
         self.pool = EndpointPool(base_urls(spec), per_endpoint=spec.concurrency)
+        self.structured_refused: str | None = None  # the endpoints' refusal of a constraint, once seen
 
     def endpoint_stats(self) -> dict[str, dict]:
         """Requests, successes and errors per endpoint so far (for the stage manifest)."""
@@ -68,12 +86,16 @@ class OpenAIEngine(Engine):
         conversations: list[Conversation],
         sampling: Sampling,
         lora_name: str | None = None,
+        structured: Structured | Sequence[Structured | None] | None = None,
+        logprobs: int | None = None,
         on_error: Callable[[int, BaseException], None] | None = None,
     ) -> list[list[Completion]]:
         # A served LoRA adapter is addressed by its name as the model.
         if lora_name is not None:
             self.check_lora(lora_name)
         model = lora_name or self.spec.served_model or self.spec.name
+        self._constraints = per_conversation(structured, len(conversations))
+        self._logprobs = logprobs
         return asyncio.run(self._generate(conversations, sampling, model, on_error))
 
     async def _generate(self, conversations, sampling, model, on_error):
@@ -88,7 +110,8 @@ class OpenAIEngine(Engine):
         async def one(i: int, k: int) -> Completion | None:
             async with sem:
                 try:
-                    return await self._request(clients, slots, conversations[i], sampling, k, model)
+                    return await self._structured_request(clients, slots, conversations[i], sampling, k, model,
+                                                          self._constraints[i])
                 except Exception as e:  # noqa: BLE001 - reported per conversation below
                     failures.setdefault(i, e)
                     return None
@@ -113,7 +136,34 @@ class OpenAIEngine(Engine):
             ) from exc
         return results
 
-    async def _request(self, clients, slots, messages, sampling: Sampling, k: int, model: str) -> Completion:
+    async def _structured_request(self, clients, slots, messages, sampling: Sampling, k: int, model: str,
+                                  constraint: Structured | None) -> Completion:
+        """One request; with a constraint, parse-and-retry until the answer satisfies it (or give up and
+        return it flagged "unstructured")."""
+        c = None
+        for attempt in range(STRUCTURED_RETRIES + 1 if constraint is not None else 1):
+            msgs = messages
+            if attempt:  # spell out the expected form; a new seed so a greedy endpoint can answer otherwise
+                msgs = [*messages, {"role": "assistant", "content": c.text},
+                        {"role": "user", "content": expected_form(constraint, messages)}]
+            c = await self._request(clients, slots, msgs, sampling, k + 1000 * attempt, model, constraint)
+            if constraint is None or constraint.check(c.text):
+                return c
+        return mark_unstructured(c, constraint)
+
+    def _body(self, constraint: Structured | None) -> dict:
+        """The request fields that carry a constraint (none once the endpoint has refused them)."""
+        if constraint is None or self.structured_refused:
+            return {}
+        if constraint.json_schema is not None:
+            return {"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "answer", "schema": constraint.json_schema}}}
+        key = "choice" if constraint.choices is not None else "regex"
+        value = list(constraint.choices) if constraint.choices is not None else constraint.regex
+        return {"extra_body": {"structured_outputs": {key: value}}}
+
+    async def _request(self, clients, slots, messages, sampling: Sampling, k: int, model: str,
+                       constraint: Structured | None = None) -> Completion:
         kwargs = dict(
             model=model,
             messages=messages,
@@ -127,6 +177,8 @@ class OpenAIEngine(Engine):
             kwargs["seed"] = seed
         if sampling.stop:
             kwargs["stop"] = sampling.stop
+        if self._logprobs is not None:
+            kwargs.update(logprobs=True, top_logprobs=self._logprobs)
         attempt, failed_on = 0, set()  # failed_on: endpoints this request failed on since its last backoff
         while True:
             async with slots:
@@ -134,8 +186,17 @@ class OpenAIEngine(Engine):
                     await slots.wait()
                 self.pool.start(ep)
             t0 = time.perf_counter()
+            body = self._body(constraint)
             try:
-                resp = await clients[ep.url].chat.completions.create(**kwargs)
+                try:
+                    resp = await clients[ep.url].chat.completions.create(**kwargs, **body)
+                except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                    if not body:
+                        raise
+                    # the request without the constraint goes through (else its own error is raised): the
+                    # endpoint does not take constraints, so plain text from now on, parsed and retried
+                    resp = await clients[ep.url].chat.completions.create(**kwargs)
+                    self.structured_refused = f"{type(e).__name__}: {e}"[:300]
             except Exception as e:
                 retryable = is_retryable(e)
                 async with slots:
@@ -167,6 +228,9 @@ class OpenAIEngine(Engine):
         # vLLM's reasoning parsers and DeepSeek's API return the think block separately.
         reasoning = extra.get("reasoning_content") or extra.get("reasoning")
         usage = resp.usage
+        top = None
+        if self._logprobs is not None and choice.logprobs is not None and choice.logprobs.content:
+            top = [top_logprobs((t.token, t.logprob) for t in pos.top_logprobs) for pos in choice.logprobs.content]
         return make_completion(
             msg.content or "",
             reasoning=reasoning,
@@ -176,4 +240,16 @@ class OpenAIEngine(Engine):
             completion_tokens=usage.completion_tokens if usage else 0,
             latency_s=latency,
             model=model,
+            logprobs=top,
         )
+
+
+def expected_form(constraint: Structured, messages: Conversation) -> str:
+    """The follow-up message after an answer that broke its constraint (endpoints that cannot enforce it),
+    in the language of the conversation's last message."""
+    from toushi.metrics import detect_lang
+    from toushi.templates import render
+
+    lang = detect_lang(messages[-1]["content"]) or "en"
+    schema = json.dumps(constraint.json_schema, ensure_ascii=False) if constraint.json_schema is not None else None
+    return render("structured_retry", lang, choices=constraint.choices, regex=constraint.regex, schema=schema)

@@ -8,6 +8,7 @@ it) and never in logs.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import subprocess
@@ -51,6 +52,7 @@ def server_command(spec: ModelSpec, host: str, port: int, served_name: str | Non
         cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(kw["max_num_batched_tokens"])]
     if kw["enforce_eager"]:
         cmd.append("--enforce-eager")
+    cmd += ["--structured-outputs-config", json.dumps(kw["structured_outputs_config"])]
     if spec.reasoning:  # the server then returns the think block as reasoning_content
         cmd += ["--reasoning-parser", "deepseek_r1"]
     if kw.get("enable_lora"):

@@ -8,8 +8,20 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Sequence
 
-from toushi.engines import Completion, Conversation, Engine, GenerationError, make_completion, sample_seed
+from toushi.engines import (
+    Completion,
+    Conversation,
+    Engine,
+    GenerationError,
+    Structured,
+    make_completion,
+    mark_unstructured,
+    per_conversation,
+    sample_seed,
+    top_logprobs,
+)
 from toushi.engines.adapters import max_lora_rank
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
@@ -40,6 +52,12 @@ def engine_kwargs(spec: ModelSpec) -> dict:
         kwargs["max_num_batched_tokens"] = max(spec.max_model_len or 8192, 4096)
     if spec.data_parallel_size > 1:  # only the server takes it (vllm.LLM refuses it in one process)
         kwargs["data_parallel_size"] = spec.data_parallel_size
+    # Structured outputs without free whitespace (an option of the xgrammar backend, which the hf engine
+    # uses too): a small model otherwise pads its JSON with newlines and indentation (tokens spent, and a
+    # run of them can reach max_tokens before the JSON closes).
+    kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    if spec.reasoning:  # constrain the answer after </think>, not the reasoning (as the server does)
+        kwargs["structured_outputs_config"]["reasoning_parser"] = "deepseek_r1"
     if spec.kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * (1 << 30))
     if spec.enable_lora or spec.lora_adapters:
@@ -47,6 +65,16 @@ def engine_kwargs(spec: ModelSpec) -> dict:
         kwargs["max_lora_rank"] = max_lora_rank(spec.lora_adapters)
         kwargs["max_loras"] = max(1, len(spec.lora_adapters))
     return kwargs
+
+
+def structured_outputs(constraint: Structured | None):
+    """vLLM's StructuredOutputsParams for a constraint (None: free decoding)."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=constraint.json_schema, regex=constraint.regex,
+                                   choice=list(constraint.choices) if constraint.choices else None)
 
 
 class VLLMEngine(Engine):
@@ -80,17 +108,24 @@ class VLLMEngine(Engine):
         return LoRARequest(lora_name, lora_id, path)
 
     def generate(
-        self, conversations: list[Conversation], sampling: Sampling, lora_name: str | None = None
+        self,
+        conversations: list[Conversation],
+        sampling: Sampling,
+        lora_name: str | None = None,
+        structured: Structured | Sequence[Structured | None] | None = None,
+        logprobs: int | None = None,
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         lora = self._lora_request(lora_name)
+        constraints = per_conversation(structured, len(conversations))
         # One request per (conversation, sample k) with seed+k, rather than n=...: sample k is then the
         # same whatever n is, so the pairs cache can key on the sample index.
-        messages, params = [], []
-        for conv in conversations:
+        messages, params, flat_constraints = [], [], []
+        for conv, constraint in zip(conversations, constraints):
             for k in range(sampling.n):
                 messages.append(conv)
+                flat_constraints.append(constraint)
                 params.append(
                     SamplingParams(
                         n=1,
@@ -99,6 +134,8 @@ class VLLMEngine(Engine):
                         max_tokens=sampling.max_tokens,
                         seed=sample_seed(sampling, k),
                         stop=sampling.stop or None,
+                        structured_outputs=structured_outputs(constraint),
+                        logprobs=logprobs,
                     )
                 )
         if not messages:
@@ -108,9 +145,12 @@ class VLLMEngine(Engine):
         latency = time.perf_counter() - t0  # offline batch: every request shares the batch's wall time
         model = lora_name or self.spec.name
         flat = []
-        for out in outputs:
+        for out, constraint in zip(outputs, flat_constraints):
             c = out.outputs[0]
-            flat.append(
+            top = None
+            if logprobs is not None and c.logprobs is not None:
+                top = [top_logprobs((lp.decoded_token, lp.logprob) for lp in pos.values()) for pos in c.logprobs]
+            flat.append(mark_unstructured(
                 make_completion(
                     c.text,
                     opened_think=self.spec.reasoning,
@@ -119,8 +159,10 @@ class VLLMEngine(Engine):
                     completion_tokens=len(c.token_ids),
                     latency_s=latency,
                     model=model,
-                )
-            )
+                    logprobs=top,
+                ),
+                constraint,
+            ))
         n = sampling.n
         return [flat[i * n : (i + 1) * n] for i in range(len(conversations))]
 

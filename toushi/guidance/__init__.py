@@ -81,7 +81,8 @@ def _make_gate(ctx, pool, dev: list[dict]):
 
     def gate(new, old) -> dict:
         outcomes = judge_outcomes(pool.get(judge), gate_store, judge.name, judge.sampling, r.run.lang, None,
-                                  [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old))
+                                  [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old),
+                                  mode=r.eval.judge_mode)
         return decide(outcomes)
 
     return gate

@@ -40,8 +40,8 @@ def both_orders(compare: Compare, posts: Sequence[str], new: Sequence[str], old:
 def decide(outcomes: Sequence[float | None]) -> dict:
     """Accept when the new version wins more dev prompts than it loses."""
     valid = [o for o in outcomes if o is not None]
-    wins = sum(1 for o in valid if o == 1.0)
-    losses = sum(1 for o in valid if o == 0.0)
+    wins = sum(1 for o in valid if o > 0.5)  # graded outcomes (logprob judge) count by their side
+    losses = sum(1 for o in valid if o < 0.5)
     return {
         "accepted": bool(valid) and wins > losses,
         "wins": wins,
@@ -54,12 +54,12 @@ def decide(outcomes: Sequence[float | None]) -> dict:
 
 def judge_outcomes(engine, store, judge_model: str, sampling, lang: str, run_dir: Path | None,
                    prompt_ids: Sequence[str], posts: Sequence[str], new: Sequence[str],
-                   old: Sequence[str]) -> list[float | None]:
+                   old: Sequence[str], mode: str = "generate") -> list[float | None]:
     """The same outcomes from the project's pairwise judge (calls cached in ``store``)."""
     from toushi.judge import PairTask, aggregate, judge_dimensions, run_judge
 
     dims = judge_dimensions(lang, None)
     tasks = [PairTask(pid, lang, post, "new", a_new, "previous", a_old)
              for pid, post, a_new, a_old in zip(prompt_ids, posts, new, old, strict=True)]
-    calls = run_judge(engine, tasks, store, dims, sampling, judge_model)
+    calls = run_judge(engine, tasks, store, dims, sampling, judge_model, mode=mode)
     return [p["outcome"] if p["valid"] else None for p in aggregate(tasks, calls, dims)]

@@ -1,7 +1,9 @@
 """Rule memory: the guidance held as named dimensions, each a short list of rules with support counts.
 
 Analysis calls do not rewrite the guidance as free text (which drifts); they return *operations* on
-this memory, one per line, as ExpeL does with its insight list:
+this memory, as ExpeL does with its insight list. Models answer them as JSON under a per-call schema
+(``toushi.guidance.structured``); the line form below is what that JSON maps to, and what is still read
+from a model that could not be constrained:
 
     DIM <name>: <definition>                   new dimension (or a definition for an existing one)
     ADD <D# or dimension name>: <rule> [p3, p7]   new rule, supported by pairs p3 and p7
@@ -74,11 +76,12 @@ class Op:
 @dataclass
 class ParseResult:
     ops: list[Op]
-    malformed: list[str]  # op-looking lines that did not parse
+    malformed: list[str]  # op-looking lines (or JSON entries) that did not parse
+    json: bool = False  # the JSON answer: structured even when it changes nothing
 
     @property
     def structured(self) -> bool:
-        return bool(self.ops)
+        return bool(self.ops) or self.json
 
 
 def _strip_ids(text: str) -> tuple[str, list[str]]:
@@ -157,6 +160,7 @@ class ApplyStats:
     unknown_pairs: int = 0
     pruned: int = 0
     removed: int = 0
+    duplicates: int = 0  # an ADD repeating one made earlier in the same call
 
     def add(self, other: ApplyStats) -> None:
         for k in vars(self):
@@ -207,6 +211,7 @@ class Memory:
         the call does not renumber them); removals and pruning happen after all operations."""
         stats = ApplyStats()
         shown = {f"R{di + 1}.{ri + 1}": r for di, d in enumerate(self.dimensions) for ri, r in enumerate(d.rules)}
+        added: set[tuple[int, str]] = set()  # (dimension, rule text) ADDed by this call
         for op in ops:
             ids = []
             for a in op.pairs:
@@ -214,6 +219,7 @@ class Memory:
                     ids.append(aliases[a.lower()])
                 else:
                     stats.unknown_pairs += 1
+            ids = list(dict.fromkeys(ids))  # a label listed twice is one pair
             if op.kind == "DIM":
                 d = self._dim(op.target, create=True)
                 if d is None:
@@ -228,8 +234,13 @@ class Memory:
                     stats.malformed += 1
                     continue
                 if op.kind == "ADD":
+                    key = (id(d), " ".join(op.text.lower().split()))
+                    if key in added:  # one lesson is one ADD: a call repeating itself is not more support
+                        stats.duplicates += 1
+                        continue
+                    added.add(key)
                     same = next((r for r in d.rules if r.text.lower() == op.text.lower()), None)
-                    if same:  # a repeated ADD is agreement, not a duplicate rule
+                    if same:  # an earlier call's rule ADDed again is agreement, not a duplicate rule
                         same.support += 1
                         _merge(same.pair_ids, ids)
                     else:

@@ -12,9 +12,11 @@ and picks the one to keep (gate-accepted, least drifted).
 
 from __future__ import annotations
 
+from toushi.engines import Structured
 from toushi.guidance.memory import Memory
 from toushi.guidance.render import EXCLUDED_FROM_PROMPT
 from toushi.guidance.session import Session, Step
+from toushi.guidance.structured import EXAMPLE_SCHEMA, example_text
 
 
 def _ids(batch: list[dict]) -> list[str]:
@@ -85,10 +87,11 @@ def add_examples(s: Session, memory: Memory, pairs: list[dict]) -> Memory:
         prompts.append(s.render("guidance_examples", name=d.name, definition=d.definition,
                                 rules=[r.text for r in d.rules],
                                 pair={"label": p["label"], "post": p["post"], "reply": p["strong"]}))
-    outs = s.text_calls(names, prompts)
-    for d, p, text in zip(dims, chosen, outs):
-        if text.strip():
-            d.examples.append({"kind": "worked", "text": text.strip(), "pair_ids": [p["id"]]})
+    outs = s.text_calls(names, prompts, [Structured(json_schema=EXAMPLE_SCHEMA)] * len(prompts))
+    for d, p, out in zip(dims, chosen, outs):
+        text = example_text(out)
+        if text:
+            d.examples.append({"kind": "worked", "text": text, "pair_ids": [p["id"]]})
         else:
             d.flags.append("empty_example")
             s.flag_counts["empty_example"] = s.flag_counts.get("empty_example", 0) + 1

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from toushi.engines import Structured
 from toushi.guidance import drift
-from toushi.guidance.memory import ApplyStats, Memory, parse_ops
+from toushi.guidance.memory import ApplyStats, Memory, ParseResult, parse_ops
 from toushi.guidance.packing import pack, shrink_pair
 from toushi.guidance.render import to_json, to_markdown
+from toushi.guidance.structured import ops_constraint, parse_json_ops
 from toushi.recipe import Sampling
 from toushi.store import StageStore, atomic_write_text, stable_id
 from toushi.templates import render
@@ -38,17 +40,22 @@ class CallCache:
         self.new_calls = 0
         self.cached_calls = 0
 
-    def key(self, conversation: list[dict]) -> str:
-        return stable_id(conversation, self.model, self.sampling.model_dump(mode="json"))
+    def key(self, conversation: list[dict], structured: Structured | None = None) -> str:
+        parts = [conversation, self.model, self.sampling.model_dump(mode="json")]
+        if structured is not None:  # a constrained call is another call (free calls keep their old keys)
+            parts.append(structured.key())
+        return stable_id(*parts)
 
     def _load(self) -> dict[str, dict]:
         if self._cache is None:
             self._cache = {r["id"]: r for r in self.store.records()}
         return self._cache
 
-    def generate(self, conversations: Sequence[list[dict]], steps: Sequence[str]) -> list[str]:
+    def generate(self, conversations: Sequence[list[dict]], steps: Sequence[str],
+                 structured: Sequence[Structured | None] | None = None) -> list[str]:
         cache = self._load()
-        keys = [self.key(c) for c in conversations]
+        structured = list(structured) if structured is not None else [None] * len(conversations)
+        keys = [self.key(c, st) for c, st in zip(conversations, structured)]
         todo = [i for i, k in enumerate(keys) if k not in cache]
         # the same prompt twice in one batch is generated once
         todo = list({keys[i]: i for i in reversed(todo)}.values())[::-1]
@@ -56,7 +63,8 @@ class CallCache:
         if todo:
             if self._engine is None:
                 self._engine = self.engine_fn()
-            outs = self._engine.generate([conversations[i] for i in todo], self.sampling)
+            outs = self._engine.generate([conversations[i] for i in todo], self.sampling,
+                                         structured=[structured[i] for i in todo])
             with self.store.writer(batch_size=len(todo)) as w:
                 for i, completions in zip(todo, outs):
                     c = completions[0]
@@ -67,6 +75,11 @@ class CallCache:
                     cache[keys[i]] = rec
             self.new_calls += len(todo)
         return [cache[k]["text"] for k in keys]
+
+
+def parse_output(output: str) -> ParseResult:
+    """The JSON answer when the output is one, else operation lines (a model that was not constrained)."""
+    return parse_json_ops(output) or parse_ops(output)
 
 
 @dataclass
@@ -136,31 +149,36 @@ class Session:
     def _save_prompt(self, name: str, prompt: str) -> None:
         atomic_write_text(self.store.path("prompts", f"{name}.txt"), prompt + "\n")
 
-    def text_calls(self, names: list[str], prompts: list[str]) -> list[str]:
+    def text_calls(self, names: list[str], prompts: list[str],
+                   structured: Sequence[Structured | None] | None = None) -> list[str]:
         for n, p in zip(names, prompts):
             self._save_prompt(n, p)
-        return self.calls.generate([[{"role": "user", "content": p}] for p in prompts], names)
+        return self.calls.generate([[{"role": "user", "content": p}] for p in prompts], names, structured)
 
     def ops_calls(self, steps: list[Step]) -> list[StepResult]:
-        """Render, call, parse; outputs with no operation get one repair call; what still has none is
-        kept raw in a flagged dimension. Intermediates go to intermediate/<step>.json."""
+        """Render, call (decoding under the call's operations schema), parse; outputs with no operation get
+        one repair call; what still has none is kept raw in a flagged dimension. Pair labels count only
+        when the call showed that pair. Intermediates go to intermediate/<step>.json."""
         prompts = [self.render(s.template, **s.variables) for s in steps]
-        outputs = self.text_calls([s.name for s in steps], prompts)
-        parsed = [parse_ops(o) for o in outputs]
+        labels = [[p["label"] for p in s.variables.get("pairs", [])] for s in steps]
+        constraints = [ops_constraint(s.base, lab, self.max_dimensions, self.cap, self.calls.sampling.max_tokens)
+                       for s, lab in zip(steps, labels)]
+        outputs = self.text_calls([s.name for s in steps], prompts, constraints)
+        parsed = [parse_output(o) for o in outputs]
         bad = [i for i, p in enumerate(parsed) if not p.structured]
         repaired_out: dict[int, str] = {}
         if bad:
             names = [f"{steps[i].name}.repair" for i in bad]
             repair_prompts = [self.render("guidance_repair", output=outputs[i][:4000]) for i in bad]
-            for i, text in zip(bad, self.text_calls(names, repair_prompts)):
+            for i, text in zip(bad, self.text_calls(names, repair_prompts, [constraints[i] for i in bad])):
                 repaired_out[i] = text
-                parsed[i] = parse_ops(text)
+                parsed[i] = parse_output(text)
         results = []
         for i, (s, p) in enumerate(zip(steps, parsed)):
             mem = s.base.copy()
             mem.cap, mem.max_dimensions = self.cap, self.max_dimensions
             flags = []
-            stats = mem.apply(p.ops, self.aliases)
+            stats = mem.apply(p.ops, {a.lower(): self.aliases[a.lower()] for a in labels[i]})
             stats.malformed += len(p.malformed)
             if i in repaired_out:
                 flags.append("repaired" if p.structured else "unstructured")
@@ -174,6 +192,7 @@ class Session:
             atomic_write_text(self.store.path("intermediate", f"{s.name}.json"), json.dumps({
                 "step": s.name, "template": s.template, "pair_ids": s.pair_ids, "output": outputs[i],
                 "repair_output": repaired_out.get(i), "ops": [o.line for o in p.ops], "malformed": p.malformed,
+                "schema": constraints[i].json_schema,
                 "stats": stats.to_dict(), "flags": flags, "memory": mem.to_dict(),
             }, indent=2, ensure_ascii=False) + "\n")
         return results
