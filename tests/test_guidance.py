@@ -18,6 +18,7 @@ from toushi.guidance.memory import Memory, parse_ops
 from toushi.guidance.packing import pack, shrink_pair, token_counter
 from toushi.guidance.render import parse_markdown, read_guidance_file, to_markdown
 from toushi.guidance.session import CallCache, Session
+from toushi.judge import rubric
 from toushi.recipe import Sampling, load_recipe
 from toushi.runner import StageContext
 from toushi.store import StageStore
@@ -79,7 +80,7 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_mo
     import xgrammar as xgr
     from transformers import AutoTokenizer
 
-    from toushi.guidance.structured import ops_schema, parse_json_ops
+    from toushi.guidance.structured import EXAMPLE_SCHEMA, ops_schema, parse_json_ops
 
     empty = Memory(cap=4, max_dimensions=5)
     first = ops_schema(empty, ["p1", "p2"], max_dimensions=5, cap=4)
@@ -99,6 +100,7 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_mo
     assert not has_xgrammar_unsupported_json_features(first)  # vLLM's xgrammar backend takes it
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(offline_model)))
     compiler.compile_json_schema(json.dumps(first), any_whitespace=False)  # and compiles it (as vLLM will)
+    compiler.compile_json_schema(json.dumps(EXAMPLE_SCHEMA), any_whitespace=False)
     with pytest.raises(jsonschema.ValidationError):  # a label the call never showed is not in the enum
         jsonschema.validate({"new_dimensions": [{**answer["new_dimensions"][0], "rules": [
             {"rule": "Reflect the exact feeling the poster names", "pairs": ["p9"]}]}] * 3}, first)
@@ -121,6 +123,39 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_mo
     assert "pairs" not in consolidate["properties"]["agree"]["items"]["properties"]
     assert parse_json_ops("DIM Warmth: be kind") is None  # not JSON: read as operation lines instead
     assert parse_json_ops('{"agree": [{"pairs": ["p1"]}]}').malformed  # an entry without its rule id
+
+
+def test_seeded_first_schema_forces_distinct_dimensions_with_rules(offline_model):
+    """With seeds, an empty memory's answer must hold rules for every seed dimension (keyed, so distinct);
+    seeds are not asked again once the memory has dimensions, and an unknown seed key is malformed."""
+    import jsonschema
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from toushi.guidance.structured import ops_schema, parse_json_ops
+
+    seeds = {d["name"]: d["definition"] for d in rubric("en")[:3]}
+    empty = Memory(cap=4, max_dimensions=4)
+    first = ops_schema(empty, ["p1", "p2"], max_dimensions=4, cap=4, seeds=seeds)
+    assert first["properties"]["rubric_rules"]["required"] == list(seeds)
+    assert first["properties"]["new_dimensions"]["minItems"] == 0
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(AutoTokenizer.from_pretrained(offline_model)))
+    compiler.compile_json_schema(json.dumps(first), any_whitespace=False)
+    rule = {"rule": "Say back the feeling the poster names", "pairs": ["p1"]}
+    with pytest.raises(jsonschema.ValidationError):  # a seed left without a rule
+        jsonschema.validate({"new_dimensions": [], "rubric_rules": {n: [rule] for n in list(seeds)[:2]}}, first)
+    answer = {"new_dimensions": [], "rubric_rules": {n: [{**rule, "rule": f"{rule['rule']}, {w}"}]
+                                                     for w, n in zip(("gently", "plainly", "kindly"), seeds)}}
+    jsonschema.validate(answer, first)
+    with pytest.raises(jsonschema.ValidationError):  # strings hold words: no digit runs, no copied JSON
+        jsonschema.validate({**answer, "new_dimensions": [{"name": "p1_2_3_4", "definition": "p1_2_3_4_5_6_7_8",
+                                                           "rules": [rule]}]}, first)
+    mem = empty.copy()
+    mem.apply(parse_json_ops(json.dumps(answer), seeds).ops, ALIASES)
+    assert [d.name for d in mem.dimensions] == list(seeds) and all(len(d.rules) == 1 for d in mem.dimensions)
+    assert mem.dimensions[0].definition == seeds[list(seeds)[0]]
+    assert "rubric_rules" not in ops_schema(mem, ["p3"], max_dimensions=4, cap=4, seeds=seeds)["properties"]
+    assert parse_json_ops(json.dumps({"rubric_rules": {"Made up": [rule]}}), seeds).malformed
 
 
 def test_merged_partials_keep_at_most_max_dimensions():
@@ -298,7 +333,7 @@ def _session(tmp_path, engine, pairs, mode, **kw) -> Session:
         store=store, lang="en", calls=CallCache(store, lambda: engine, "smollm2", Sampling(temperature=0.3, max_tokens=768)),
         pairs=pairs, blind=kw.get("blind", True), cap=3, max_dimensions=4, batch_size=kw.get("batch_size", 3),
         count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1200), drift_threshold=0.3, mode=mode,
-        gate=kw.get("gate"),
+        gate=kw.get("gate"), seeds={d["name"]: d["definition"] for d in rubric("en")[:kw.get("seeds", 3)]},
     )
 
 

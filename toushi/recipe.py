@@ -258,6 +258,12 @@ class GuidanceSection(Section):
         8, ge=1, description="Train prompts set aside (not analysed) for the acceptance gate."
     )
     max_dimensions: int = Field(8, ge=1, description="Most dimensions the rule memory holds.")
+    seed_dimensions: int = Field(
+        3, ge=0,
+        description="How many of the judge rubric's dimensions (in its order) the first analysis must write rules "
+        "for, names and definitions fixed; it may add its own besides. 0: the model names every dimension "
+        "(a small model then tends to name the same one three times).",
+    )
     max_pairs: int | None = Field(
         None, ge=1, description="Analyse at most this many train pairs (None: all)."
     )

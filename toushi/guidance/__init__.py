@@ -19,6 +19,7 @@ from pathlib import Path
 
 from toushi.engines.pool import EnginePool
 from toushi.guidance.render import load_guidance, read_guidance_file, system_prompt, to_json, to_markdown
+from toushi.judge import rubric
 from toushi.store import StageStore, atomic_write_text, stable_id
 
 __all__ = ["build_pairs", "load_guidance", "run_stage"]
@@ -139,6 +140,7 @@ def run_stage(ctx) -> dict:
             count_tokens=token_counter(_local_path(spec)), prompt_budget=budget,
             drift_threshold=cfg.drift_threshold, mode=cfg.mode,
             gate=_make_gate(ctx, pool, dev) if gate_on else None, console=ctx.console,
+            seeds={d["name"]: d["definition"] for d in rubric(r.run.lang)[:cfg.seed_dimensions]},
         )
         ctx.console.print(f"guidance: {cfg.mode} over {len(pairs)} pairs (budget {budget} tokens/prompt)"
                           + (f", gate on {len(dev)} dev prompts" if dev else ""))

@@ -21,7 +21,7 @@ from toushi.guidance import drift
 from toushi.guidance.memory import ApplyStats, Memory, ParseResult, parse_ops
 from toushi.guidance.packing import pack, shrink_pair
 from toushi.guidance.render import to_json, to_markdown
-from toushi.guidance.structured import ops_constraint, parse_json_ops
+from toushi.guidance.structured import first_seeds, ops_constraint, parse_json_ops
 from toushi.recipe import Sampling
 from toushi.store import StageStore, atomic_write_text, stable_id
 from toushi.templates import render
@@ -77,9 +77,9 @@ class CallCache:
         return [cache[k]["text"] for k in keys]
 
 
-def parse_output(output: str) -> ParseResult:
+def parse_output(output: str, seeds: dict[str, str] | None = None) -> ParseResult:
     """The JSON answer when the output is one, else operation lines (a model that was not constrained)."""
-    return parse_json_ops(output) or parse_ops(output)
+    return parse_json_ops(output, seeds) or parse_ops(output)
 
 
 @dataclass
@@ -106,7 +106,8 @@ class Session:
     def __init__(self, *, store: StageStore, lang: str, calls: CallCache, pairs: list[dict], blind: bool,
                  cap: int, max_dimensions: int, batch_size: int, count_tokens: Callable[[str], int],
                  prompt_budget: int, drift_threshold: float, mode: str,
-                 gate: Callable[[Memory, Memory | None], dict] | None = None, console: Console | None = None):
+                 gate: Callable[[Memory, Memory | None], dict] | None = None, console: Console | None = None,
+                 seeds: dict[str, str] | None = None):
         if prompt_budget <= 0:
             raise ValueError(
                 f"guidance: no room for a prompt (budget {prompt_budget} tokens): the context length minus "
@@ -117,6 +118,7 @@ class Session:
         self.count_tokens, self.budget, self.drift_threshold, self.mode = count_tokens, prompt_budget, drift_threshold, mode
         self.gate, self.console = gate, console or Console(stderr=True)
         self.pairs = pairs
+        self.seeds = dict(seeds or {})  # dimension name -> definition, filled by the first analysis
         self.aliases = {p["label"].lower(): p["id"] for p in pairs}
         self.versions: list[dict] = []  # history index entries
         self.memories: list[Memory] = []
@@ -125,8 +127,10 @@ class Session:
 
     # ---- prompts
     def render(self, template: str, /, **variables) -> str:
+        # the operations part lists the seeds only when it shows no memory (the schema's first_seeds rule)
+        seeds = first_seeds(Memory(), self.seeds, self.max_dimensions)
         return render(template, self.lang, blind=self.blind, max_rules=self.cap,
-                      max_dimensions=self.max_dimensions, **variables)
+                      max_dimensions=self.max_dimensions, seeds=seeds, **variables)
 
     def fits(self, template: str, /, **variables) -> bool:
         return self.count_tokens(self.render(template, **variables)) <= self.budget
@@ -161,10 +165,10 @@ class Session:
         when the call showed that pair. Intermediates go to intermediate/<step>.json."""
         prompts = [self.render(s.template, **s.variables) for s in steps]
         labels = [[p["label"] for p in s.variables.get("pairs", [])] for s in steps]
-        constraints = [ops_constraint(s.base, lab, self.max_dimensions, self.cap, self.calls.sampling.max_tokens)
-                       for s, lab in zip(steps, labels)]
+        constraints = [ops_constraint(s.base, lab, self.max_dimensions, self.cap, self.calls.sampling.max_tokens,
+                                      self.seeds) for s, lab in zip(steps, labels)]
         outputs = self.text_calls([s.name for s in steps], prompts, constraints)
-        parsed = [parse_output(o) for o in outputs]
+        parsed = [parse_output(o, self.seeds) for o in outputs]
         bad = [i for i, p in enumerate(parsed) if not p.structured]
         repaired_out: dict[int, str] = {}
         if bad:
@@ -172,7 +176,7 @@ class Session:
             repair_prompts = [self.render("guidance_repair", output=outputs[i][:4000]) for i in bad]
             for i, text in zip(bad, self.text_calls(names, repair_prompts, [constraints[i] for i in bad])):
                 repaired_out[i] = text
-                parsed[i] = parse_output(text)
+                parsed[i] = parse_output(text, self.seeds)
         results = []
         for i, (s, p) in enumerate(zip(steps, parsed)):
             mem = s.base.copy()

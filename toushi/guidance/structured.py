@@ -5,17 +5,24 @@ showed, rule ids an enum of the rules it showed, a new dimension comes with at l
 first analysis (empty memory) must name at least three dimensions. The answer maps onto the memory's
 operations (``toushi.guidance.memory``)::
 
-    {"new_dimensions": [{"name", "definition", "rules": [{"rule", "pairs": ["p3"]}]}],   DIM + ADD
+    {"rubric_rules": {<seed name>: [{"rule", "pairs": ["p3"]}]},                       DIM + ADD
+     "new_dimensions": [{"name", "definition", "rules": [{"rule", "pairs": ["p3"]}]}],   DIM + ADD
      "add_rules": [{"dimension": <existing name>, "rule", "pairs"}],                  ADD
      "agree": [{"rule": "R1.2", "pairs"}], "edit": [{"rule", "text", "pairs"}],        AGREE, EDIT
      "remove": ["R2.1"]}                                                               REMOVE
 
 Keys that cannot apply to a call (no dimension or rule to refer to, no pair shown) are left out.
+
+Seeds: on an empty memory the first analysis writes rules for a few given dimensions (the judge rubric's,
+names and definitions fixed) under ``rubric_rules``, an object with one required key per seed. A small
+model asked for three dimensions of its own names the same one three times; keyed seeds make three
+distinct dimensions with rules a property of the schema, and the model may still add its own.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from toushi.engines import Structured
 from toushi.guidance.memory import Memory, Op, ParseResult
@@ -26,14 +33,24 @@ NAME_CHARS, DEFINITION_CHARS, RULE_CHARS = 32, 100, 120
 
 
 # Characters per token of a worst-case answer: JSON punctuation and the degenerate repetition of a small
-# model ("R1.2.3.3.3.3...") take about two characters per token.
+# model ("name.name.name...") take about two characters per token.
 CHARS_PER_TOKEN = 2
 
 
+# Text a reader can use: no digits, underscores, brackets, braces, quotes or backslashes. A small model under
+# a schema otherwise fills strings with "p1_2_3_4_5..." (one token a digit: a 120-character string then
+# takes 120 tokens and the answer is cut off) or with copied JSON. Length goes into the pattern itself:
+# xgrammar cannot take a pattern together with minLength/maxLength (vLLM then leaves the schema to
+# another backend), and xgrammar 0.2.8 fails to compile a bounded repeat above 128 (grammar_functor.cc
+# per_rule_fsm_hashes check), so no string here is longer than that.
+MAX_TEXT = 128
+TEXT_CHARS = r"[^0-9_\[\]{}<>\\\"]"
+_BOUNDS = re.compile(r"\{(\d+),(\d+)\}\$$")
+
+
 def _text(lo: int, hi: int) -> dict:
-    # Length bounds only: a "pattern" here (e.g. to keep copied keys out of names) makes xgrammar 0.2.8
-    # fail to compile the whole operations schema (grammar_functor.cc per_rule_fsm_hashes check).
-    return {"type": "string", "minLength": lo, "maxLength": hi}
+    assert hi <= MAX_TEXT, hi
+    return {"type": "string", "pattern": f"^{TEXT_CHARS}{{{lo},{hi}}}$"}
 
 
 def max_chars(schema: dict) -> int:
@@ -44,7 +61,7 @@ def max_chars(schema: dict) -> int:
         return 2 + schema["maxItems"] * (max_chars(schema["items"]) + 1)
     if "enum" in schema:
         return 2 + max(len(str(v)) for v in schema["enum"])
-    return 2 + schema["maxLength"]
+    return 2 + int(_BOUNDS.search(schema["pattern"]).group(2))
 
 
 def _obj(props: dict) -> dict:
@@ -60,26 +77,42 @@ def _array(item: dict, hi: int, lo: int = 0) -> dict:
 _SIZES = ((2, 3, 4, 2, 2), (1, 3, 3, 2, 2), (1, 2, 2, 1, 1), (1, 1, 1, 1, 1))
 
 
-def ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int, max_tokens: int = 1024) -> dict:
+def ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int, max_tokens: int = 1024,
+               seeds: dict[str, str] | None = None) -> dict:
     """The schema of one call's answer, given the memory it shows and the pair labels it shows, with lists
-    short enough that the longest allowed answer fits ``max_tokens``."""
+    short enough that the longest allowed answer fits ``max_tokens``. ``seeds`` (name -> definition) are
+    the dimensions an empty memory's first analysis must write rules for."""
     for sizes in _SIZES:
-        schema = _ops_schema(memory, labels, max_dimensions, cap, *sizes)
+        schema = _ops_schema(memory, labels, max_dimensions, cap, *sizes, seeds=seeds or {})
         if max_chars(schema) <= max_tokens * CHARS_PER_TOKEN:
             break
     return schema
 
 
+def first_seeds(memory: Memory, seeds: dict[str, str], max_dimensions: int) -> dict[str, str]:
+    """The seeds a call on ``memory`` must fill: only on an empty memory, at most max_dimensions."""
+    if memory.dimensions:
+        return {}
+    return dict(list(seeds.items())[:max_dimensions])
+
+
 def _ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int,
-                n_rules: int, n_add: int, n_agree: int, n_edit: int, n_remove: int) -> dict:
+                n_rules: int, n_add: int, n_agree: int, n_edit: int, n_remove: int,
+                seeds: dict[str, str]) -> dict:
     pairs = {"pairs": _array({"type": "string", "enum": labels}, min(3, len(labels)), 1)} if labels else {}
     rule = _obj({"rule": _text(15, RULE_CHARS), **pairs})
     n_dims = len(memory.dimensions)
-    room = max(0, max_dimensions - n_dims)
-    props = {"new_dimensions": _array(
+    seeded = first_seeds(memory, seeds, max_dimensions)
+    room = max(0, max_dimensions - n_dims - len(seeded))
+    # without seeds an empty memory's first answer must name MIN_FIRST_DIMENSIONS of its own
+    need = 0 if n_dims or seeded else min(room, MIN_FIRST_DIMENSIONS)
+    props = {}
+    if seeded:
+        props["rubric_rules"] = _obj({name: _array(rule, min(n_rules, cap), 1) for name in seeded})
+    props["new_dimensions"] = _array(
         _obj({"name": _text(3, NAME_CHARS), "definition": _text(10, DEFINITION_CHARS),
               "rules": _array(rule, min(n_rules, cap), 1)}),
-        min(room, MIN_FIRST_DIMENSIONS), min(room, MIN_FIRST_DIMENSIONS) if n_dims == 0 else 0)}
+        min(room, 1 if seeded else MIN_FIRST_DIMENSIONS), need)
     names = [d.name for d in memory.dimensions]
     if names:
         props["add_rules"] = _array(_obj({"dimension": {"type": "string", "enum": names},
@@ -94,13 +127,14 @@ def _ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int
 
 
 def ops_constraint(memory: Memory, labels: list[str], max_dimensions: int, cap: int,
-                   max_tokens: int = 1024) -> Structured:
-    return Structured(json_schema=ops_schema(memory, labels, max_dimensions, cap, max_tokens))
+                   max_tokens: int = 1024, seeds: dict[str, str] | None = None) -> Structured:
+    return Structured(json_schema=ops_schema(memory, labels, max_dimensions, cap, max_tokens, seeds))
 
 
-def parse_json_ops(output: str) -> ParseResult | None:
+def parse_json_ops(output: str, seeds: dict[str, str] | None = None) -> ParseResult | None:
     """Operations from a JSON answer, or None when the output is not a JSON object (then it is read as
-    operation lines). Entries that lack a field (an endpoint that could not constrain) are malformed."""
+    operation lines). Entries that lack a field (an endpoint that could not constrain) are malformed;
+    ``rubric_rules`` keys become dimensions with their seed's definition (an unknown key is malformed)."""
     try:
         data = json.loads(output)
     except ValueError:
@@ -137,6 +171,16 @@ def parse_json_ops(output: str) -> ParseResult | None:
         ok = text(e, "dimension") and text(e, "rule")
         add(Op("ADD", text(e, "dimension"), text(e, "rule"), pairs(e), json.dumps(e, ensure_ascii=False))
             if ok else None, e)
+    seeds = seeds or {}
+    seeded = data.get("rubric_rules")
+    for name, rules in (seeded.items() if isinstance(seeded, dict) else []):
+        if name not in seeds:
+            malformed.append(json.dumps({name: rules}, ensure_ascii=False))
+            continue
+        ops.append(Op("DIM", name, seeds[name], [], f"DIM {name}: {seeds[name]}"))
+        for r in rules if isinstance(rules, list) else []:
+            add(Op("ADD", name, text(r, "rule"), pairs(r), json.dumps(r, ensure_ascii=False)) if text(r, "rule")
+                else None, r)
     for e in data.get("new_dimensions") or []:
         name = text(e, "name")
         if not name:
@@ -151,7 +195,7 @@ def parse_json_ops(output: str) -> ParseResult | None:
 
 # ---- worked examples: a quote from the strong reply, why it helps, how a weaker reply could do it
 
-EXAMPLE_SCHEMA = _obj({"quote": _text(5, 200), "why": _text(10, 240), "rewrite": _text(10, 240)})
+EXAMPLE_SCHEMA = _obj({"quote": _text(5, MAX_TEXT), "why": _text(10, MAX_TEXT), "rewrite": _text(10, MAX_TEXT)})
 
 
 def example_text(output: str) -> str | None:
