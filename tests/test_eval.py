@@ -59,7 +59,10 @@ def run_dir(tmp_path_factory, tiny_model) -> Path:
     write_records(run / "guided" / "records.jsonl", guided)
     (run / "guidance").mkdir(parents=True)
     (run / "guidance" / "guidance.json").write_text(json.dumps(
-        {"dimensions": [{"name": "concrete next step", "definition": "one small doable action", "rules": []}]}))
+        {"dimensions": [{"name": "concrete next step", "definition": "one small doable action",
+                         "rules": [{"text": "Offer one step they can take today", "flags": []}]},
+                        {"name": "Unstructured notes", "definition": "raw model output", "flags": ["unstructured"],
+                         "rules": [{"text": "whatever the model wrote", "flags": ["unstructured"]}]}]}))
     make_lora_adapter(tiny_model, run / "sft" / "adapter", seed=1)
     make_lora_adapter(tiny_model, run / "dpo" / "adapter", seed=2)
     return run
@@ -118,6 +121,7 @@ def test_eval_stage_end_to_end(run_dir, tiny_model, monkeypatch):
     judge = summary["judge"]
     assert judge["reference"] == "weak" and judge["calls"] == 30
     assert "concrete next step" in judge["dimensions"] and "safety" in judge["dimensions"]
+    assert "Unstructured notes" not in judge["dimensions"]  # flagged raw output is no criterion
     calls = StageStore(run_dir / "eval", "judge").records()
     assert len(calls) <= 30 and all(c["order"] in ("sr", "rs") for c in calls)
     invalid = [c for c in calls if not c["valid"]]

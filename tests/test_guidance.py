@@ -80,10 +80,10 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_mo
     import xgrammar as xgr
     from transformers import AutoTokenizer
 
-    from toushi.guidance.structured import EXAMPLE_SCHEMA, ops_schema, parse_json_ops
+    from toushi.guidance.structured import EXAMPLE_SCHEMA, max_chars, ops_schema, parse_json_ops
 
     empty = Memory(cap=4, max_dimensions=5)
-    first = ops_schema(empty, ["p1", "p2"], max_dimensions=5, cap=4)
+    first = ops_schema(empty, ["p1", "p2"], max_dimensions=5, cap=4, max_tokens=4096)
     assert set(first["properties"]) == {"new_dimensions"}  # nothing shown to agree with, edit or remove
     assert first["properties"]["new_dimensions"]["minItems"] == 3  # a first analysis names >= 3 dimensions
     answer = {"new_dimensions": [
@@ -110,7 +110,7 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_mo
     # one lesson is one ADD: the reworded repeat in the same answer adds neither a rule nor support
     assert [len(d.rules) for d in mem.dimensions] == [1, 1, 1] and st.duplicates == 1 and st.malformed == 0
     assert mem.dimensions[0].rules[0].support == 2 and mem.dimensions[0].rules[0].pair_ids == ["id-1"]
-    later = ops_schema(mem, ["p3"], max_dimensions=5, cap=4)
+    later = ops_schema(mem, ["p3"], max_dimensions=5, cap=4, max_tokens=4096)
     assert later["properties"]["new_dimensions"]["maxItems"] == 2  # room left under max_dimensions
     assert later["properties"]["agree"]["items"]["properties"]["rule"]["enum"] == ["R1.1", "R2.1", "R3.1"]
     assert later["properties"]["add_rules"]["items"]["properties"]["dimension"]["enum"] == [
@@ -119,6 +119,8 @@ def test_ops_schema_binds_labels_and_rule_ids_and_json_answer_applies(offline_mo
                                               "agree": [{"rule": "R2.1", "pairs": ["p3"]}]})).ops, ALIASES)
     assert mem.dimensions[1].rules[0].support == 3 and mem.dimensions[1].rules[0].pair_ids == ["id-2", "id-3"]
     compiler.compile_json_schema(json.dumps(later), any_whitespace=False)
+    small = ops_schema(mem, ["p3"], max_dimensions=5, cap=4, max_tokens=700)
+    assert max_chars(small) <= 700 < max_chars(later)  # a token a character: even degenerate text ends in time
     consolidate = ops_schema(mem, [], max_dimensions=5, cap=4)  # no pairs shown: no pair fields at all
     assert "pairs" not in consolidate["properties"]["agree"]["items"]["properties"]
     assert parse_json_ops("DIM Warmth: be kind") is None  # not JSON: read as operation lines instead

@@ -32,9 +32,9 @@ MIN_FIRST_DIMENSIONS = 3
 NAME_CHARS, DEFINITION_CHARS, RULE_CHARS = 32, 100, 120
 
 
-# Characters per token of a worst-case answer: JSON punctuation and the degenerate repetition of a small
-# model ("name.name.name...") take about two characters per token.
-CHARS_PER_TOKEN = 2
+# Characters per token of a worst-case answer: a small model's degenerate text ("R.D.E.D.E...") takes a
+# token a character, and an answer cut off at max_tokens is unusable, so the lists are sized for that.
+CHARS_PER_TOKEN = 1
 
 
 # Text a reader can use: no digits, underscores, brackets, braces, quotes or backslashes. A small model under
@@ -73,8 +73,8 @@ def _array(item: dict, hi: int, lo: int = 0) -> dict:
 
 
 # List sizes of an answer, largest first; ops_schema takes the first that fits the call's max_tokens (a
-# truncated answer is unusable): rules per new dimension, add_rules, agree, edit, remove.
-_SIZES = ((2, 3, 4, 2, 2), (1, 3, 3, 2, 2), (1, 2, 2, 1, 1), (1, 1, 1, 1, 1))
+# truncated answer is unusable): new dimensions, rules per new dimension, add_rules, agree, edit, remove.
+_SIZES = ((3, 2, 3, 4, 2, 2), (3, 1, 3, 3, 2, 2), (2, 1, 2, 2, 1, 1), (1, 1, 1, 1, 1, 1), (0, 1, 1, 1, 1, 0))
 
 
 def ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int, max_tokens: int = 1024,
@@ -97,7 +97,7 @@ def first_seeds(memory: Memory, seeds: dict[str, str], max_dimensions: int) -> d
 
 
 def _ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int,
-                n_rules: int, n_add: int, n_agree: int, n_edit: int, n_remove: int,
+                n_new: int, n_rules: int, n_add: int, n_agree: int, n_edit: int, n_remove: int,
                 seeds: dict[str, str]) -> dict:
     pairs = {"pairs": _array({"type": "string", "enum": labels}, min(3, len(labels)), 1)} if labels else {}
     rule = _obj({"rule": _text(15, RULE_CHARS), **pairs})
@@ -112,7 +112,7 @@ def _ops_schema(memory: Memory, labels: list[str], max_dimensions: int, cap: int
     props["new_dimensions"] = _array(
         _obj({"name": _text(3, NAME_CHARS), "definition": _text(10, DEFINITION_CHARS),
               "rules": _array(rule, min(n_rules, cap), 1)}),
-        min(room, 1 if seeded else MIN_FIRST_DIMENSIONS), need)
+        max(need, min(room, n_new, 1 if seeded else MIN_FIRST_DIMENSIONS)), need)
     names = [d.name for d in memory.dimensions]
     if names:
         props["add_rules"] = _array(_obj({"dimension": {"type": "string", "enum": names},
