@@ -481,6 +481,38 @@ def test_stage_and_hand_edit(tmp_path, offline_model, pairs_records, engine, mon
     assert "+- Two or three sentences are enough" in (store.dir / "history" / "v003.diff").read_text()
 
 
+def test_stage_with_acceptance_gate(tmp_path, offline_model, pairs_records, engine, monkeypatch):
+    """The gate end to end on CPU: dev prompts set aside, the weak role answers them with each version's
+    guidance, the (constrained, logprob) judge compares both orders; every version gets a decision with no
+    invalid verdict. The strong, weak and judge roles are asked of the run's one engine pool."""
+    r = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", [
+        f"run.dir={tmp_path / 'runs'}", *(f"models.{role}.name={offline_model}" for role in ("strong", "weak", "judge")),
+        "guidance.mode=refine", "guidance.max_pairs=3", "guidance.accept_gate=true", "guidance.dev_prompts=2",
+        "guidance.batch_size=2"])
+    with StageStore(r.run_dir, "pairs").writer() as w:
+        w.write_many(pairs_records)
+    store = StageStore(r.run_dir, "guidance")
+    from toushi.guidance import EnginePool
+
+    asked: list[str] = []
+    monkeypatch.setattr(EnginePool, "get", lambda self, spec: asked.append(spec.name) or engine)
+    monkeypatch.setattr(EnginePool, "close", lambda self: None)
+    counts = run_stage(StageContext(recipe=r, store=store))
+    assert counts["versions"] >= 2
+    index = json.loads((store.dir / "history" / "index.json").read_text())
+    for v in index:
+        g = v["gate"]
+        assert g["prompts"] == 2 and g["invalid"] == 0 and g["wins"] + g["ties"] + g["losses"] == 2
+        assert v["accepted"] == g["accepted"]
+    assert len(asked) >= 3 and set(asked) == {str(offline_model)}
+    gate_calls = StageStore(store.dir, "gate").records()
+    assert gate_calls and {c["order"] for c in gate_calls} == {"sr", "rs"} and all(c["valid"] for c in gate_calls)
+    # the dev prompts were set aside: of the 5 train pairs, the analysis calls saw only the other 3
+    labelled = set(json.loads((store.dir / "labels.json").read_text()))
+    analysed = {i for f in (store.dir / "intermediate").glob("*.json") for i in json.loads(f.read_text())["pair_ids"]}
+    assert len(labelled) == 5 and len(analysed) == 3 and analysed < labelled
+
+
 def test_guidance_show_cli(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
