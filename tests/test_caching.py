@@ -227,7 +227,7 @@ def _write_pairs_recipe(tmp_path: Path) -> Path:
         "run": {"name": "orphan", "dir": str(tmp_path / "runs"), "stages": ["corpus", "pairs"]},
         "models": {"weak": spec, "strong": spec},
         "corpus": {"sources": [{"path": str(repo_root() / "data" / "venting_en.jsonl"), "format": "openings"}],
-                   "per_scene": None},
+                   "per_scene": None, "max_posts": 12},  # 6 batches a role: room to kill mid-way, short rerun
         "pairs": {"batch_size": 2},
     }))
     return p

@@ -99,6 +99,8 @@ def test_sft_loss_falls_and_manifest_has_counts(trained_run):
     assert math.isfinite(t["first_loss"]) and math.isfinite(t["final_loss"]) and math.isfinite(t["eval_loss"])
     assert t["final_loss"] < t["first_loss"] * 0.9, t
     assert t["tokens_per_s"] > 0 and t["peak_memory_gib"] > 0
+    # one launched process uses every core it may (accelerate alone would pin it to one thread)
+    assert t["torch_threads"] == int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
     assert (run_dir / "sft" / "recipe.yaml").exists()
     assert any((run_dir / "sft" / "tensorboard").iterdir())
 

@@ -29,6 +29,9 @@ def accelerate_command(script: str, recipe_path: Path, config_file: Path | None,
     else:
         # No config: one process, and accelerate stays quiet about defaults it would otherwise warn on.
         cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        # accelerate otherwise sets OMP_NUM_THREADS=1 for the process (its CPU default only applies with --cpu),
+        # which halves CPU training on a 2-core machine; one process may use every core it is allowed
+        cmd += ["--num_cpu_threads_per_process", os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0)))]
     cmd += [str(repo_root() / "train" / f"{script}.py"), "--recipe", str(recipe_path)]
     if resume:
         cmd.append("--resume")

@@ -309,6 +309,8 @@ def peak_memory_gib() -> float:
 
 def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
     """Losses, throughput and memory for the manifest, from the trainer's own log history."""
+    import torch
+
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     runtime = train_result.metrics.get("train_runtime") or 0.0
     tokens = int(trainer.state.num_input_tokens_seen or 0)
@@ -322,6 +324,7 @@ def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
         "peak_memory_gib": peak_memory_gib(),
+        "torch_threads": torch.get_num_threads(),  # CPU: accelerate launch leaves 1 unless told otherwise
         "num_processes": trainer.accelerator.num_processes,
         # NO, MULTI_CPU, MULTI_GPU, FSDP or DEEPSPEED: what the launcher's config turned into
         "distributed_type": trainer.accelerator.distributed_type.value,
