@@ -461,8 +461,8 @@ def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: d
         notes.append(f"simulate: models.{cfg.role} is not set (nor models.strong), skipped")
         return None
     chosen = prompts[: cfg.max_posts] if cfg.max_posts else prompts
-    cards = [make_card(p, r.run.lang, label_set(p.get("lang") or r.run.lang, r.corpus.tagging.labels_file))
-             for p in chosen]
+    sets = {lang: label_set(lang, r.corpus.tagging.labels_file) for lang in {p.get("lang") or r.run.lang for p in chosen}}
+    cards = [make_card(p, r.run.lang, sets[p.get("lang") or r.run.lang]) for p in chosen]
     shown = {s: list(texts[: len(chosen)]) for s, texts in answers.items()}
     store = StageStore(ctx.store.dir, "seeker")
     n_calls = len(cards) + len(shown) * len(cards) * (2 * cfg.turns - 1)

@@ -3,7 +3,8 @@
 Generation is cached per role in ``pairs/<role>_cache.jsonl``, keyed by hash(messages, model, sampling,
 sample index), so a rerun generates only what is missing (and a changed sampling setting only for the
 role it touches). The roles run one after the other, each engine freed before the next loads (one GPU).
-``records.jsonl`` gets one record per prompt once both roles have all ``n`` samples. Requests that fail
+``records.jsonl`` gets one record per prompt once both roles have all ``n`` samples, with the post's scene,
+emotion and intent (eval reports by them). Requests that fail
 for good are logged to ``errors.jsonl``; the stage still answers every other prompt and then fails with
 a count, so the manifest never says complete while pairs are missing, and the rerun retries only those.
 An openai role's requests and errors per endpoint (``base_url`` may list several) go into the manifest's
