@@ -12,6 +12,7 @@ from toushi.corpus.dedup import embedding_duplicates, exact_duplicates, near_dup
 from toushi.corpus.loaders import Post, clean_posts
 from toushi.corpus.personas import KEYS, parse_persona
 from toushi.corpus.sampling import sample_per_scene, split_of
+from toushi.corpus.tagging import label_set
 from toushi.recipe import load_recipe
 from toushi.runner import run_stages
 from toushi.stages import STAGES
@@ -64,6 +65,7 @@ def test_adapters_read_real_shared_files(shared_data, rel, fmt, text_from, n, sc
     raw = json.loads((shared_data / rel).read_text(encoding="utf-8").splitlines()[0]) if rel.endswith("l") else None
     if fmt == "openings":
         assert first.source_id == raw["id"] and first.text == raw["text"] and first.lang == raw["lang"]
+        assert first.emotion == raw.get("emotion")  # the openings' own label, when the file has one
     if fmt == "esconv":
         assert first.source_id == f"esconv-{Path(rel).stem}-0000" and first.emotion == raw["emotion_type"]
         if text_from == "situation":
@@ -247,11 +249,17 @@ def test_esconv_recipe_produces_a_corpus(tmp_path, shared_data):
     per_scene = {}
     for r in records:
         per_scene[r["scene"]] = per_scene.get(r["scene"], 0) + 1
-        assert set(r) == {"id", "lang", "scene", "text", "source", "source_id", "split", "flags", "persona"}
+        assert set(r) == {"id", "lang", "scene", "text", "source", "source_id", "split", "flags", "persona",
+                          "emotion", "intent", "label_source", "tags"}
         assert r["lang"] == "en" and r["source"] == "ESConv" and r["source_id"].startswith("esconv-")
+        # ESConv's emotion_type is kept (tagging is off: no intent, no tagger answer)
+        assert r["emotion"] and r["intent"] is None and r["tags"] is None
+        assert r["label_source"] == {"emotion": "dataset", "intent": None}
     assert len(per_scene) >= 10 and max(per_scene.values()) == 4
     rep = json.loads((tmp_path / "esconv-en/corpus/diversity.json").read_text())
     assert rep["posts"] == len(records) and rep["scenes"] == len(per_scene) and 0 < rep["distinct_2"] <= 1
+    assert sum(rep["emotions"].values()) == len(records) and "anxiety" in rep["emotions"]
+    assert rep["tagger_check"] is None  # the tagger did not run
     assert rep["length_chars"]["max"] >= rep["length_chars"]["median"] > 0
     assert "| job crisis |" in (tmp_path / "esconv-en/corpus/diversity.md").read_text()
 
@@ -272,7 +280,8 @@ def test_zh_public_recipe_produces_a_corpus(tmp_path, shared_data):
 def test_tiny_cpu_recipe_starts_from_team_data(tmp_path):
     if not (REPO / "data/venting_en.jsonl").exists():
         pytest.skip("data/venting_en.jsonl (team-written posts) not in this checkout yet")
-    records, manifest = run_corpus(REPO / "recipes/tiny-cpu.yaml", tmp_path)
+    # the data only (tagging, a model step, is tested on the offline model above)
+    records, manifest = run_corpus(REPO / "recipes/tiny-cpu.yaml", tmp_path, "corpus.tagging.enabled=false")
     assert len(records) == manifest["counts"]["kept"] >= 40 and len({r["scene"] for r in records}) >= 20
 
 
@@ -313,14 +322,16 @@ def test_rewrite_and_personas_on_the_offline_model(tmp_path, shared_data, offlin
         "per_scene": 1, "max_posts": 1, "heldout_fraction": 0.5,
         "rewrite": {"enabled": True, "sampling": {"temperature": 0.7, "max_tokens": 64, "seed": 0}},
         "personas": {"enabled": True, "per_scene": 2, "sampling": {"temperature": 0.9, "max_tokens": 64, "seed": 0}},
+        "tagging": {"enabled": True, "sampling": {"temperature": 0.0, "max_tokens": 24}},
     }
     recipe = write_recipe(tmp_path, corpus, models={"strong": model})
     records, manifest = run_corpus(recipe, tmp_path)
     counts = manifest["counts"]
     # 1 rewrite + 1 scene x (1 persona prompt with n=2 + one post per distinct persona: two identical
-    # personas make one post prompt, generated once)
+    # personas make one post prompt, generated once) + one tagging call per post (none has an intent)
     personas = {json.dumps(r["persona"], sort_keys=True) for r in records if r["persona"]}
-    assert counts["sampled"] == 1 and counts["generated"] == 1 + 1 + len(personas), (counts, personas)
+    assert counts["tagged"] == len(records) and counts["tag_invalid"] == 0
+    assert counts["sampled"] == 1 and counts["generated"] == 1 + 1 + len(personas) + len(records), (counts, personas)
     assert counts["rewritten"] + counts["rewrite_failed"] + counts["rewrite_dropped"] == 1
     assert counts["personas"] == 2 and counts["persona_failures"] + counts["persona_repaired"] <= 2
     rewritten = [r for r in records if r["source"] == "ESConv"]
@@ -333,6 +344,20 @@ def test_rewrite_and_personas_on_the_offline_model(tmp_path, shared_data, offlin
     persona_recs = [r for r in records if r["persona"]]
     assert persona_recs and all(r["scene"] in {s.scene for s in originals.values()} for r in persona_recs)
     assert all(set(r["persona"]) == set(KEYS) and "persona" in r["flags"] and r["text"] for r in persona_recs)
+    # tags: ESConv's emotion is kept and the tagger's is checked against it; persona posts get the tagger's
+    # labels, every one of the closed set (decoding is constrained to it)
+    sets = {k: {x["label"] for x in v} for k, v in label_set("en").items()}
+    for r in records:
+        assert r["tags"]["model"] == str(offline_model) and r["tags"]["intent"] in sets["intent"]
+        assert r["tags"]["emotion"] in sets["emotion"] and r["intent"] == r["tags"]["intent"]
+        assert r["label_source"]["intent"] == "tagger"
+    for r in persona_recs:
+        assert r["emotion"] == r["tags"]["emotion"] and r["label_source"]["emotion"] == "tagger"
+    for r in rewritten:
+        assert r["emotion"] == originals[r["source_id"]].emotion and r["label_source"]["emotion"] == "dataset"
+    check = json.loads((tmp_path / "t/corpus/diversity.json").read_text())["tagger_check"]
+    assert check["n"] == len(rewritten) and check["model"] == str(offline_model)
+    assert "Emotion tagger" in (tmp_path / "t/corpus/diversity.md").read_text()
     # A rerun generates nothing: every model output comes from the cache, and the corpus is identical.
     again, manifest2 = run_corpus(recipe, tmp_path)
     assert manifest2["counts"]["generated"] == 0 and again == records

@@ -60,7 +60,7 @@ def run_dir(tmp_path_factory, tiny_model) -> Path:
     (run / "guidance").mkdir(parents=True)
     (run / "guidance" / "guidance.json").write_text(json.dumps(
         {"dimensions": [{"name": "concrete next step", "definition": "one small doable action",
-                         "rules": [{"text": "Offer one step they can take today", "flags": []}]},
+                         "rules": [{"text": "end with one small step they could take today", "flags": []}]},
                         {"name": "Unstructured notes", "definition": "raw model output", "flags": ["unstructured"],
                          "rules": [{"text": "whatever the model wrote", "flags": ["unstructured"]}]}]}))
     make_lora_adapter(tiny_model, run / "sft" / "adapter", seed=1)
@@ -78,7 +78,10 @@ def recipe_for(run: Path, tiny_model: Path) -> Recipe:
                    "judge": {**model, "engine": "hf", "hf_batch_size": 16}},
         "eval": {"max_prompts": 3, "bootstrap": 50, "embeddings": True,
                  "sampling": {"temperature": 0.0, "max_tokens": 12},
-                 "judge_sampling": {"temperature": 0.0, "max_tokens": 12}},
+                 "judge_sampling": {"temperature": 0.0, "max_tokens": 12},
+                 # the judge's engine plays the seeker too: its constrained answer always carries a score
+                 "simulate": {"enabled": True, "role": "judge", "max_posts": 2,
+                              "sampling": {"temperature": 0.0, "max_tokens": 16}}},
     })
 
 
@@ -123,19 +126,44 @@ def test_eval_stage_end_to_end(run_dir, tiny_model, monkeypatch):
     assert "concrete next step" in judge["dimensions"] and "safety" in judge["dimensions"]
     assert "Unstructured notes" not in judge["dimensions"]  # flagged raw output is no criterion
     calls = StageStore(run_dir / "eval", "judge").records()
-    assert len(calls) == 30 and all(c["order"] in ("sr", "rs") for c in calls)
+    # + the ladder: guided vs weak is a main pair; sft vs guided, dpo vs sft, strong vs dpo are 18 more calls
+    assert judge["ladder_calls"] == 4 * 3 * 2
+    assert len(calls) == 30 + 18 and all(c["order"] in ("sr", "rs") for c in calls)
     assert all(c["valid"] for c in calls) and judge["invalid_calls"] == 0
     for s in ("guided", "student", "sft", "dpo", "strong"):
         v = judge["systems"][s]
         assert v["pairs"] == 3 and v["valid"] == 3 and v["invalid"] == 0
         assert v["wins"] + v["ties"] + v["losses"] == 3 and 0 <= v["win_rate"]["mean"] <= 1
-    assert started == ["vllm", "hf"]  # one vLLM engine for the base student and both adapters, then the judge
+    # one vLLM engine for the base student and both adapters, then the judge (which also plays the seeker)
+    assert started == ["vllm", "hf"]
+
+    # the simulated seeker: every system on the first 2 posts, a score for each (before and after)
+    seeker = summary["seeker"]
+    assert seeker["posts"] == 2 and seeker["invalid_calls"] == 0 and seeker["calls"] == 2 + 6 * 2
+    assert set(seeker["systems"]) == set(summary["systems"])
+    for v in seeker["systems"].values():
+        assert v["valid"] == 2 and 0 <= v["after"]["mean"] <= 100 and v["delta"]["n"] == 2
+    # the ladder: the rungs the run has, each against the one before, every rung judged (constrained verdicts)
+    ladder = summary["ladder"]
+    assert ladder["rungs"] == ["weak", "guided", "sft", "dpo", "strong"]
+    assert [(st["from"], st["to"]) for st in ladder["steps"]] == [
+        ("weak", "guided"), ("guided", "sft"), ("sft", "dpo"), ("dpo", "strong")]
+    for st in ladder["steps"]:
+        assert st["judge"]["wins"] + st["judge"]["ties"] + st["judge"]["losses"] == 3 and st["judge"]["invalid"] == 0
+        assert st["seeker"]["posts"] == 2 and st["seeker"]["verdict"] in ("helped", "hurt", "no clear change")
+    # results by label: one scene for every post, no emotion or intent labels
+    strata = summary["strata"]["facets"]
+    assert [(c["value"], c["posts"]) for c in strata["scene"]] == [("life", 3)]
+    assert [(c["value"], c["posts"]) for c in strata["emotion"]] == [("(unlabelled)", 3)]
+    assert all(a["scene"] == "life" and a["emotion"] is None for a in answers)
 
     # the report covers every system, and its images exist
     html = (run_dir / "report" / "index.html").read_text()
     for s in summary["systems"]:
         assert f"<th>{s}</th>" in html
+    assert 'id="ladder"' in html and 'id="seeker"' in html and 'id="strata-scene-seeker"' in html
     assert (run_dir / "report" / "lengths.png").exists() and (run_dir / "report" / "nll.png").exists()
+    assert (run_dir / "report" / "ladder.png").exists()
 
     # a forced rerun generates nothing: students, NLL and judge calls all come from the caches
     sizes = {p: p.stat().st_size for p in (run_dir / "eval").rglob("records.jsonl")}
@@ -144,6 +172,7 @@ def test_eval_stage_end_to_end(run_dir, tiny_model, monkeypatch):
     assert started == []
     again = json.loads((run_dir / "eval" / "summary.json").read_text())
     assert again["nll"] == summary["nll"] and again["judge"]["systems"] == judge["systems"]
+    assert again["seeker"]["items"] == seeker["items"] and again["seeker"]["generated"] == 0
     for p, size in sizes.items():
         if p.parent != run_dir / "eval":  # the per-answer file is rewritten whole; the caches only grow
             assert p.stat().st_size == size, p

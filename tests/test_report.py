@@ -14,10 +14,22 @@ from typer.testing import CliRunner
 from toushi.evaluate import answer_metrics, summarise
 from toushi.judge import PairTask, aggregate, rubric, win_rates
 from toushi.report import ReportError, build_report
+from toushi.simulate import seeker_summary
 
 SYSTEMS = ["weak", "guided", "student", "sft", "dpo", "strong"]
 DIMS = rubric("en")
 POSTS = [f"Post {i}: my dog died and I keep setting out two bowls." for i in range(6)]
+EMOTIONS = ["sadness"] * 4 + ["anger"] * 2  # two emotions, for the tables by emotion
+IMAGES = {"win_rates.png", "lengths.png", "nll.png", "drift.png", "training_sft.png", "training_dpo.png", "ladder.png"}
+# the ladder's scripted steps (both orders' verdicts for the rung, and its seeker change vs the rung before):
+# guided beats weak; sft beats guided by the judge, but the seeker feels no different; dpo vs sft is
+# order-inconsistent (ties) and the seeker feels worse; strong loses to dpo by the judge, the seeker feels better
+LADDER_JUDGE = {"guided": ("A", "B"), "sft": ("A", "B"), "dpo": ("A", "A"), "strong": ("B", "A")}
+SEEKER_DELTA = {"weak": [0, 1] * 3, "student": [3] * 6}
+SEEKER_DELTA["guided"] = [d + 8 for d in SEEKER_DELTA["weak"]]
+SEEKER_DELTA["sft"] = [d + e for d, e in zip(SEEKER_DELTA["guided"], [-2, 2] * 3)]
+SEEKER_DELTA["dpo"] = [d - 5 for d in SEEKER_DELTA["sft"]]
+SEEKER_DELTA["strong"] = [d + 10 for d in SEEKER_DELTA["dpo"]]
 
 
 def answer(system: str, i: int) -> str:
@@ -35,6 +47,7 @@ def make_run(root: Path, with_extras: bool = True) -> Path:
         for i, post in enumerate(POSTS):
             text = answer(s, i)
             records.append({"id": f"{s}-{i}", "system": s, "prompt_id": f"p{i}", "lang": "en", "post": post,
+                            "scene": "pet loss", "emotion": EMOTIONS[i], "intent": None,
                             "text": text, "metrics": {**answer_metrics(post, text), "embed_sim": 0.5 + i / 20}})
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -53,10 +66,24 @@ def make_run(root: Path, with_extras: bool = True) -> Path:
             calls.append({"pair_id": t.pair_id, "order": order, "valid": True, "verdict": v,
                           "dims": {d["name"]: v for d in DIMS}})
     pairs = aggregate(tasks, calls, DIMS)
+    rungs = ["weak", "guided", "sft", "dpo", "strong"]
+    ladder_tasks = [PairTask(f"p{i}", "en", POSTS[i], cur, answer(cur, i), prev, answer(prev, i))
+                    for prev, cur in zip(rungs, rungs[1:]) for i in range(6)]
+    ladder_calls = [{"pair_id": t.pair_id, "order": order, "valid": True, "verdict": v,
+                     "dims": {d["name"]: v for d in DIMS}}
+                    for t in ladder_tasks for order, v in zip(("sr", "rs"), LADDER_JUDGE[t.system])]
     judge = {"model": "scripted", "reference": "weak", "dimensions": [d["name"] for d in DIMS],
              "calls": len(calls), "invalid_calls": 2, "retried_calls": 2,
-             "systems": win_rates(pairs, DIMS, n_boot=50), "pairs": pairs}
-    summary = summarise(records, nll, judge, n_boot=50, seed=0)
+             "systems": win_rates(pairs, DIMS, n_boot=50), "pairs": pairs,
+             "ladder_calls": len(ladder_calls), "ladder_invalid_calls": 0,
+             "ladder_pairs": aggregate(ladder_tasks, ladder_calls, DIMS)}
+    items = [{"system": s, "prompt_id": f"p{i}", "before": 40, "after": 40 + d, "delta": d, "valid": True,
+              "feelings": [40 + d], "whys": ["scripted"], "transcript": None}
+             for s in SYSTEMS for i, d in enumerate(SEEKER_DELTA[s])]
+    seeker = {"model": "scripted", "role": "strong", "turns": 1, "posts": 6, "calls": 6 + len(items),
+              "invalid_calls": 0, "generated": 0, "systems": seeker_summary(items, n_boot=50), "before": [40] * 6,
+              "items": items}
+    summary = summarise(records, nll, judge, n_boot=50, seed=0, seeker=seeker)
     summary.update(run="demo", lang="en", n_prompts=6, prompt_ids=[f"p{i}" for i in range(6)],
                    notes=["grpo: no adapter, skipped"], student_model="smollm2-135m-instruct")
     (run / "eval" / "summary.json").write_text(json.dumps(summary))
@@ -95,7 +122,7 @@ def test_report_renders_every_part_and_images_exist(tmp_path):
     html = index.read_text()
     refs = _Refs()
     refs.feed(html)
-    expected = {"win_rates.png", "lengths.png", "nll.png", "drift.png", "training_sft.png", "training_dpo.png"}
+    expected = IMAGES
     assert set(refs.srcs) == expected
     for src in refs.srcs:  # relative, beside the HTML, and a readable PNG
         img = index.parent / src
@@ -177,13 +204,30 @@ def test_report_renders_in_headless_chromium(tmp_path):
         page.wait_for_load_state("load")
         images = page.eval_on_selector_all(
             "img", "els => els.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth, e.naturalHeight])")
-        assert {src for src, *_ in images} == {"win_rates.png", "lengths.png", "nll.png", "drift.png",
-                                               "training_sft.png", "training_dpo.png"}
+        assert {src for src, *_ in images} == IMAGES
         for src, complete, width, height in images:
             assert complete and width > 100 and height > 50, src  # decoded, not a broken-image icon
         header = page.eval_on_selector_all("table th", "els => els.map(e => e.textContent.trim())")
         assert set(SYSTEMS) <= set(header)
         assert page.locator("table").first.bounding_box()["width"] > 300
+        # the ladder in pipeline order, each rung against the one before, with what each step did
+        rows = page.eval_on_selector_all(
+            "#ladder tr.rung", "rows => rows.map(r => Array.from(r.cells).map(c => c.textContent.trim()))")
+        assert [r[0] for r in rows] == ["weak", "guided", "sft", "dpo", "strong"]
+        assert [r[1] for r in rows] == ["(first rung)", "weak", "guided", "sft", "dpo"]
+        assert [r[4] for r in rows] == ["", "helped", "helped", "no clear change", "hurt"]  # the judge
+        assert [r[6] for r in rows] == ["", "helped", "no clear change", "hurt", "helped"]  # the seeker
+        assert rows[1][2] == "1.00" and rows[1][3] == "6/0/0" and rows[3][3] == "0/6/0"
+        assert rows[1][5].startswith("+8.") and rows[3][5] == "-5.0"  # paired change in feeling vs previous
+        colours = page.eval_on_selector_all("#ladder td.verdict", "els => els.map(e => getComputedStyle(e).color)")
+        assert "rgb(26, 127, 55)" in colours and "rgb(207, 34, 46)" in colours  # helped green, hurt red
+        assert page.locator("#ladder").bounding_box()["width"] > 300
+        seeker = page.eval_on_selector_all("#seeker tr", "rows => rows.map(r => r.cells[0].textContent.trim())")
+        assert seeker[1:] == SYSTEMS
+        by_emotion = page.eval_on_selector_all(
+            "#strata-emotion-judge tr", "rows => rows.map(r => Array.from(r.cells).map(c => c.textContent.trim()))")
+        assert [r[:2] for r in by_emotion[1:]] == [["sadness", "4"], ["anger", "2"]]
+        assert page.locator("#strata-emotion-judge tr.few").count() == 2  # both cells under 5 posts
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()

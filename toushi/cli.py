@@ -158,6 +158,70 @@ def report(
         webbrowser.open(index.resolve().as_uri())
 
 
+# ----------------------------------------------------------------------------------- corpus
+
+corpus_app = typer.Typer(help="The venting corpus.", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+
+
+@corpus_app.command("tag")
+def corpus_tag(
+    file: Path,
+    recipe: Annotated[Path, typer.Option(help="Recipe naming the tagging model (models.<role>) and its settings "
+                                              "(corpus.tagging).")],
+    role: Annotated[str | None, typer.Option(help="weak, strong or judge (default: corpus.tagging.role).")] = None,
+    lang: Annotated[str | None, typer.Option(help="zh or en: the label set and prompt (default: corpus.lang, "
+                                                  "else run.lang).")] = None,
+    field: Annotated[str | None, typer.Option(help="Field holding the post (default: text, post, prompt or "
+                                                   "situation, the first present).")] = None,
+    gold: Annotated[str | None, typer.Option(help="Field with known emotion labels to measure the tagger against "
+                                                  "(default: emotion or emotion_type, when present).")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output JSONL (default: <file stem>.tagged.jsonl "
+                                                                "in the current directory).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Tag only the first N records.")] = None,
+    set_: SetOpt = None,
+):
+    """Tag each post of a prompt file (JSONL, JSON, CSV or a datasets dir) with an emotion and an intent."""
+    from toushi.corpus.tagging import TaggingError, agreement_markdown, tag_file
+    from toushi.engines import GenerationError, make_engine
+
+    r = load(recipe, set_)
+    role = role or r.corpus.tagging.role
+    if role not in ("weak", "strong", "judge"):
+        _fail(f"--role {role}: expected weak, strong or judge")
+    spec = getattr(r.models, role)
+    if spec is None:
+        _fail(f"{recipe}: models.{role} is not set")
+    lang = lang or r.corpus.lang or r.run.lang
+    if lang not in ("zh", "en"):
+        _fail(f"--lang {lang}: expected zh or en")
+    out_path = out_file or Path(f"{file.stem}.tagged.jsonl")
+    engines: list = []
+
+    def get_engine():
+        if not engines:
+            err.print(f"tagging with {spec.name} ({spec.engine})", highlight=False)
+            engines.append(make_engine(spec))
+        return engines[0]
+
+    tg = r.corpus.tagging
+    try:
+        res = tag_file(file, out_path, lang=lang, get_engine=get_engine, model=spec.served_model or spec.name,
+                       sampling=tg.sampling, field=field, gold_field=gold, limit=limit, template=tg.template,
+                       labels_file=tg.labels_file)
+    except (TaggingError, GenerationError, OSError) as e:
+        _fail(str(e))
+    finally:
+        for engine in engines:
+            engine.close()
+    err.print(f"{res['records']} records ({res['text_field']!r} tagged), {res['generated']} generated, "
+              f"{res['invalid']} with an unusable answer", highlight=False)
+    if res["agreement"]:
+        err.print(agreement_markdown(res["agreement"], f"tagger vs {res['gold_field']!r}"), markup=False,
+                  highlight=False)
+    out.print(str(out_path), soft_wrap=True, highlight=False)
+
+
 # ----------------------------------------------------------------------------------- guidance
 
 guidance_app = typer.Typer(help="The guidance a run extracted.", no_args_is_help=True)

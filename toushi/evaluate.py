@@ -6,11 +6,18 @@ no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo|distill
 1. rule metrics per answer (``toushi.metrics``), aggregated with bootstrap 95% CIs;
 2. held-out NLL of the strong answers under the base student and each adapter (transformers + PEFT);
 3. pairwise judge against ``eval.reference`` (``toushi.judge``): both orders, raw and length-controlled
-   win rates.
+   win rates;
+4. the simulated seeker (``eval.simulate``, ``toushi.simulate``): the change in a role-played poster's feeling
+   after reading each system's comment;
+5. the ladder (``toushi.ladder``): each rung of weak -> guided -> sft -> dpo -> distill -> grpo -> selftrain ->
+   strong against the rung before it, by the judge and by the seeker;
+6. all of it again by the posts' emotion, intent and scene (``toushi.strata``), with counts and a flag on
+   cells too small to read.
 
-Outputs in ``runs/<run>/eval/``: ``records.jsonl`` (one record per system x prompt: answer + metrics),
-``summary.json`` (everything the report draws), and caches that make a rerun do only what is missing:
-``students/`` (student generations), ``nll/`` (per-answer NLL), ``judge/`` (judge calls).
+Outputs in ``runs/<run>/eval/``: ``records.jsonl`` (one record per system x prompt: answer, the post's labels
+and metrics), ``summary.json`` (everything the report draws), and caches that make a rerun do only what is
+missing: ``students/`` (student generations), ``nll/`` (per-answer NLL), ``judge/`` (judge calls), ``seeker/``
+(seeker calls and the systems' replies in later turns).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from pathlib import Path
 from rich.progress import Progress
 
 from toushi import metrics as M
+from toushi.ladder import compare as ladder_compare
+from toushi.ladder import steps as ladder_steps
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, file_hash, stable_id
@@ -30,6 +39,7 @@ ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 # Report order: baselines first, then the students, the teacher last.
 SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "distill", "selftrain", "strong")
 RATE_METRICS = ("markdown", "empty", "refusal", "lang_match")
+LABELS = ("scene", "emotion", "intent")  # the post's labels, on every eval record (results by label)
 
 
 class EvalError(RuntimeError):
@@ -228,9 +238,14 @@ METRIC_NAMES = ("chars", "tokens", "markdown", "markdown_count", "distinct_1", "
                 "jargon", "lang_match", "empty", "refusal", "embed_sim")
 
 
-def summarise(answers: list[dict], nll: list[dict], judge: dict | None, n_boot: int, seed: int) -> dict:
-    """Aggregate per-answer records into the summary the report draws (pure: no models, no files)."""
+def summarise(answers: list[dict], nll: list[dict], judge: dict | None, n_boot: int, seed: int,
+              seeker: dict | None = None, facets: tuple[str, ...] | list[str] = ("emotion", "intent", "scene"),
+              min_posts: int = 5, ladder: bool = True) -> dict:
+    """Aggregate per-answer records into the summary the report draws (pure: no models, no files): metrics,
+    NLL, the judge and seeker blocks as given, the ladder (rung-to-rung comparisons from the judge's
+    ``ladder_pairs`` and the seeker's items) and the strata (all of it by each facet of the posts)."""
     from toushi.stats import bootstrap_ci
+    from toushi.strata import stratify
 
     systems = sorted({a["system"] for a in answers} | {r["system"] for r in nll},
                      key=lambda s: (SYSTEM_ORDER.index(s) if s in SYSTEM_ORDER else len(SYSTEM_ORDER), s))
@@ -247,8 +262,13 @@ def summarise(answers: list[dict], nll: list[dict], judge: dict | None, n_boot: 
             tok_mean = sum(r["nll_sum"] for r in rows) / sum(r["tokens"] for r in rows)
             nll_out[s] = {**ci, "token_mean": tok_mean, "perplexity": math.exp(tok_mean),
                           "tokens": sum(r["tokens"] for r in rows)}
+    seeker_items = (seeker or {}).get("items")
+    strata = stratify(answers, systems, METRIC_NAMES, judge_pairs=(judge or {}).get("pairs"), seeker_items=seeker_items,
+                      facets=facets, min_posts=min_posts, n_boot=n_boot, seed=seed)
+    ladder_block = (ladder_compare(systems, (judge or {}).get("ladder_pairs"), seeker_items, n_boot=n_boot, seed=seed,
+                                   min_posts=min_posts) if ladder else None)
     return {"systems": systems, "metric_names": list(METRIC_NAMES), "metrics": metrics, "nll": nll_out,
-            "judge": judge}
+            "judge": judge, "seeker": seeker, "ladder": ladder_block, "strata": strata}
 
 
 # --------------------------------------------------------------------------------------- stage
@@ -333,7 +353,7 @@ def run_stage(ctx: StageContext) -> dict:
             m = answer_metrics(p["post"], t)
             m["embed_sim"] = sims[s][i] if s in sims else None
             records.append({"id": stable_id(s, p["id"]), "system": s, "prompt_id": p["id"], "lang": p.get("lang"),
-                            "post": p["post"], "text": t, "metrics": m})
+                            **{k: p.get(k) for k in LABELS}, "post": p["post"], "text": t, "metrics": m})
     # Per-answer metrics are cheap: rewrite the file whole, so it always matches this summary.
     atomic_write_text(ctx.store.records_path,
                       "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
@@ -354,7 +374,16 @@ def run_stage(ctx: StageContext) -> dict:
         if cfg.judge:
             judge_block = _judge(ctx, prompts, answers, notes, progress)
 
-    summary = summarise(records, nll_records, judge_block, cfg.bootstrap, r.run.seed)
+        # ---- the simulated seeker reads every system's comment
+        seeker_block = None
+        if cfg.simulate.enabled:
+            seeker_block = _simulate(ctx, prompts, answers, adapters, notes, progress)
+
+    summary = summarise(records, nll_records, judge_block, cfg.bootstrap, r.run.seed, seeker=seeker_block,
+                        facets=cfg.strata.facets, min_posts=cfg.strata.min_posts, ladder=cfg.ladder)
+    from toushi.strata import small_cells
+
+    notes += small_cells(summary["strata"])
     summary.update(run=r.run.name, lang=r.run.lang, n_prompts=len(prompts), prompt_ids=ids, notes=notes,
                    student_model=spec.name if spec else None)
     atomic_write_text(ctx.store.path("summary.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -363,7 +392,11 @@ def run_stage(ctx: StageContext) -> dict:
     counts = {"prompts": len(prompts), "systems": len(summary["systems"]), "answers": len(records),
               "nll": len(nll_records)}
     if judge_block:
-        counts.update(judge_calls=judge_block["calls"], judge_invalid_calls=judge_block["invalid_calls"])
+        counts.update(judge_calls=judge_block["calls"], judge_invalid_calls=judge_block["invalid_calls"],
+                      ladder_judge_calls=judge_block["ladder_calls"])
+    if seeker_block:
+        counts.update(seeker_calls=seeker_block["calls"], seeker_invalid_calls=seeker_block["invalid_calls"],
+                      seeker_generated=seeker_block["generated"])
     return counts
 
 
@@ -380,23 +413,28 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
         notes.append(f"judge: reference system {ref!r} has no answers, skipped")
         return None
     dims = judge_dimensions(r.run.lang, ctx.run_dir)
-    tasks = [
-        PairTask(prompt_id=p["id"], lang=r.run.lang, post=p["post"], system=s, text=texts[i],
-                 reference=ref, ref_text=answers[ref][i])
-        for s, texts in answers.items() if s != ref
-        for i, p in enumerate(prompts) if texts[i] is not None and answers[ref][i] is not None
-    ]
+    def pair_tasks(system: str, reference: str) -> list[PairTask]:
+        return [PairTask(prompt_id=p["id"], lang=r.run.lang, post=p["post"], system=system, text=answers[system][i],
+                         reference=reference, ref_text=answers[reference][i])
+                for i, p in enumerate(prompts) if answers[system][i] is not None and answers[reference][i] is not None]
+
+    tasks = [t for s in answers if s != ref for t in pair_tasks(s, ref)]
+    # the ladder: each rung against the rung before it (a step whose previous rung is the reference repeats
+    # a main pair: its calls are the same calls, made once)
+    ladder_tasks = [t for prev, cur in ladder_steps(list(answers)) for t in pair_tasks(cur, prev)] if cfg.ladder else []
+    every = tasks + ladder_tasks
     sampling = (cfg.judge_sampling or spec.sampling).model_copy(update={"n": 1})
     store = StageStore(ctx.store.dir, "judge")
-    task = progress.add_task("judge", total=2 * len(tasks))
+    task = progress.add_task("judge", total=2 * len(every))
     # Open the engine only when some call is not cached (a vLLM start costs a minute on CPU).
     mode = cfg.judge_mode
-    if pending_calls(tasks, store, dims, sampling, spec.name, mode):
+    if pending_calls(every, store, dims, sampling, spec.name, mode):
         with ctx.engine(spec) as engine:
-            calls = run_judge(engine, tasks, store, dims, sampling, spec.name,
+            calls = run_judge(engine, every, store, dims, sampling, spec.name,
                               progress=lambda n: progress.advance(task, n), mode=mode)
     else:
-        calls = run_judge(None, tasks, store, dims, sampling, spec.name, mode=mode)
+        calls = run_judge(None, every, store, dims, sampling, spec.name, mode=mode)
+    calls, ladder_calls = calls[: 2 * len(tasks)], calls[2 * len(tasks) :]  # two calls per task, in task order
     pairs = aggregate(tasks, calls, dims)
     return {
         "model": spec.name, "mode": mode, "reference": ref, "dimensions": [d["name"] for d in dims],
@@ -404,4 +442,97 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
         "retried_calls": sum(1 for c in calls if c.get("retry_raw") is not None),
         "systems": win_rates(pairs, dims, n_boot=cfg.bootstrap, seed=r.run.seed),
         "pairs": pairs,
+        "ladder_calls": len(ladder_calls), "ladder_invalid_calls": sum(1 for c in ladder_calls if not c["valid"]),
+        "ladder_pairs": aggregate(ladder_tasks, ladder_calls, dims),
     }
+
+
+def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: dict[str, Path], notes: list[str],
+              progress: Progress) -> dict | None:
+    """The simulated seeker over the first ``simulate.max_posts`` held-out prompts, every system with answers."""
+    from contextlib import ExitStack
+
+    from toushi.corpus.tagging import label_set
+    from toushi.simulate import make_card, run_seeker, seeker_summary
+
+    r, cfg = ctx.recipe, ctx.recipe.eval.simulate
+    spec = r.models.strong if cfg.role == "strong" else (r.models.judge or r.models.strong)
+    if spec is None:
+        notes.append(f"simulate: models.{cfg.role} is not set (nor models.strong), skipped")
+        return None
+    chosen = prompts[: cfg.max_posts] if cfg.max_posts else prompts
+    sets = {lang: label_set(lang, r.corpus.tagging.labels_file) for lang in {p.get("lang") or r.run.lang for p in chosen}}
+    cards = [make_card(p, r.run.lang, sets[p.get("lang") or r.run.lang]) for p in chosen]
+    shown = {s: list(texts[: len(chosen)]) for s, texts in answers.items()}
+    store = StageStore(ctx.store.dir, "seeker")
+    n_calls = len(cards) + len(shown) * len(cards) * (2 * cfg.turns - 1)
+    task = progress.add_task("simulated seeker", total=n_calls)
+    with ExitStack() as stack:
+        opened: dict[str, object] = {}
+
+        def engine_of(s: ModelSpec):
+            key = stable_id(s.model_dump(mode="json"))
+            if key not in opened:  # the run's shared engine (closing it frees nothing), else one for this stage
+                opened[key] = stack.enter_context(ctx.engine(s))
+            return opened[key]
+
+        responders = None
+        if cfg.turns > 1:
+            responders = _responders(ctx, chosen, adapters, engine_of)
+            for s in [s for s in shown if s not in responders]:
+                notes.append(f"simulate: {s} has no model to answer the seeker with (turns > 1), skipped")
+                del shown[s]
+        res = run_seeker(lambda: engine_of(spec), cards, shown, store, model=spec.name, sampling=cfg.sampling,
+                         turns=cfg.turns, reply_sampling=cfg.reply_sampling, responders=responders,
+                         feeling_template=cfg.feeling_template, reply_template=cfg.reply_template,
+                         progress=lambda n: progress.advance(task, n))
+    if res["invalid_calls"]:
+        notes.append(f"simulate: {res['invalid_calls']} of {res['calls']} seeker answers had no score in 0..100 "
+                     "(those simulations are counted as invalid, not scored)")
+    return {"model": spec.name, "role": cfg.role, "turns": cfg.turns, "posts": len(cards),
+            "calls": res["calls"], "invalid_calls": res["invalid_calls"], "generated": res["generated"],
+            "systems": seeker_summary(res["items"], n_boot=r.eval.bootstrap, seed=r.run.seed),
+            "before": res["before"], "items": res["items"]}
+
+
+def _responders(ctx: StageContext, prompts: list[dict], adapters: dict[str, Path], engine_of) -> dict:
+    """How each system answers the seeker in later turns: the model, adapter, system prompt and sampling it
+    answered the post with (weak/strong: the pairs' roles; guided: the weak role with its guidance prompt;
+    student and adapters: the student with eval's sampling)."""
+    from toushi.simulate import Responder
+
+    r = ctx.recipe
+    by_id = {p["id"]: p for p in prompts}
+    guided = {g["id"]: g for g in ctx.stage("guided").records(list(by_id))}
+
+    def responder(spec: ModelSpec | None, sampling: Sampling, system_of, lora: str | None = None) -> Responder | None:
+        if spec is None:
+            return None
+        sampling = sampling.model_copy(update={"n": 1})
+        fp = adapter_fingerprint(adapters[lora]) if lora else None
+        key = stable_id(spec.name, lora, fp, sampling.model_dump(mode="json"))
+
+        def conversation(pid: str, chat: list[dict]) -> list[dict]:
+            system = system_of(pid)
+            return ([{"role": "system", "content": system}] if system else []) + chat
+
+        def generate(convs: list[list[dict]]) -> list[str]:
+            return [c[0].text for c in engine_of(spec).generate(convs, sampling, lora_name=lora)]
+
+        return Responder(key, conversation, generate)
+
+    weak, strong, student = r.models.weak, r.models.strong, r.models.student
+    out = {
+        "weak": responder(weak, r.pairs.weak_sampling or (weak.sampling if weak else Sampling()),
+                          lambda pid: by_id[pid].get("weak_system")),
+        "strong": responder(strong, r.pairs.strong_sampling or (strong.sampling if strong else Sampling()),
+                            lambda pid: by_id[pid].get("strong_system")),
+        "guided": responder(weak, r.guided.sampling or (weak.sampling if weak else Sampling()),
+                            lambda pid: (guided.get(pid) or {}).get("system")),
+    }
+    if student is not None:
+        with_lora = student.model_copy(update={"enable_lora": bool(adapters), "lora_adapters": dict(adapters)})
+        out["student"] = responder(with_lora, r.eval.sampling, lambda pid: None)
+        for name in adapters:
+            out[name] = responder(with_lora, r.eval.sampling, lambda pid: None, lora=name)
+    return {k: v for k, v in out.items() if v is not None}

@@ -3,7 +3,8 @@
 Generation is cached per role in ``pairs/<role>_cache.jsonl``, keyed by hash(messages, model, sampling,
 sample index), so a rerun generates only what is missing (and a changed sampling setting only for the
 role it touches). The roles run one after the other, each engine freed before the next loads (one GPU).
-``records.jsonl`` gets one record per prompt once both roles have all ``n`` samples. Requests that fail
+``records.jsonl`` gets one record per prompt once both roles have all ``n`` samples, with the post's scene,
+emotion and intent (eval reports by them). Requests that fail
 for good are logged to ``errors.jsonl``; the stage still answers every other prompt and then fails with
 a count, so the manifest never says complete while pairs are missing, and the rerun retries only those.
 An openai role's requests and errors per endpoint (``base_url`` may list several) go into the manifest's
@@ -24,6 +25,7 @@ from toushi.store import StageStore, atomic_write_text, stable_id
 from toushi.templates import render_any, render_file
 
 ROLES = ("weak", "strong")
+LABELS = ("emotion", "intent")  # the corpus post's labels, carried on to eval (results by emotion and intent)
 
 
 class PairsIncomplete(RuntimeError):
@@ -72,7 +74,9 @@ def run_stage(ctx: StageContext) -> dict:
         wanted[role] = {
             pid: [sample_key(convs[role][pid], model, sampling, k) for k in range(sampling.n)] for pid in prompts
         }
-    pair_key = {pid: stable_id(wanted["weak"][pid], wanted["strong"][pid]) for pid in prompts}
+    # the post's labels are part of the key: a relabelled corpus rewrites its records (from the caches)
+    labels = {r["id"]: {k: r.get(k) for k in LABELS} for r in posts}
+    pair_key = {pid: stable_id(wanted["weak"][pid], wanted["strong"][pid], labels[pid]) for pid in prompts}
     _drop_stale_records(ctx.store, pair_key)
 
     caches = {role: StageStore(ctx.store.dir, f"{role}_cache") for role in ROLES}
@@ -162,6 +166,7 @@ def _write_records(ctx, posts, prompts, pair_key, wanted, caches, setups) -> int
                 "id": pid,
                 "lang": r.get("lang") or ctx.recipe.run.lang,
                 "scene": r.get("scene"),
+                **{k: r.get(k) for k in LABELS},
                 "split": r.get("split"),
                 "post": r["text"],
                 "prompt": prompts[pid],

@@ -141,9 +141,10 @@ class SourceSpec(Section):
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
-        description="Mapping toushi field -> source field. openings/jsonl/json/csv/hf_disk: id, text, scene, lang; "
-        "esconv: id, situation, dialog, scene (default problem_type), emotion; extes: id, scene, description, "
-        "content. A field named here must be present in every record.",
+        description="Mapping toushi field -> source field. openings/jsonl/json/csv/hf_disk: id, text, scene, lang, "
+        "emotion, intent; esconv: id, situation, dialog, scene (default problem_type), emotion (default "
+        "emotion_type), intent; extes: id, scene, description, content, emotion, intent. emotion and intent are "
+        "the dataset's labels, kept through pairs and eval. A field named here must be present in every record.",
     )
     name: str | None = Field(
         None, description="Source label stored in each record's `source` (default: the record's or format's)."
@@ -190,6 +191,26 @@ class PersonaSpec(Section):
     )
 
 
+class TaggingSpec(Section):
+    enabled: bool = Field(
+        False,
+        description="Tag posts that carry no emotion or intent label from their dataset: a model picks one label "
+        "of each from a closed set per language (decoding constrained to the set where the engine supports it). "
+        "Posts with a dataset emotion are tagged too when they lack an intent; their dataset label is kept and the "
+        "tagger's answer is compared with it in the corpus report (accuracy and confusion matrix).",
+    )
+    role: Literal["weak", "strong"] = Field("strong", description="Which model role tags.")
+    template: Path | None = Field(None, description="Tagging prompt file (default: built-in tag template).")
+    labels_file: Path | None = Field(
+        None,
+        description="YAML with the closed label sets ({emotion: [{label, name, definition}], intent: [...]}; "
+        "default: toushi/templates/<lang>/tag_labels.yaml). `label` is stored, `name` is what the model picks.",
+    )
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=48), description="Tagging sampling."
+    )
+
+
 class CorpusSection(Section):
     sources: list[SourceSpec] = Field(default_factory=list, description="Where the venting posts come from.")
     lang: Lang | None = Field(None, description="Keep only posts in this language (None: run.lang).")
@@ -212,6 +233,7 @@ class CorpusSection(Section):
     )
     rewrite: RewriteSpec = Field(default_factory=RewriteSpec, description="Dialogue -> monologue rewriting.")
     personas: PersonaSpec = Field(default_factory=PersonaSpec, description="Persona-conditioned posts.")
+    tagging: TaggingSpec = Field(default_factory=TaggingSpec, description="Emotion and intent tags for unlabelled posts.")
 
 
 # --------------------------------------------------------------------------------------- pairs
@@ -454,6 +476,51 @@ class SelfTrainSection(Section):
 # --------------------------------------------------------------------------------------- eval
 
 
+class StrataSpec(Section):
+    facets: list[Literal["emotion", "intent", "scene"]] = Field(
+        default_factory=lambda: ["emotion", "intent", "scene"],
+        description="Post labels every metric, judge win rate and seeker change is also reported by (posts "
+        "without the label form an '(unlabelled)' cell).",
+    )
+    min_posts: int = Field(
+        5, ge=1, description="A cell with fewer held-out posts than this is marked as too small to read."
+    )
+
+
+class SimulateSpec(Section):
+    enabled: bool = Field(
+        False,
+        description="Simulated seeker: a model role-plays each held-out post's writer from a card (post, "
+        "emotion, hidden need), states how it feels (0-100) before any reply, reads each system's comment and "
+        "states it again; reported per system as the mean change in feeling.",
+    )
+    role: Literal["strong", "judge"] = Field("strong", description="Which model role plays the seeker.")
+    max_posts: int | None = Field(
+        None, ge=1, description="Simulate on at most this many held-out posts (None: all that eval uses)."
+    )
+    turns: int = Field(
+        1, ge=1, le=10,
+        description="Comments the seeker reads. 1: the system's answer only; N > 1: the seeker then writes back, "
+        "the system replies (its own model, adapter and system prompt), N - 1 times, and the seeker states its "
+        "feeling after each reply (the change is measured after the last).",
+    )
+    feeling_template: Path | None = Field(
+        None, description="Prompt file asking the seeker for its feeling (default: built-in seeker_feeling)."
+    )
+    reply_template: Path | None = Field(
+        None, description="Prompt file asking the seeker to write back (turns > 1; default: built-in seeker_reply)."
+    )
+    sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=96),
+        description="Seeker sampling for the feeling answers (JSON {feeling, why}; reasoning models need room "
+        "for their reasoning too).",
+    )
+    reply_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.7, max_tokens=96),
+        description="Seeker sampling for its messages back to the commenter (turns > 1).",
+    )
+
+
 class EvalSection(Section):
     systems: list[str] = Field(
         default_factory=lambda: ["weak", "guided", "strong", "student", "sft", "dpo", "grpo", "distill", "selftrain"],
@@ -474,6 +541,13 @@ class EvalSection(Section):
     max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts evaluated.")
     sampling: Sampling = Field(
         default_factory=lambda: Sampling(temperature=0.0, max_tokens=512), description="Student sampling."
+    )
+    strata: StrataSpec = Field(default_factory=StrataSpec, description="Results by emotion, intent and scene.")
+    simulate: SimulateSpec = Field(default_factory=SimulateSpec, description="The simulated seeker.")
+    ladder: bool = Field(
+        True,
+        description="Compare each rung of weak -> guided -> sft -> dpo -> distill -> grpo -> selftrain -> strong "
+        "(those the run has) with the rung before it: judge win rate and seeker change, each with an interval.",
     )
 
 

@@ -1,8 +1,10 @@
 """The ``report`` stage: ``runs/<run>/report/index.html`` and ``report.md``, PNG plots beside them.
 
-Reads what the run left on disk, whatever is there: the eval summary and answers (``eval/``), guidance
-drift by round (``guidance/drift.json``), and training logs (``trainer_state.json`` under ``sft/``,
-``dpo/``, ``grpo/``). Missing parts are left out with a note, so a partial run still gets a report.
+Reads what the run left on disk, whatever is there: the eval summary and answers (``eval/``: metrics, judge,
+simulated seeker, the ladder and the results by emotion, intent and scene), the corpus report's tagger check
+(``corpus/diversity.json``), guidance drift by round (``guidance/drift.json``), and training logs
+(``trainer_state.json`` under ``sft/``, ``dpo/``, ``grpo/``). Missing parts are left out with a note, so a
+partial run still gets a report.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ReportError(f"{path}: not valid JSON: {e}") from None
+
+
+FACET_TITLES = {"emotion": "emotion", "intent": "intent (what the writer wants)", "scene": "scene"}
 
 
 def fmt_ci(ci: dict | None, fmt: str = "{:.2f}") -> str:
@@ -123,6 +128,42 @@ def plot_win_rates(judge: dict, path: Path) -> Path | None:
     ax.set_xlim(0, 1.02)
     ax.set_xlabel(f"win rate vs {judge['reference']} (95% CI)")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ladder(ladder: dict, seeker: dict | None, path: Path) -> Path | None:
+    """Left: the seeker's mean change in feeling per rung; right: each step's judge win rate against the rung
+    before it. 95% intervals as error bars; a panel without data is left out."""
+    rungs = ladder.get("rungs") or []
+    seeker_rungs = [r for r in rungs if seeker and (seeker["systems"].get(r) or {}).get("delta", {}).get("mean") is not None]
+    judged = [st for st in ladder.get("steps") or [] if st["judge"] and st["judge"]["ci"]["mean"] is not None]
+    panels = [p for p, have in (("seeker", seeker_rungs), ("judge", judged)) if have]
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+
+    def bars(ax, labels, cis, colour):
+        means = [c["mean"] for c in cis]
+        err = [[m - c["lo"] for m, c in zip(means, cis)], [c["hi"] - m for m, c in zip(means, cis)]]
+        ax.errorbar(range(len(labels)), means, yerr=err, fmt="o-", capsize=4, color=colour)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+
+    for ax, panel in zip(axes[0], panels):
+        if panel == "seeker":
+            bars(ax, seeker_rungs, [seeker["systems"][r]["delta"] for r in seeker_rungs], "#55a868")
+            ax.axhline(0, color="grey", ls="--", lw=1)
+            ax.set_ylabel("change in feeling (0-100 scale)")
+            ax.set_title("simulated seeker, per rung", fontsize=10)
+        else:
+            bars(ax, [f"{st['from']}→{st['to']}" for st in judged], [st["judge"]["ci"] for st in judged], "#4c72b0")
+            ax.axhline(0.5, color="grey", ls="--", lw=1)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("judge win rate vs previous rung")
+            ax.set_title("judge, each step", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -228,7 +269,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, examples: int = EXA
     systems = summary["systems"] if summary else []
 
     # key -> file name beside the HTML (None: nothing to draw)
-    images: dict[str, str | None] = dict.fromkeys(("win_rates", "lengths", "nll", "drift"))
+    images: dict[str, str | None] = dict.fromkeys(("win_rates", "lengths", "nll", "drift", "ladder"))
 
     def keep(key: str, made: Path | None) -> None:
         if made is not None:
@@ -237,6 +278,10 @@ def build_report(run_dir: Path, out_dir: Path | None = None, examples: int = EXA
     judge = (summary or {}).get("judge")
     if judge:
         keep("win_rates", plot_win_rates(judge, out_dir / "win_rates.png"))
+    seeker = (summary or {}).get("seeker")
+    ladder = (summary or {}).get("ladder")
+    if ladder:
+        keep("ladder", plot_ladder(ladder, seeker, out_dir / "ladder.png"))
     lengths = {s: [a["metrics"]["chars"] for a in answers if a["system"] == s] for s in systems}
     keep("lengths", plot_lengths(lengths, out_dir / "lengths.png"))
     keep("nll", plot_nll((summary or {}).get("nll") or {}, out_dir / "nll.png"))
@@ -274,6 +319,20 @@ def build_report(run_dir: Path, out_dir: Path | None = None, examples: int = EXA
                 "dims": [fmt_ci(v["dims"].get(d)) for d in judge["dimensions"]],
             })
 
+    seeker_rows = []
+    if seeker:
+        for sys_name in [x for x in systems if x in seeker["systems"]]:
+            v = seeker["systems"][sys_name]
+            seeker_rows.append({"system": sys_name, "before": fmt_ci(v["before"], "{:.1f}"),
+                                "after": fmt_ci(v["after"], "{:.1f}"), "delta": fmt_ci(v["delta"], "{:+.1f}"),
+                                "valid": v["valid"], "invalid": v["invalid"]})
+    ladder_rows = _ladder_rows(ladder) if ladder else []
+    strata = _strata_tables(summary, judge, seeker) if summary else []
+    tagger_check = None
+    diversity_path = run_dir / "corpus" / "diversity.json"
+    if diversity_path.exists():
+        tagger_check = _read_json(diversity_path).get("tagger_check")
+
     # ---- side-by-side examples: the first prompts, every system's answer
     by_prompt: dict[str, dict[str, str]] = defaultdict(dict)
     posts: dict[str, str] = {}
@@ -290,7 +349,9 @@ def build_report(run_dir: Path, out_dir: Path | None = None, examples: int = EXA
     ctx = {
         "run": run_dir.name, "summary": summary, "systems": systems, "notes": notes + list((summary or {}).get("notes", [])),
         "images": images, "metric_table": metric_table, "judge": judge, "judge_rows": judge_rows,
-        "drift": drift, "training": training, "examples": example_rows,
+        "drift": drift, "training": training, "examples": example_rows, "seeker": seeker,
+        "seeker_rows": seeker_rows, "ladder": ladder, "ladder_rows": ladder_rows, "strata": strata,
+        "min_posts": ((summary or {}).get("strata") or {}).get("min_posts"), "tagger_check": tagger_check,
     }
     html = _env.get_template("index.html.j2").render(**ctx)
     md = _env.get_template("report.md.j2").render(**ctx)
@@ -298,6 +359,58 @@ def build_report(run_dir: Path, out_dir: Path | None = None, examples: int = EXA
     atomic_write_text(index, html)
     atomic_write_text(out_dir / "report.md", md)
     return index
+
+
+def _ladder_rows(ladder: dict) -> list[dict]:
+    """One row per rung in ladder order; every rung after the first carries its step from the rung before."""
+    by_to = {st["to"]: st for st in ladder.get("steps") or []}
+    rows = []
+    for rung in ladder.get("rungs") or []:
+        st = by_to.get(rung)
+        row = {"rung": rung, "previous": st["from"] if st else None, "judge": "–", "judge_verdict": None,
+               "judge_counts": "", "judge_few": False, "seeker": "–", "seeker_verdict": None, "seeker_few": False}
+        if st and st["judge"]:
+            j = st["judge"]
+            row.update(judge=fmt_ci(j["ci"]), judge_verdict=j["verdict"] or "no data",
+                       judge_counts=f"{j['wins']}/{j['ties']}/{j['losses']}" + (f", {j['invalid']} invalid" if j["invalid"] else ""),
+                       judge_few=j["few"])
+        elif st:
+            row["judge_verdict"] = "not judged"
+        if st and st["seeker"]:
+            sk = st["seeker"]
+            row.update(seeker=fmt_ci(sk["ci"], "{:+.1f}"), seeker_verdict=sk["verdict"] or "no data", seeker_few=sk["few"])
+        elif st:
+            row["seeker_verdict"] = "not simulated"
+        rows.append(row)
+    return rows
+
+
+def _strata_tables(summary: dict, judge: dict | None, seeker: dict | None) -> list[dict]:
+    """Per facet: its cells with the judge win rate and the seeker change per system, and every metric."""
+    strata = summary.get("strata") or {}
+    systems = summary["systems"]
+    out = []
+    for facet, cells in (strata.get("facets") or {}).items():
+        judged = [s for s in systems if any(s in c["judge"] for c in cells)]
+        simulated = [s for s in systems if any(s in c["seeker"] for c in cells)]
+        rows = []
+        for c in cells:
+            metric_rows = []
+            for key, label, fmt, better in METRIC_ROWS:
+                cis = [(c["metrics"].get(s) or {}).get(key) for s in systems]
+                if any(ci and ci.get("mean") is not None for ci in cis):
+                    metric_rows.append({"label": label, "better": better, "cells": [fmt_ci(ci, fmt) for ci in cis]})
+            rows.append({"value": c["value"], "posts": c["posts"], "few": c["few"],
+                         "judge": [fmt_ci(c["judge"].get(s)) + _n(c["judge"].get(s)) for s in judged],
+                         "seeker": [fmt_ci(c["seeker"].get(s), "{:+.1f}") + _n(c["seeker"].get(s)) for s in simulated],
+                         "metrics": metric_rows})
+        out.append({"facet": facet, "title": FACET_TITLES.get(facet, facet), "rows": rows, "judged": judged,
+                    "simulated": simulated, "few": sum(c["few"] for c in cells), "cells": len(cells)})
+    return out
+
+
+def _n(ci: dict | None) -> str:
+    return f" (n={ci['n']})" if ci and ci.get("n") else ""
 
 
 def run_stage(ctx) -> dict:

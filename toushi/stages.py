@@ -80,7 +80,9 @@ STAGES: list[Stage] = [
     # the judge roles matter only with selftrain.confidence: judge; in logprob mode a change redoes no round
     Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
           ("pairs", "guided", "sft"), ADAPTER),
-    Stage("eval", _eval, ("eval", "models"), ("pairs", "guided", "sft", "dpo", "grpo", "distill", "selftrain"),
+    # the tagger's label file names the emotions and needs on the simulated seeker's cards
+    Stage("eval", _eval, ("eval", "models", "corpus.tagging.labels_file"),
+          ("pairs", "guided", "sft", "dpo", "grpo", "distill", "selftrain"),
           ("records.jsonl", "summary.json")),
     Stage("report", _report, (), ("eval", "guidance"), ()),
 ]

@@ -21,11 +21,15 @@ DIALOGUE_FORMATS = ("esconv", "extes")
 
 # What each adapter reads, toushi field -> default source field. A field the user maps explicitly must be
 # present in every record; a defaulted optional one may be missing.
+# emotion and intent are the dataset's own labels, kept through pairs and eval (stratified results); posts
+# without them can be tagged by a model (toushi.corpus.tagging).
 DEFAULT_FIELDS = {
-    "openings": {"id": "id", "text": "text", "scene": "scene", "lang": "lang", "source": "source"},
+    "openings": {"id": "id", "text": "text", "scene": "scene", "lang": "lang", "source": "source",
+                 "emotion": "emotion", "intent": "intent"},
     "esconv": {"id": "id", "situation": "situation", "dialog": "dialog", "scene": "problem_type",
-               "emotion": "emotion_type"},
-    "extes": {"id": "id", "scene": "scene", "description": "description", "content": "content"},
+               "emotion": "emotion_type", "intent": "intent"},
+    "extes": {"id": "id", "scene": "scene", "description": "description", "content": "content",
+              "emotion": "emotion", "intent": "intent"},
 }
 REQUIRED = {
     "openings": ("text",),
@@ -56,7 +60,10 @@ class Post:
     source: str
     source_id: str
     flags: list[str] = field(default_factory=list)
-    emotion: str | None = None
+    emotion: str | None = None  # the dataset's label (ESConv emotion_type), else the tagger's
+    intent: str | None = None  # what the writer wants from a reply (be heard, comfort, advice, vent anger)
+    label_source: dict[str, str | None] = field(default_factory=dict)  # emotion/intent -> "dataset" | "tagger"
+    tags: dict | None = None  # the tagger's own answer {"model", "emotion", "intent"} (kept to check it)
     kind: str = "post"  # post | situation | seeker_turns: what the text is (the rewrite prompt says so)
     rewrite: bool = False  # chosen for the rewrite step
     persona: dict | None = None  # the persona a persona-conditioned post was written as
@@ -175,6 +182,12 @@ def normalise_scene(scene: object, default: str | None = None) -> str:
     return text
 
 
+def normalise_label(value: object) -> str | None:
+    """A dataset's emotion/intent label, lower-case and single-spaced ("Anxiety " -> "anxiety"); None when empty."""
+    text = " ".join(str(value).split()).lower() if value is not None else ""
+    return text or None
+
+
 def _get(rec: dict, fields: dict[str, str], name: str, where: str, required: bool) -> object:
     # Absent is an error; present but null is not (a null scene is 'unspecified', a null text is empty).
     key = fields.get(name, name)
@@ -202,12 +215,15 @@ def adapt(fmt: str, rec: dict, where: str, index: int, *, fields: dict[str, str]
 
     rid = get("id")
     scene = normalise_scene(get("scene"), default_scene)
+    emotion, intent = normalise_label(get("emotion")), normalise_label(get("intent"))
+    labels = {"emotion": "dataset" if emotion else None, "intent": "dataset" if intent else None}
     if adapter == "openings":
         text = _str(get("text"))
         lang = _str(get("lang")) or default_lang or detect_lang(text) or "en"
         source = name or _str(get("source")) or file_stem
         source_id = _str(rid) if rid is not None else f"{file_stem}-{index:05d}"
-        return [Post(text=text, lang=lang, scene=scene, source=source, source_id=source_id)]
+        return [Post(text=text, lang=lang, scene=scene, source=source, source_id=source_id, emotion=emotion,
+                     intent=intent, label_source=labels)]
 
     if adapter == "esconv":
         dialog = get("dialog")
@@ -215,7 +231,6 @@ def adapt(fmt: str, rec: dict, where: str, index: int, *, fields: dict[str, str]
             raise CorpusError(f"{where}: field {fields.get('dialog', 'dialog')!r} must be a list of turns")
         turns = [_str(t.get("text")) for t in dialog if isinstance(t, dict) and t.get("speaker") in ("usr", "seeker")]
         situation = _str(get("situation"))
-        emotion = get("emotion")
         source, source_id = name or "ESConv", _str(rid) if rid is not None else f"esconv-{file_stem}-{index:04d}"
     else:  # extes: content = [{"User": ...}, {"AI Strategy": ..., "AI": ...}, ...]
         content = get("content")
@@ -223,7 +238,6 @@ def adapt(fmt: str, rec: dict, where: str, index: int, *, fields: dict[str, str]
             raise CorpusError(f"{where}: field {fields.get('content', 'content')!r} must be a list of turns")
         turns = [_str(t.get("User")) for t in content if isinstance(t, dict) and "User" in t]
         situation = _str(get("description"))
-        emotion = None
         source, source_id = name or "ExTES", _str(rid) if rid is not None else f"extes-{file_stem}-{index:05d}"
 
     if text_from == "situation":
@@ -235,7 +249,7 @@ def adapt(fmt: str, rec: dict, where: str, index: int, *, fields: dict[str, str]
         turns = [t.strip() for t in turns if t.strip()][:max_turns]
         text, kind = "\n".join(turns), "seeker_turns"
     return [Post(text=text, lang=default_lang or detect_lang(text) or "en", scene=scene, source=source,
-                 source_id=source_id, emotion=_str(emotion) or None, kind=kind)]
+                 source_id=source_id, emotion=emotion, intent=intent, label_source=labels, kind=kind)]
 
 
 def load_source(path: str | Path, fmt: str = "openings", *, fields: dict[str, str] | None = None,

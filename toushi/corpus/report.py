@@ -1,4 +1,5 @@
-"""Diversity report of the final corpus: per-scene counts, length distribution, distinct-n."""
+"""Diversity report of the final corpus: per-scene counts, labels, length distribution, distinct-n, and how well
+the tagger agrees with the dataset's own emotion labels where it ran on labelled posts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
+from toushi.corpus.tagging import agreement_markdown, record_agreement
 from toushi.metrics import ngrams, tokens
 
 
@@ -24,8 +26,14 @@ def _dist(values: list[int]) -> dict:
             "mean": round(float(a.mean()), 1), "p90": round(float(q[2]), 1), "max": int(a.max())}
 
 
-def diversity(records: list[dict]) -> dict:
-    """The report as a JSON-able dict (``records`` in the corpus record shape)."""
+def _labels(records: list[dict], key: str) -> dict[str, int]:
+    counts = Counter(r.get(key) or "(unlabelled)" for r in records)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def diversity(records: list[dict], tag_labels: list[str] | tuple = ()) -> dict:
+    """The report as a JSON-able dict (``records`` in the corpus record shape; ``tag_labels``: the tagger's
+    emotion set, for its accuracy on labels inside the set)."""
     scenes: dict[str, Counter] = defaultdict(Counter)
     for r in records:
         scenes[r["scene"]][r["split"]] += 1
@@ -40,6 +48,11 @@ def diversity(records: list[dict]) -> dict:
         "sources": dict(Counter(r["source"] for r in records)),
         "flags": dict(Counter(f for r in records for f in r.get("flags", []))),
         "personas": sum(1 for r in records if r.get("persona")),
+        "emotions": _labels(records, "emotion"),
+        "intents": _labels(records, "intent"),
+        "label_sources": {k: dict(Counter(str((r.get("label_source") or {}).get(k)) for r in records))
+                          for k in ("emotion", "intent")},
+        "tagger_check": record_agreement(records, tag_labels),
         "length_chars": _dist([len(t) for t in texts]),
         "length_tokens": _dist([len(tokens(t)) for t in texts]),  # zh: characters, en: words
         "distinct_1": corpus_distinct(texts, 1),
@@ -59,6 +72,8 @@ def diversity_markdown(rep: dict, counts: dict) -> str:
         (f"Length (chars): median {lc.get('median', 0)}, p10 {lc.get('p10', 0)}, p90 {lc.get('p90', 0)}, "
          f"max {lc.get('max', 0)}. Length (words for en, characters for zh): median {lt.get('median', 0)}."),
         f"Corpus distinct-1 {rep['distinct_1']}, distinct-2 {rep['distinct_2']}.",
+        f"Emotions: {rep.get('emotions') or 'none'}. Intents: {rep.get('intents') or 'none'}. "
+        f"Label sources: {rep.get('label_sources') or 'none'}.",
         "",
         "Pipeline counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".",
         "",
@@ -66,4 +81,7 @@ def diversity_markdown(rep: dict, counts: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {s} | {c['total']} | {c['train']} | {c['heldout']} |" for s, c in rep["per_scene"].items()]
+    check = rep.get("tagger_check")
+    if check:
+        lines += ["", agreement_markdown(check, f"Emotion tagger ({check['model']}) vs dataset labels").rstrip()]
     return "\n".join(lines) + "\n"

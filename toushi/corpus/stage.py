@@ -1,8 +1,10 @@
-"""The ``corpus`` stage: load -> clean -> dedup -> sample per scene -> (rewrite) -> (personas) -> split -> report.
+"""The ``corpus`` stage: load -> clean -> dedup -> sample per scene -> (rewrite) -> (personas) -> (tag) -> split
+-> report.
 
 Output: ``records.jsonl`` (the whole corpus, replaced atomically: it is small and must never hold posts of
-an older recipe), ``diversity.json`` + ``diversity.md``, and caches of model outputs (``rewrites.jsonl``,
-``personas.jsonl``) so a rerun only generates what is missing.
+an older recipe), ``diversity.json`` + ``diversity.md`` (with the tagger's agreement with dataset labels when
+it ran on labelled posts), and caches of model outputs (``rewrites.jsonl``, ``personas.jsonl``, ``tags.jsonl``)
+so a rerun only generates what is missing.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from toushi.corpus.personas import persona_posts
 from toushi.corpus.report import diversity, diversity_markdown
 from toushi.corpus.rewrite import rewrite_posts
 from toushi.corpus.sampling import sample_per_scene, split_of
+from toushi.corpus.tagging import KINDS, label_set, merge, tag_texts
 from toushi.runner import StageContext
 from toushi.store import atomic_write_text, stable_id
 
 COUNT_KEYS = ("loaded", "skipped_errors", "dropped_empty", "truncated", "dropped_lang", "exact_dups", "near_dups",
               "embedding_dups", "sampled", "rewritten", "rewrite_failed", "rewrite_dropped", "personas",
-              "persona_repaired", "persona_failures", "persona_posts", "generated", "kept", "train", "heldout")
+              "persona_repaired", "persona_failures", "persona_posts", "tagged", "tag_invalid", "generated", "kept", "train",
+              "heldout")
 
 
 def dedup(posts: list[Post], threshold: float, embedding_threshold: float | None, counts: Counter) -> list[Post]:
@@ -46,7 +50,8 @@ def to_record(post: Post, heldout_fraction: float) -> dict:
     pid = stable_id("corpus", post.source, post.source_id, post.text)
     return {"id": pid, "lang": post.lang, "scene": post.scene, "text": post.text, "source": post.source,
             "source_id": post.source_id, "split": split_of(pid, heldout_fraction), "flags": post.flags,
-            "persona": post.persona}
+            "persona": post.persona, "emotion": post.emotion, "intent": post.intent,
+            "label_source": {k: post.label_source.get(k) for k in KINDS}, "tags": post.tags}
 
 
 def run_stage(ctx: StageContext) -> dict:
@@ -100,7 +105,7 @@ def run_stage(ctx: StageContext) -> dict:
         def get():
             if role not in engines:
                 if specs[role] is None:
-                    raise CorpusError(f"corpus: the rewrite/persona steps use models.{role}, which is not set")
+                    raise CorpusError(f"corpus: the rewrite/persona/tagging steps use models.{role}, which is not set")
                 engines[role] = ctx.engine(specs[role])  # the run's shared engine when run by `toushi run`
             return engines[role]
 
@@ -109,7 +114,7 @@ def run_stage(ctx: StageContext) -> dict:
     def model_name(role: str) -> str:
         spec = specs[role]
         if spec is None:
-            raise CorpusError(f"corpus: the rewrite/persona steps use models.{role}, which is not set")
+            raise CorpusError(f"corpus: the rewrite/persona/tagging steps use models.{role}, which is not set")
         return spec.served_model or spec.name
 
     try:
@@ -135,13 +140,26 @@ def run_stage(ctx: StageContext) -> dict:
                 console.print(f"[yellow]warning:[/yellow] {res.failures}/{res.personas} persona outputs did not "
                               "parse; pool personas used instead (flag 'persona_fallback')")
             picked += res.posts
+        # Model output can collapse onto near-identical posts: dedup the final set again.
+        if to_rewrite or cfg.personas.enabled:
+            picked = dedup(picked, cfg.dedup_threshold, None, counts)
+        to_tag = [p for p in picked if not (p.emotion and p.intent)] if cfg.tagging.enabled else []
+        if to_tag:
+            tg = cfg.tagging
+            res = tag_texts([p.text for p in to_tag], lang=lang, get_engine=engine_for(tg.role),
+                            model=model_name(tg.role), sampling=tg.sampling, cache_path=store.path("tags.jsonl"),
+                            template=tg.template, labels_file=tg.labels_file)
+            for post, tag in zip(to_tag, res.tags, strict=True):
+                labels, post.label_source = merge({"emotion": post.emotion, "intent": post.intent},
+                                                  post.label_source, tag)
+                post.emotion, post.intent, post.tags = labels["emotion"], labels["intent"], tag
+            counts.update(tagged=len(to_tag), tag_invalid=res.invalid, generated=res.generated)
+            if res.invalid:
+                console.print(f"[yellow]warning:[/yellow] {res.invalid}/{len(to_tag)} tagger answers were not "
+                              "labels of the set; those posts keep no tag for that label")
     finally:
         for engine in engines.values():
             engine.close()
-
-    # Model output can collapse onto near-identical posts: dedup the final set again.
-    if to_rewrite or cfg.personas.enabled:
-        picked = dedup(picked, cfg.dedup_threshold, None, counts)
 
     records = sorted((to_record(p, cfg.heldout_fraction) for p in picked), key=lambda r: (r["scene"], r["id"]))
     split = Counter(r["split"] for r in records)
@@ -149,7 +167,8 @@ def run_stage(ctx: StageContext) -> dict:
     atomic_write_text(store.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     out = {k: counts[k] for k in COUNT_KEYS}
-    rep = diversity(records)
+    tag_labels = [x["label"] for x in label_set(lang, cfg.tagging.labels_file)["emotion"]] if cfg.tagging.enabled else ()
+    rep = diversity(records, tag_labels)
     atomic_write_text(store.path("diversity.json"), json.dumps({**rep, "counts": out}, indent=2,
                                                                ensure_ascii=False) + "\n")
     atomic_write_text(store.path("diversity.md"), diversity_markdown(rep, out))
