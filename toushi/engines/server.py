@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from toushi.engines.vllm_engine import engine_kwargs
+from toushi.engines.vllm_engine import cpu_thread_env, engine_kwargs
 from toushi.recipe import ModelSpec
 
 
@@ -94,6 +94,7 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         env = dict(os.environ)
+        env.update(cpu_thread_env())
         env.pop("VLLM_API_KEY", None)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key

@@ -7,6 +7,7 @@ in a spawned subprocess, which re-imports the main module.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Sequence
 
@@ -32,6 +33,20 @@ def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+# vLLM's CPU backend keeps cores for its scheduler process (one per worker) and binds the model's OpenMP
+# threads to the rest: on a 2-core machine the model gets one thread. Measured here (2 cores, SmolLM2-135M,
+# 44 prompts x 96 tokens, greedy, raw vllm.LLM.chat): 77.5 out tok/s as shipped, 135.5 with no core kept
+# back, 93.4 unbound. On a few cores the scheduler's share is worth less than a model thread.
+FEW_CORES = 4
+
+
+def cpu_thread_env() -> dict[str, str]:
+    """Environment for vLLM engine processes on a small CPU machine (empty elsewhere or when set by hand)."""
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ or len(os.sched_getaffinity(0)) > FEW_CORES or not on_cpu():
+        return {}
+    return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def engine_kwargs(spec: ModelSpec) -> dict:
@@ -93,7 +108,13 @@ class VLLMEngine(Engine):
             )
         self._lora_ids: dict[str, int] = {}
         self.kwargs = engine_kwargs(spec)
-        self.llm = LLM(**self.kwargs)
+        extra = cpu_thread_env()  # read by the worker processes LLM() starts; then this process is as it was
+        os.environ.update(extra)
+        try:
+            self.llm = LLM(**self.kwargs)
+        finally:
+            for k in extra:
+                os.environ.pop(k, None)
 
     def _lora_request(self, lora_name: str | None):
         self.check_lora(lora_name)
