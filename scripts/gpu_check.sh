@@ -4,6 +4,13 @@
 # .gpu/smollm2 (no weights: these checks need CUDA kernels and shapes, not trained weights, so the model
 # is initialised at random from its real config). Results go to $OUT (default /tmp/gpu_check).
 #   bash scripts/gpu_check.sh            # gpu tests + training throughput/memory rows for docs/benchmarks.md
+# Preparing the two folders (both git-ignored through .git/info/exclude), on the CPU machine:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d .whl trl==1.16.0 pydantic==2.14.4 \
+#     pydantic_core==2.50.5 typing-inspection annotated-types datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+#     bitsandbytes==0.50.2 jsonschema referencing rpds-py jsonschema-specifications gguf datasketch openai jiter \
+#     distro sniffio                                   # 49 MB: what the lent machine's image lacks
+#   mkdir -p .gpu/smollm2 && cp $TOUSHI_HOME/models/smollm2-135m-instruct/{*.json,*.jinja} .gpu/smollm2/
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then

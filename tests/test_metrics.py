@@ -136,10 +136,11 @@ def test_length_controlled_equals_raw_without_length_differences():
 
 
 def test_summarise_aggregates_per_system():
-    answers = [
-        {"system": s, "metrics": {**answer_metrics("I feel sad", t), "embed_sim": None}}
-        for s, t in [("weak", "- you ok"), ("weak", "- hang in there"), ("sft", "That sounds hard."),
-                     ("sft", "I hear you.")]
+    answers = [  # eval records: one per (system, prompt), with the prompt's labels
+        {"system": s, "prompt_id": f"p{i % 2}", "scene": "grief", "emotion": None, "intent": None,
+         "metrics": {**answer_metrics("I feel sad", t), "embed_sim": None}}
+        for i, (s, t) in enumerate([("weak", "- you ok"), ("weak", "- hang in there"), ("sft", "That sounds hard."),
+                                    ("sft", "I hear you.")])
     ]
     nll = [{"system": "sft", "nll_sum": 10.0, "tokens": 5, "nll": 2.0},
            {"system": "sft", "nll_sum": 30.0, "tokens": 5, "nll": 6.0}]
@@ -150,3 +151,5 @@ def test_summarise_aggregates_per_system():
     assert s["metrics"]["sft"]["embed_sim"]["n"] == 0
     assert s["nll"]["sft"]["mean"] == 4.0 and s["nll"]["sft"]["token_mean"] == 4.0
     assert s["nll"]["sft"]["perplexity"] == pytest.approx(math.exp(4.0))
+    scene = s["strata"]["facets"]["scene"]
+    assert [(c["value"], c["posts"], c["few"]) for c in scene] == [("grief", 2, True)]  # 2 posts < min_posts
