@@ -80,8 +80,10 @@ def timed_raw(spec: ModelSpec, convs, sampling: Sampling) -> dict:
     """The baseline: vllm.LLM.chat with the same engine settings, all prompts in one call."""
     from vllm import LLM, SamplingParams
 
-    from toushi.engines.vllm_engine import engine_kwargs
+    from toushi.engines.vllm_engine import cpu_thread_env, engine_kwargs
 
+    # the same CPU thread setting toushi's engine gets: raw vLLM at its best, not as shipped for many cores
+    os.environ.update(cpu_thread_env())
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(spec))
     load_s = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from toushi.guidance import drift
 from toushi.guidance.memory import ApplyStats, Memory, ParseResult, parse_ops
 from toushi.guidance.packing import pack, shrink_pair
 from toushi.guidance.render import to_json, to_markdown
-from toushi.guidance.structured import first_seeds, ops_constraint, parse_json_ops
+from toushi.guidance.structured import ops_constraint, parse_json_ops
 from toushi.recipe import Sampling
 from toushi.store import StageStore, atomic_write_text, stable_id
 from toushi.templates import render
@@ -118,7 +118,8 @@ class Session:
         self.count_tokens, self.budget, self.drift_threshold, self.mode = count_tokens, prompt_budget, drift_threshold, mode
         self.gate, self.console = gate, console or Console(stderr=True)
         self.pairs = pairs
-        self.seeds = dict(seeds or {})  # dimension name -> definition, filled by the first analysis
+        # dimension name -> definition, filled by the first analysis (no more than the memory may hold)
+        self.seeds = dict(list((seeds or {}).items())[:max_dimensions])
         self.aliases = {p["label"].lower(): p["id"] for p in pairs}
         self.versions: list[dict] = []  # history index entries
         self.memories: list[Memory] = []
@@ -128,9 +129,8 @@ class Session:
     # ---- prompts
     def render(self, template: str, /, **variables) -> str:
         # the operations part lists the seeds only when it shows no memory (the schema's first_seeds rule)
-        seeds = first_seeds(Memory(), self.seeds, self.max_dimensions)
         return render(template, self.lang, blind=self.blind, max_rules=self.cap,
-                      max_dimensions=self.max_dimensions, seeds=seeds, **variables)
+                      max_dimensions=self.max_dimensions, seeds=self.seeds, **variables)
 
     def fits(self, template: str, /, **variables) -> bool:
         return self.count_tokens(self.render(template, **variables)) <= self.budget
