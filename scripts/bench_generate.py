@@ -5,9 +5,9 @@
 The same unique prompts (ESConv openings from ../shared/data when present, else the team's posts, each
 used once; wrapped in the pairs stage's support-task prompt, so no prompt repeats and prefix caching
 flatters no engine) go, greedy, through:
+- hf (fp32) and hf (bf16): toushi's transformers engine, batched, ``inference_mode``, KV cache;
 - raw: ``vllm.LLM.chat`` called directly with the engine's own vLLM settings (the baseline toushi wraps);
 - vllm: toushi's offline vLLM engine (goal: within 10% of raw);
-- hf (fp32) and hf (bf16): toushi's transformers engine, batched, ``inference_mode``, KV cache;
 - openai: the openai engine with ``--concurrency`` requests in flight against a vLLM server it starts.
 Each is loaded, warmed up on two short requests, timed on one call over all prompts, and freed before the
 next. Output tok/s = completion tokens / wall time of that call. Results go to runs/bench/generate.json and
@@ -80,13 +80,17 @@ def timed_raw(spec: ModelSpec, convs, sampling: Sampling) -> dict:
     """The baseline: vllm.LLM.chat with the same engine settings, all prompts in one call."""
     from vllm import LLM, SamplingParams
 
-    from toushi.engines.vllm_engine import cpu_thread_env, engine_kwargs
+    from toushi.engines.vllm_engine import engine_kwargs, offline_cpu_env
 
-    # the same CPU thread setting toushi's engine gets: raw vLLM at its best, not as shipped for many cores
-    os.environ.update(cpu_thread_env())
+    # the same CPU settings toushi's engine gets (all cores for the model, the engine in this process, the
+    # dtype): raw vLLM at its best, not as shipped for many-core machines
+    extra = offline_cpu_env()
+    os.environ.update(extra)
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(spec))
     load_s = time.perf_counter() - t0
+    for k in extra:
+        os.environ.pop(k, None)
     params = SamplingParams(temperature=0.0, max_tokens=sampling.max_tokens, seed=sampling.seed)
     llm.chat(convs[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     t1 = time.perf_counter()
@@ -94,6 +98,12 @@ def timed_raw(spec: ModelSpec, convs, sampling: Sampling) -> dict:
     wall = time.perf_counter() - t1
     llm.llm_engine.engine_core.shutdown()
     del llm
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    gc.collect()
+    cleanup_dist_env_and_memory()  # the next engine starts in this same process
     return _row(load_s, wall, [len(o.outputs[0].token_ids) for o in outs], [o.outputs[0].text.strip() for o in outs])
 
 
@@ -112,6 +122,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="Model (default: the offline model).")
     p.add_argument("--hf-batch", type=int, default=32, help="Batch size of the hf engine.")
     p.add_argument("--concurrency", type=int, default=32, help="Requests in flight for the openai engine.")
+    p.add_argument("--vllm-dtype", default="auto", help="dtype of the vLLM rows (auto: bf16 on a CPU with native bf16).")
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="vLLM KV cache (GiB) for offline and server.")
     p.add_argument("--out", type=Path, default=Path("runs/bench/generate.json"))
     args = p.parse_args()
@@ -119,17 +130,20 @@ def main() -> None:
     convs = load_prompts(args.prompts)
     load_before = round(os.getloadavg()[0], 2)
     sampling = Sampling(temperature=0.0, max_tokens=args.max_tokens, n=1, seed=0)
-    vllm_spec = ModelSpec(name=args.model, engine="vllm", dtype="float32", enforce_eager=True, max_model_len=2048,
-                          kv_cache_gb=args.kv_cache_gb)
+    # dtype auto: bf16 where the CPU computes it natively, as toushi's recipes run vLLM (the hf rows try both)
+    vllm_spec = ModelSpec(name=args.model, engine="vllm", dtype=args.vllm_dtype, enforce_eager=True,
+                          max_model_len=2048, kv_cache_gb=args.kv_cache_gb)
     results = {}
-    print("raw vllm.LLM.chat", flush=True)
-    results["raw"] = timed_raw(vllm_spec, convs, sampling)
-    print("toushi vllm engine", flush=True)
-    results["vllm"] = timed(vllm_spec, convs, sampling)
+    # hf first: on a CPU vLLM's engine runs in this process and binds its OpenMP threads, which would then
+    # also govern transformers' threads
     for dtype in ("float32", "bfloat16"):
         print(f"hf {dtype}: batch {args.hf_batch}", flush=True)
         results[f"hf_{dtype}"] = timed(
             ModelSpec(name=args.model, engine="hf", dtype=dtype, hf_batch_size=args.hf_batch), convs, sampling)
+    print("raw vllm.LLM.chat", flush=True)
+    results["raw"] = timed_raw(vllm_spec, convs, sampling)
+    print("toushi vllm engine", flush=True)
+    results["vllm"] = timed(vllm_spec, convs, sampling)
     print(f"openai: concurrency {args.concurrency} against a local vLLM server", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with VLLMServer(vllm_spec, port=free_port(), log_path=args.out.parent / "generate_server.log") as server:

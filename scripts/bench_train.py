@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument("--packing", action="store_true", help="Pack examples into full sequences.")
     p.add_argument("--liger", action="store_true", help="Liger fused kernels (GPU, pip install liger-kernel).")
     p.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations.")
+    p.add_argument("--bf16", action="store_true", help="bf16 base weights and autocast also without CUDA "
+                   "(CPUs with AVX512-BF16 or AMX); default: only where CUDA supports it.")
     p.add_argument("--peak-tflops", type=float, help="Device peak bf16 TFLOP/s when not in the built-in table.")
     p.add_argument("--json", type=Path, help="Append the result as a JSON line to this file.")
     args = p.parse_args()
@@ -137,7 +139,7 @@ def main() -> None:
         model_path, label = str(build_random_model(args.model_config, Path(tmp.name) / "model")), args.model_config
     else:
         model_path, label = resolve_model(args.model), args.model
-    bf16 = use_bf16(None)
+    bf16 = use_bf16(True if args.bf16 else None)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 

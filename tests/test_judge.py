@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -336,6 +336,19 @@ def test_logprob_mode_aggregates_graded_preferences(tmp_path):
     # the orders disagree on the side (position bias), but the averaged preference still favours GOOD
     assert pair["outcome"] == pytest.approx((0.91 + 1 - 0.55) / 2) and not pair["consistent"]
     assert win_rates([pair], DIMS, n_boot=20)["sft"]["wins"] == 1
+    # a pair that needs only its outcome (the ladder) is asked the one-token question alone: no JSON call,
+    # the same graded outcome, no per-dimension verdicts
+    asked = []
+
+    class Counting(Probs):
+        def generate(self, conversations, sampling, structured=None, logprobs=None):
+            asked.append("choice" if logprobs else "json")
+            return super().generate(conversations, sampling, structured, logprobs)
+
+    bare = [replace(t, need_dims=False) for t in tasks]
+    calls = run_judge(Counting(), bare, StageStore(tmp_path, "c"), DIMS, SAMPLING, "scripted", mode="logprob")
+    assert asked == ["choice"] and all(c["valid"] and c["raw"] is None and c["dims"] is None for c in calls)
+    assert aggregate(bare, calls, DIMS)[0]["outcome"] == pytest.approx(pair["outcome"])
     # no logprobs at all (an endpoint that does not return them): the call is invalid, not a tie
     calls = run_judge(ScriptedJudge(), tasks, StageStore(tmp_path, "k"), DIMS, SAMPLING, "scripted", mode="logprob")
     assert not any(c["valid"] for c in calls) and aggregate(tasks, calls, DIMS)[0]["outcome"] is None

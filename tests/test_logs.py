@@ -61,3 +61,26 @@ def test_quiet_failure_shows_log_tail(recipe, capfd):
         run_stages(recipe, [Stage("corpus", failing, ())], quiet=True)
     err = capfd.readouterr().err
     assert "corpus failed" in err and "the cause, in the log" in err
+
+
+def test_logger_set_up_in_one_stage_writes_into_the_next_stages_log(tmp_path, capfd):
+    """vLLM's engine runs in toushi's process on a CPU and makes its log handler (on sys.stdout/err) when first
+    imported, during some stage: in later stages that handler must still write, into their logs."""
+    import logging
+
+    from toushi.logs import output_to
+
+    logger = logging.getLogger("toushi.test.engine")
+    logger.propagate = False
+    with output_to(tmp_path / "corpus.log"):
+        handler = logging.StreamHandler(sys.stderr)
+        logger.addHandler(handler)
+        logger.warning("made in corpus")
+    try:
+        with output_to(tmp_path / "eval.log"):
+            logger.warning("logged in eval")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (tmp_path / "corpus.log").read_text(), (tmp_path / "eval.log").read_text()
+    assert "made in corpus" in first and "logged in eval" in second
+    assert "Logging error" not in first + second + capfd.readouterr().err

@@ -91,20 +91,20 @@ def generate_students(
     """Answers of the base student (when ``base``) and each adapter: name -> texts. Returns (answers,
     engine used).
 
-    One engine serves the base and every adapter (``lora_name`` per call): ``open_engine(spec)`` (the
+    One engine serves the base and every adapter (``lora_name`` per request): ``open_engine(spec)`` (the
     run's shared engine under `toushi run`), else a new one. If vLLM with LoRA fails (LoRA support varies
     on CPU builds), fall back to the transformers engine with PEFT and say so.
     """
     from toushi.engines import make_engine
 
     def run(s: ModelSpec, opener=open_engine or make_engine) -> dict[str, list[str]]:
-        out = {}
+        # every system in one batch (an adapter per request): one pass of decode steps, not one per adapter
+        systems = (["student"] if base else []) + list(adapters)
+        names = [None if n == "student" else n for n in systems for _ in convs]
         with opener(s) as engine:
-            if base:
-                out["student"] = [c[0].text for c in engine.generate(convs, sampling)]
-            for name in adapters:
-                out[name] = [c[0].text for c in engine.generate(convs, sampling, lora_name=name)]
-        return out
+            outs = engine.generate([c for _ in systems for c in convs], sampling, lora_name=names)
+        texts = [o[0].text for o in outs]
+        return {n: texts[i * len(convs) : (i + 1) * len(convs)] for i, n in enumerate(systems)}
 
     lora = {"enable_lora": bool(adapters), "lora_adapters": dict(adapters)}
     try:
@@ -413,15 +413,17 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
         notes.append(f"judge: reference system {ref!r} has no answers, skipped")
         return None
     dims = judge_dimensions(r.run.lang, ctx.run_dir)
-    def pair_tasks(system: str, reference: str) -> list[PairTask]:
+    def pair_tasks(system: str, reference: str, need_dims: bool = True) -> list[PairTask]:
         return [PairTask(prompt_id=p["id"], lang=r.run.lang, post=p["post"], system=system, text=answers[system][i],
-                         reference=reference, ref_text=answers[reference][i])
+                         reference=reference, ref_text=answers[reference][i], need_dims=need_dims)
                 for i, p in enumerate(prompts) if answers[system][i] is not None and answers[reference][i] is not None]
 
     tasks = [t for s in answers if s != ref for t in pair_tasks(s, ref)]
-    # the ladder: each rung against the rung before it (a step whose previous rung is the reference repeats
-    # a main pair: its calls are the same calls, made once)
-    ladder_tasks = [t for prev, cur in ladder_steps(list(answers)) for t in pair_tasks(cur, prev)] if cfg.ladder else []
+    # the ladder: each rung against the rung before it. It reads only the overall outcome, so in logprob mode
+    # its pairs get the one-token choice call and no per-dimension JSON (the costly part of a judge call).
+    # In generate mode a step whose previous rung is the reference repeats a main pair: same calls, made once.
+    ladder_tasks = ([t for prev, cur in ladder_steps(list(answers)) for t in pair_tasks(cur, prev, need_dims=False)]
+                    if cfg.ladder else [])
     every = tasks + ladder_tasks
     sampling = (cfg.judge_sampling or spec.sampling).model_copy(update={"n": 1})
     store = StageStore(ctx.store.dir, "judge")

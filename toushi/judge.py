@@ -231,6 +231,9 @@ class PairTask:
     text: str
     reference: str
     ref_text: str
+    # False: only the overall outcome is wanted (the ladder). In logprob mode such a pair skips the JSON
+    # call with its per-dimension verdicts and is judged by the one-token choice call alone.
+    need_dims: bool = True
 
     @property
     def pair_id(self) -> str:
@@ -241,11 +244,13 @@ def _calls(task: PairTask, dimensions: list[dict], cache_key: str, mode: str) ->
     """The two orders of a pair: "sr" (system is A) and "rs" (reference is A)."""
     out = []
     for order, (a, b) in (("sr", (task.text, task.ref_text)), ("rs", (task.ref_text, task.text))):
-        prompt = build_prompt(task.lang, task.post, a, b, dimensions)
-        call = {"id": stable_id("judge", cache_key, prompt), "pair_id": task.pair_id, "order": order,
-                "prompt": prompt}
+        choice_only = mode == "logprob" and not task.need_dims
+        prompt = None if choice_only else build_prompt(task.lang, task.post, a, b, dimensions)
+        call = {"pair_id": task.pair_id, "order": order, "prompt": prompt}
         if mode == "logprob":
             call["choice_prompt"] = build_prompt(task.lang, task.post, a, b, dimensions, answer="choice")
+        call["id"] = stable_id("judge", cache_key, call["choice_prompt"] if choice_only else prompt,
+                               *(["choice-only"] if choice_only else []))
         out.append(call)
     return out
 
@@ -285,7 +290,8 @@ def run_judge(
 
     Each record has the JSON answer's per-dimension verdicts and an overall ``verdict``; in logprob mode
     also ``probs`` (P(A), P(B), P(tie) of the choice token) and ``preference`` (P(A) + P(tie)/2), and the
-    verdict is the most probable choice."""
+    verdict is the most probable choice. A logprob-mode pair that needs no dimensions (``need_dims=False``)
+    has only the choice call: ``raw`` and ``dims`` are None."""
     sampling = sampling.model_copy(update={"n": 1})
     calls = plan_calls(tasks, dimensions, sampling, judge_model, mode)
     done = store.ids()
@@ -299,10 +305,15 @@ def run_judge(
     with store.writer(batch_size=batch_size) as w:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            convs = [[{"role": "user", "content": c["prompt"]}] for c in batch]
-            first = [outs[0].text for outs in engine.generate(convs, json_sampling, structured=schema)]
-            parsed = [parse_verdict(t, dimensions) for t in first]
-            retry_idx = [i for i, p in enumerate(parsed) if p is None]
+            convs = [[{"role": "user", "content": c["prompt"]}] if c["prompt"] else None for c in batch]
+            asked = [i for i, c in enumerate(convs) if c is not None]  # choice-only calls have no JSON question
+            first: list[str | None] = [None] * len(batch)
+            if asked:
+                outs = engine.generate([convs[i] for i in asked], json_sampling, structured=schema)
+                for i, o in zip(asked, outs):
+                    first[i] = o[0].text
+            parsed = [parse_verdict(first[i], dimensions) if i in asked else None for i in range(len(batch))]
+            retry_idx = [i for i in asked if parsed[i] is None]
             retried: dict[int, str] = {}
             if retry_idx:
                 retry_convs = [
@@ -321,7 +332,7 @@ def run_judge(
                 probs = [choice_probabilities(o[0].logprobs) for o in outs]
             for i, c in enumerate(batch):
                 p, pr = parsed[i], probs[i]
-                valid = p is not None and (mode == "generate" or pr is not None)
+                valid = (p is not None or c["prompt"] is None) and (mode == "generate" or pr is not None)
                 verdict = p["verdict"] if p else None
                 if pr is not None:
                     verdict = max(CHOICES, key=lambda k: pr[k])

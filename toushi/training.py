@@ -49,11 +49,17 @@ def is_main_process() -> bool:
 
 
 def use_bf16(setting: bool | None) -> bool:
+    """bf16 mixed precision: as set, else where the device computes in bf16 natively (CUDA with bf16, or a
+    CPU with AVX512-BF16/AMX; an emulated bf16 would be slower than fp32)."""
     import torch
+
+    from toushi.hardware import cpu_native_bf16
 
     if setting is not None:
         return setting
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_native_bf16()
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules, recipe_key: str):
@@ -118,7 +124,9 @@ def load_student(model_path: str, dtype: str, qlora: bool, bf16: bool):
         )
         # casts norms to fp32 and enables input grads; checkpointing is left to the trainer's argument
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    # "auto" under bf16 training: bf16 weights (a checkpoint saved in fp32 would otherwise load in fp32 and
+    # every autocast op would convert it)
+    torch_dtype = (torch.bfloat16 if bf16 else "auto") if dtype == "auto" else getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
 
 

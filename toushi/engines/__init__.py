@@ -144,6 +144,15 @@ def per_conversation(structured: Structured | Sequence[Structured | None] | None
     return list(structured)
 
 
+def per_conversation_lora(lora_name: str | None | Sequence[str | None], n: int) -> list[str | None]:
+    """One adapter name (or None: the base model) per conversation, from one for all or a list of n."""
+    if lora_name is None or isinstance(lora_name, str):
+        return [lora_name] * n
+    if len(lora_name) != n:
+        raise ValueError(f"lora_name: {len(lora_name)} adapter names for {n} conversations")
+    return list(lora_name)
+
+
 def mark_unstructured(completion: Completion, structured: Structured | None) -> Completion:
     """Flag a completion that breaks its constraint (a truncated JSON, a refused constraint)."""
     if structured is not None and not structured.check(completion.text):
@@ -176,10 +185,12 @@ class Engine:
         self,
         conversations: list[Conversation],
         sampling: Sampling,
-        lora_name: str | None = None,
+        lora_name: str | None | Sequence[str | None] = None,
         structured: Structured | Sequence[Structured | None] | None = None,
         logprobs: int | None = None,
     ) -> list[list[Completion]]:
+        """Completions per conversation. ``lora_name`` and ``structured`` apply to all conversations or, as
+        lists, one per conversation (several adapters in one batch)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -191,10 +202,12 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def check_lora(self, lora_name: str | None) -> None:
-        if lora_name is not None and lora_name not in self.spec.lora_adapters:
-            known = ", ".join(self.spec.lora_adapters) or "none"
-            raise ValueError(f"model {self.spec.name}: no LoRA adapter named {lora_name!r} (known: {known})")
+    def check_lora(self, lora_name: str | None | Sequence[str | None]) -> None:
+        names = [lora_name] if lora_name is None or isinstance(lora_name, str) else lora_name
+        for name in names:
+            if name is not None and name not in self.spec.lora_adapters:
+                known = ", ".join(self.spec.lora_adapters) or "none"
+                raise ValueError(f"model {self.spec.name}: no LoRA adapter named {name!r} (known: {known})")
 
 
 def make_engine(spec: ModelSpec) -> Engine:

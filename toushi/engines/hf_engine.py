@@ -20,6 +20,7 @@ from toushi.engines import (
     make_completion,
     mark_unstructured,
     per_conversation,
+    per_conversation_lora,
     sample_seed,
     top_logprobs,
 )
@@ -67,23 +68,26 @@ class HFEngine(Engine):
         self,
         conversations: list[Conversation],
         sampling: Sampling,
-        lora_name: str | None = None,
+        lora_name: str | None | Sequence[str | None] = None,
         structured: Structured | Sequence[Structured | None] | None = None,
         logprobs: int | None = None,
     ) -> list[list[Completion]]:
         self.check_lora(lora_name)
-        if self.spec.lora_adapters and lora_name is not None:
-            self.model.set_adapter(lora_name)
+        names = per_conversation_lora(lora_name, len(conversations))
         constraints = per_conversation(structured, len(conversations))
-        # constrained and free conversations go in separate batches (the grammar processor covers every row)
+        # one adapter per batch (PEFT switches adapters per model call), and constrained and free
+        # conversations in separate batches (the grammar processor covers every row)
         results: list[list[Completion] | None] = [None] * len(conversations)
-        for free in (True, False):
-            idx = [i for i, c in enumerate(constraints) if (c is None) == free]
-            if idx:
-                outs = self._generate([conversations[i] for i in idx], [constraints[i] for i in idx], sampling,
-                                      lora_name, logprobs)
-                for i, out in zip(idx, outs):
-                    results[i] = out
+        for name in dict.fromkeys(names):
+            if self.spec.lora_adapters and name is not None:
+                self.model.set_adapter(name)
+            for free in (True, False):
+                idx = [i for i, c in enumerate(constraints) if (c is None) == free and names[i] == name]
+                if idx:
+                    outs = self._generate([conversations[i] for i in idx], [constraints[i] for i in idx], sampling,
+                                          name, logprobs)
+                    for i, out in zip(idx, outs):
+                        results[i] = out
         return results
 
     def _generate(self, conversations, constraints, sampling: Sampling, lora_name, logprobs) -> list[list[Completion]]:

