@@ -110,6 +110,8 @@ def test_eval_stage_end_to_end(run_dir, tiny_model, monkeypatch):
     base = [by[("student", p)]["text"] for p in summary["prompt_ids"]]
     assert [by[("sft", p)]["text"] for p in summary["prompt_ids"]] != base
     assert [by[("dpo", p)]["text"] for p in summary["prompt_ids"]] != base
+    # ... each its own (all students are generated in one call, an adapter per request)
+    assert [by[("sft", p)]["text"] for p in summary["prompt_ids"]] != [by[("dpo", p)]["text"] for p in summary["prompt_ids"]]
     # embedding similarity to the strong answer, for every system but strong itself
     assert summary["metrics"]["weak"]["embed_sim"]["n"] == 3 and summary["metrics"]["strong"]["embed_sim"]["n"] == 0
 

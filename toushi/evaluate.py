@@ -98,7 +98,8 @@ def generate_students(
     from toushi.engines import make_engine
 
     def run(s: ModelSpec, opener=open_engine or make_engine) -> dict[str, list[str]]:
-        # every system in one batch (an adapter per request): one pass of decode steps, not one per adapter
+        # every system in one call (an adapter per request): the adapters share one pass of decode steps
+        # instead of one pass each (on a CPU the base student gets a batch of its own: see the vLLM engine)
         systems = (["student"] if base else []) + list(adapters)
         names = [None if n == "student" else n for n in systems for _ in convs]
         with opener(s) as engine:

@@ -15,6 +15,7 @@
 * Modes: ``generate`` reads the overall verdict from the JSON; ``logprob`` (AlpacaEval 2's weighted
   preference) also asks for the overall verdict as one constrained choice token and reads the graded
   preference P(A) + P(tie)/2 from the probabilities of A, B and tie; the two orders are then averaged.
+  A pair that needs only the overall outcome (the ladder's rung-to-rung pairs) gets the choice call alone.
 
 Any engine can judge: it only needs ``generate(conversations, sampling, structured=..., logprobs=...)
 -> [[completion with .text and .logprobs]]``.

@@ -94,14 +94,18 @@ class HFEngine(Engine):
         import torch
 
         bs = self.spec.hf_batch_size
-        results: list[list[Completion]] = []
-        for start in range(0, len(conversations), bs):
-            batch = conversations[start : start + bs]
-            batch_constraints = constraints[start : start + bs]
+        prompts_all = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                       for c in conversations]
+        # batches of similar prompt lengths: less left padding to attend over (results go back in order)
+        order = sorted(range(len(conversations)), key=lambda i: len(prompts_all[i]))
+        results: list[list[Completion] | None] = [None] * len(conversations)
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            batch_constraints = [constraints[i] for i in idx]
             grammars = [self._grammar(c) for c in batch_constraints] if batch_constraints[0] is not None else None
-            prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in batch]
+            prompts = [prompts_all[i] for i in idx]
             enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            per_conv: list[list[Completion]] = [[] for _ in batch]
+            per_conv: list[list[Completion]] = [[] for _ in idx]
             # One generate call per sample index k with seed+k (as the vLLM engine does per request).
             for k in range(sampling.n):
                 seed = sample_seed(sampling, k)
@@ -136,7 +140,8 @@ class HFEngine(Engine):
                     top = self._top(out.scores, i, logprobs) if logprobs is not None else None
                     c = self._completion(row, enc["attention_mask"][i], sampling, latency, lora_name, top)
                     per_conv[i].append(mark_unstructured(c, batch_constraints[i]))
-            results.extend(per_conv)
+            for i, out in zip(idx, per_conv):
+                results[i] = out
         return results
 
     def _top(self, scores, row: int, k: int) -> list[dict[str, float]]:
