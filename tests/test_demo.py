@@ -1,4 +1,4 @@
-"""The whole tiny recipe end to end, as `make demo` runs it (``pytest --run-slow``: ~20 minutes on 2 cores).
+"""The whole tiny recipe end to end, as `make demo` runs it (``pytest --run-slow``: ~10 minutes on 2 cores).
 
 The stages are tested one by one elsewhere; this proves they chain: every stage completes from an empty
 run directory, a second `toushi run` skips them all, and the report exists.
