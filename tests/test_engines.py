@@ -49,12 +49,34 @@ def test_cpu_engine_runs_in_this_process_on_every_core(vllm_engine):
         assert torch.get_num_threads() == cores  # vLLM bound this process's OpenMP threads: every core
 
 
-def test_auto_dtype_on_cpu_is_bf16_only_where_native():
+def test_auto_dtype_on_cpu_is_bf16_only_where_native(monkeypatch):
+    import toushi.hardware
     from toushi.engines.vllm_engine import resolve_dtype
-    from toushi.hardware import cpu_native_bf16
+    from toushi.training import use_bf16
 
-    assert resolve_dtype("auto") == ("bfloat16" if cpu_native_bf16() else "float32")
-    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(toushi.hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert resolve_dtype("auto") == "bfloat16" and use_bf16(None)
+    monkeypatch.setattr(toushi.hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert resolve_dtype("auto") == "float32" and not use_bf16(None)
+    assert resolve_dtype("bfloat16") == "bfloat16" and use_bf16(True)  # what is set stands
+
+
+def test_call_caches_key_on_the_dtype_the_weights_run_in(monkeypatch):
+    """A changed dtype, or `auto` resolving otherwise on another CPU, must not reuse cached answers."""
+    import toushi.hardware
+    from toushi.engines import cache_model
+    from toushi.pairs import sample_key
+
+    conv = CONVS[0]
+    fp32, bf16 = cpu_vllm_spec("m", dtype="float32"), cpu_vllm_spec("m", dtype="bfloat16")
+    assert sample_key(conv, cache_model(fp32), GREEDY, 0) != sample_key(conv, cache_model(bf16), GREEDY, 0)
+    auto = cpu_vllm_spec("m", dtype="auto")
+    monkeypatch.setattr(toushi.hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    on_bf16_cpu = cache_model(auto)
+    monkeypatch.setattr(toushi.hardware, "cpu_flags", lambda: frozenset())
+    assert on_bf16_cpu == cache_model(bf16) and cache_model(auto) == cache_model(fp32)
+    # an endpoint's dtype is its own business: its served name is the key
+    assert cache_model(ModelSpec(name="m", engine="openai", base_url="http://x/v1", served_model="s")) == "s"
 
 
 def test_vllm_batch_n2_seeded_is_deterministic(vllm_engine):

@@ -29,6 +29,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from toushi import metrics as M
+from toushi.engines import cache_model
 from toushi.ladder import compare as ladder_compare
 from toushi.ladder import steps as ladder_steps
 from toushi.recipe import ModelSpec, Sampling
@@ -193,7 +194,7 @@ def heldout_nll(
     wanted = []
     for name in ["student", *adapters]:
         for it in items:
-            rid = stable_id("nll", spec.name, fps[name], it["prompt"], it["answer"])
+            rid = stable_id("nll", cache_model(spec), fps[name], it["prompt"], it["answer"])
             wanted.append((rid, name, it))
     done = store.ids()
     todo = [w for w in wanted if w[0] not in done]
@@ -309,7 +310,7 @@ def run_stage(ctx: StageContext) -> dict:
     fps = {n: adapter_fingerprint(p) for n, p in adapters.items()} | {"student": "base"}
     sampling = cfg.sampling.model_copy(update={"n": 1})
     if students:
-        key = {n: [stable_id("gen", spec.name, fps[n], sampling.model_dump(mode="json"), c) for c in convs]
+        key = {n: [stable_id("gen", cache_model(spec), fps[n], sampling.model_dump(mode="json"), c) for c in convs]
                for n in students}
         have = sstore.ids()
         missing = [n for n in students if any(k not in have for k in key[n])]
@@ -431,12 +432,12 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
     task = progress.add_task("judge", total=2 * len(every))
     # Open the engine only when some call is not cached (a vLLM start costs a minute on CPU).
     mode = cfg.judge_mode
-    if pending_calls(every, store, dims, sampling, spec.name, mode):
+    if pending_calls(every, store, dims, sampling, cache_model(spec), mode):
         with ctx.engine(spec) as engine:
-            calls = run_judge(engine, every, store, dims, sampling, spec.name,
+            calls = run_judge(engine, every, store, dims, sampling, cache_model(spec),
                               progress=lambda n: progress.advance(task, n), mode=mode)
     else:
-        calls = run_judge(None, every, store, dims, sampling, spec.name, mode=mode)
+        calls = run_judge(None, every, store, dims, sampling, cache_model(spec), mode=mode)
     calls, ladder_calls = calls[: 2 * len(tasks)], calls[2 * len(tasks) :]  # two calls per task, in task order
     pairs = aggregate(tasks, calls, dims)
     return {
@@ -485,7 +486,7 @@ def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: d
             for s in [s for s in shown if s not in responders]:
                 notes.append(f"simulate: {s} has no model to answer the seeker with (turns > 1), skipped")
                 del shown[s]
-        res = run_seeker(lambda: engine_of(spec), cards, shown, store, model=spec.name, sampling=cfg.sampling,
+        res = run_seeker(lambda: engine_of(spec), cards, shown, store, model=cache_model(spec), sampling=cfg.sampling,
                          turns=cfg.turns, reply_sampling=cfg.reply_sampling, responders=responders,
                          feeling_template=cfg.feeling_template, reply_template=cfg.reply_template,
                          progress=lambda n: progress.advance(task, n))
@@ -513,7 +514,7 @@ def _responders(ctx: StageContext, prompts: list[dict], adapters: dict[str, Path
             return None
         sampling = sampling.model_copy(update={"n": 1})
         fp = adapter_fingerprint(adapters[lora]) if lora else None
-        key = stable_id(spec.name, lora, fp, sampling.model_dump(mode="json"))
+        key = stable_id(cache_model(spec), lora, fp, sampling.model_dump(mode="json"))
 
         def conversation(pid: str, chat: list[dict]) -> list[dict]:
             system = system_of(pid)

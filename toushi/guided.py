@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from toushi.engines import cache_model
 from toushi.guidance import load_guidance
 from toushi.runner import StageContext
 from toushi.store import atomic_write_text, stable_id
@@ -85,7 +86,7 @@ def run_stage(ctx: StageContext) -> dict:
     if not pairs:
         raise ValueError(f"guided: no pairs records in {ctx.stage('pairs').records_path}; run the pairs stage first")
     sampling = (cfg.sampling or spec.sampling)
-    model = spec.served_model or spec.name
+    model = cache_model(spec)
 
     todo_recs = [p for p in pairs if cfg.include_heldout or p.get("split") != "heldout"]
     jobs = []

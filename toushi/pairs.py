@@ -18,7 +18,7 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import Completion
+from toushi.engines import Completion, cache_model
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, stable_id
@@ -69,7 +69,7 @@ def run_stage(ctx: StageContext) -> dict:
     wanted: dict[str, dict[str, list[str]]] = {}
     convs: dict[str, dict[str, list[dict]]] = {}
     for role, (spec, sampling, system) in setups.items():
-        model = spec.served_model or spec.name
+        model = cache_model(spec)
         convs[role] = {pid: conversation(p, system) for pid, p in prompts.items()}
         wanted[role] = {
             pid: [sample_key(convs[role][pid], model, sampling, k) for k in range(sampling.n)] for pid in prompts

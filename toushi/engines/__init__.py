@@ -210,6 +210,20 @@ class Engine:
                 raise ValueError(f"model {self.spec.name}: no LoRA adapter named {name!r} (known: {known})")
 
 
+def cache_model(spec: ModelSpec) -> str:
+    """The model as the call caches key it: its (served) name and, for a local engine, the dtype its weights
+    run in. A changed dtype, or ``auto`` resolving to bf16 on one CPU and fp32 on another, gives other
+    answers, so cached calls of the other dtype are not reused."""
+    name = spec.served_model or spec.name
+    if spec.engine == "openai":  # the endpoint decides; its name is what we know
+        return name
+    if spec.engine == "vllm":
+        from toushi.engines.vllm_engine import resolve_dtype
+
+        return f"{name}|{resolve_dtype(spec.dtype)}"
+    return f"{name}|{spec.dtype}"
+
+
 def make_engine(spec: ModelSpec) -> Engine:
     """The engine the spec names, with its model loaded (vllm, hf) or its client ready (openai)."""
     if spec.engine == "vllm":

@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from toushi.engines import cache_model
 from toushi.engines.pool import EnginePool
 from toushi.guidance.render import load_guidance, read_guidance_file, system_prompt, to_json, to_markdown
 from toushi.judge import rubric
@@ -134,7 +135,7 @@ def run_stage(ctx) -> dict:
     try:
         session = Session(
             store=store, lang=r.run.lang,
-            calls=CallCache(store, lambda: pool.get(spec), spec.name, cfg.sampling),
+            calls=CallCache(store, lambda: pool.get(spec), cache_model(spec), cfg.sampling),
             pairs=pairs, blind=cfg.blind_labels, cap=cfg.max_rules_per_dimension,
             max_dimensions=cfg.max_dimensions, batch_size=cfg.batch_size,
             count_tokens=token_counter(_local_path(spec)), prompt_budget=budget,
