@@ -19,7 +19,6 @@ from toushi.corpus.report import diversity, diversity_markdown
 from toushi.corpus.rewrite import rewrite_posts
 from toushi.corpus.sampling import sample_per_scene, split_of
 from toushi.corpus.tagging import KINDS, label_set, merge, tag_texts
-from toushi.engines import cache_model
 from toushi.runner import StageContext
 from toushi.store import atomic_write_text, stable_id
 
@@ -116,7 +115,7 @@ def run_stage(ctx: StageContext) -> dict:
         spec = specs[role]
         if spec is None:
             raise CorpusError(f"corpus: the rewrite/persona/tagging steps use models.{role}, which is not set")
-        return cache_model(spec)
+        return spec.served_model or spec.name
 
     try:
         to_rewrite = [p for p in picked if p.rewrite]
