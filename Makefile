@@ -12,7 +12,7 @@ MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
 TINY := $(TOUSHI_HOME)/models/tiny-random/toushi_model.json
 PYTEST_ARGS ?=
 
-.PHONY: install model demo test browser lint bench clean
+.PHONY: install model demo test test-all browser lint bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -35,8 +35,16 @@ $(TINY): $(MODEL)
 demo: $(MODEL)
 	$(BIN)/toushi run recipes/tiny-cpu.yaml
 
+# Every test that proves behaviour; then where the time went (scripts/test_budget.py reads the record pytest
+# writes), so a change that slows the suite is seen. `slow` and `gpu` tests are off here.
 test: model browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@$(BIN)/python scripts/test_budget.py --top 10
+
+# Also the tests that are long by nature: the whole demo recipe end to end, the two-engine data-parallel server.
+test-all: model browser
+	$(BIN)/python -m pytest --run-slow $(PYTEST_ARGS)
+	@$(BIN)/python scripts/test_budget.py --top 10
 
 # The report's browser test drives Debian's Chromium through Playwright (no browser download). Installed
 # here when missing and we may (root + apt); otherwise that one test is skipped and says why.

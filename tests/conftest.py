@@ -22,6 +22,38 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run long CPU tests")
 
 
+# ---- test-time record: wall and CPU seconds per test (setup + call + teardown), written at the end of the session
+# for scripts/test_budget.py. CPU seconds (this process and the children it waited for) barely move when the
+# machine is shared, so they rank tests even when wall times are noisy.
+_TIMES: dict[str, dict[str, float]] = {}
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import time
+
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    yield
+    _TIMES[item.nodeid] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2)}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import json
+
+    if not _TIMES or hasattr(session.config, "workerinput"):  # nothing ran, or an xdist worker
+        return
+    out = Path(os.environ.get("TOUSHI_TEST_TIMES", REPO / ".pytest_cache" / "test-times.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_TIMES, indent=1) + "\n")
+
+
 def pytest_collection_modifyitems(config, items):
     for marker, flag in (("gpu", "--run-gpu"), ("slow", "--run-slow")):
         if config.getoption(flag):
@@ -99,6 +131,17 @@ def make_lora_adapter(base: Path, out: Path, *, r: int = 8, std: float = 0.5, se
 def lora_adapter(offline_model, tmp_path_factory) -> Path:
     """A rank-32 adapter on the offline model (above vLLM's default max_lora_rank of 16)."""
     return make_lora_adapter(offline_model, tmp_path_factory.mktemp("lora") / "tiny-lora", r=32, std=0.05)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(offline_model):
+    """One real offline vLLM engine on the offline model (no LoRA), shared by every test that only calls it
+    (judge, seeker, guidance sessions, the server-vs-offline comparison): an engine start costs 12 s or more
+    on this CPU. Tests that count engine starts or need LoRA build their own."""
+    from toushi.engines import make_engine
+
+    with make_engine(cpu_vllm_spec(str(offline_model))) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="session")

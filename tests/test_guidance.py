@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cpu_vllm_spec
 from toushi.guidance import build_pairs, load_guidance, run_stage
 from toushi.guidance import modes as M
 from toushi.guidance.drift import best_round, score
@@ -287,12 +286,8 @@ def _posts(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def engine(offline_model):
-    from toushi.engines import make_engine
-
-    spec = cpu_vllm_spec(str(offline_model))
-    with make_engine(spec) as e:
-        yield e
+def engine(vllm_engine):
+    return vllm_engine
 
 
 @pytest.fixture(scope="module")

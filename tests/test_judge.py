@@ -275,12 +275,8 @@ def test_adversarial_replies_do_not_flip_verdicts(tmp_path, echo):
 
 
 @pytest.fixture(scope="module")
-def real_judge(offline_model):
-    from tests.conftest import cpu_vllm_spec
-    from toushi.engines import make_engine
-
-    with make_engine(cpu_vllm_spec("smollm2-135m-instruct")) as engine:
-        yield engine
+def real_judge(vllm_engine):
+    return vllm_engine
 
 
 @pytest.mark.parametrize("mode", ["logprob", "generate"])

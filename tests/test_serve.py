@@ -49,12 +49,11 @@ def texts(results) -> list[str]:
 # ------------------------------------------------------------------------- (1) openai engine == offline
 
 
-def test_openai_engine_on_vllm_server_matches_offline_vllm(vllm_server):
+def test_openai_engine_on_vllm_server_matches_offline_vllm(vllm_server, vllm_engine):
     spec = ModelSpec(name=MODEL, engine="openai", base_url=vllm_server, concurrency=3)
     with make_engine(spec) as engine:
         served = engine.generate(CONVS, GREEDY)
-    with make_engine(cpu_vllm_spec(MODEL)) as engine:
-        offline = engine.generate(CONVS, GREEDY)
+    offline = vllm_engine.generate(CONVS, GREEDY)  # the same server settings (tests/conftest.cpu_vllm_spec)
     assert all(t for t in texts(served))
     assert texts(served) == texts(offline)
     assert [c[0].prompt_tokens for c in served] == [c[0].prompt_tokens for c in offline]

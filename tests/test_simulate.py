@@ -4,7 +4,6 @@ two posters for three systems, one and two turns."""
 from __future__ import annotations
 
 import pytest
-from conftest import cpu_vllm_spec
 
 from toushi.corpus.tagging import label_set
 from toushi.recipe import Sampling
@@ -61,11 +60,8 @@ def test_cards_carry_labels_in_the_language_of_the_post():
 
 
 @pytest.fixture(scope="module")
-def engine(offline_model):
-    from toushi.engines import make_engine
-
-    with make_engine(cpu_vllm_spec(str(offline_model))) as e:
-        yield e
+def engine(vllm_engine):
+    return vllm_engine
 
 
 def test_seeker_scores_every_system_on_the_offline_model(engine, tmp_path):
