@@ -348,6 +348,17 @@ class TrainSpec(Section):
     )
 
 
+class TrackingSection(Section):
+    report_to: Literal["tensorboard", "trackio", "mlflow", "wandb", "none"] = Field(
+        "tensorboard",
+        description="Experiment tracker every training stage reports to (TRL's report_to). tensorboard: "
+        "runs/<run>/<stage>/tensorboard; mlflow: MLFLOW_TRACKING_URI, else a file store in runs/<run>/mlruns, one "
+        "mlflow run per stage with the resolved recipe (and, after eval, the eval summary) as artifacts; wandb: "
+        "offline (runs/<run>/wandb) unless WANDB_MODE says otherwise; trackio: its local store; none: no tracker. "
+        "Not part of any fingerprint: changing it retrains nothing.",
+    )
+
+
 class SFTSection(Section):
     target: Literal["strong", "guided", "both"] = Field("strong", description="Which answers are the targets.")
     context_distillation: bool = Field(
@@ -576,6 +587,9 @@ class Recipe(Section):
     grpo: GRPOSection = Field(default_factory=GRPOSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     selftrain: SelfTrainSection = Field(default_factory=SelfTrainSection)
+    train: TrackingSection = Field(
+        default_factory=TrackingSection, description="What every training stage shares: the experiment tracker."
+    )
     eval: EvalSection = Field(default_factory=EvalSection)
     serve: ServeSection = Field(default_factory=ServeSection)
 
