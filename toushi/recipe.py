@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 StageName = Literal[
     "corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "distill", "selftrain", "eval", "report"
@@ -135,7 +135,21 @@ class RunSection(Section):
 
 
 class SourceSpec(Section):
-    path: Path = Field(..., description="File or directory (JSONL, CSV, JSON, or a `datasets` dir on disk).")
+    path: Path | None = Field(
+        None, description="File or directory (JSONL, CSV, JSON, or a `datasets` dir on disk). Give path or hub."
+    )
+    hub: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="Hugging Face dataset id (owner/name), read with datasets.load_dataset at run time and cached "
+        "under $TOUSHI_HOME/datasets. Give path or hub.",
+    )
+    split: str = Field("train", description="hub: the split to read (e.g. train, validation).")
+    revision: str | None = Field(None, description="hub: a branch, tag or commit to pin (None: the default branch).")
+    fallback: Path | None = Field(
+        None,
+        description="hub: a local copy of the same split (a file or `datasets` dir), read when the Hub cannot be "
+        "reached (offline). Without it, an unreachable Hub is an error that says how to set it.",
+    )
     format: Literal["openings", "esconv", "extes", "jsonl", "json", "csv", "hf_disk"] = Field(
         "openings",
         description="openings: {id, lang, scene, text} (file type from the extension); esconv/extes: dialogue "
@@ -169,6 +183,14 @@ class SourceSpec(Section):
         5, ge=1, description="text_from=seeker_turns: join at most this many seeker turns (greetings skipped)."
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many records from the source.")
+
+    @model_validator(mode="after")
+    def _path_or_hub(self) -> SourceSpec:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of path (a local file) or hub (a Hugging Face dataset id)")
+        if self.fallback is not None and self.hub is None:
+            raise ValueError("fallback is the local copy of a hub source: set hub, or use path alone")
+        return self
 
 
 class RewriteSpec(Section):
