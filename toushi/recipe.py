@@ -6,6 +6,7 @@ saves it beside its output. Errors name the dotted key path and the file, before
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -681,10 +682,50 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+RUN_OVERRIDES = "overrides.yaml"
+
+
+def run_overrides(run_dir: Path) -> dict[str, Any]:
+    """The run's own overrides (``runs/<run>/overrides.yaml``: dotted key -> value), {} when it has none.
+
+    ``toushi review`` writes them (e.g. ``guidance.edited_file`` after a person edits the guidance), so the
+    next ``toushi run`` of the same recipe uses the edit without the user's recipe file being rewritten.
+    """
+    path = Path(run_dir) / RUN_OVERRIDES
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of dotted recipe keys to values")
+    return data
+
+
+def set_run_override(run_dir: Path, key: str, value: Any, by: str) -> Path:
+    """Record one run override (None removes the key); returns the file."""
+    from toushi.store import atomic_write_text
+
+    data = run_overrides(run_dir)
+    if value is None:
+        data.pop(key, None)
+    else:
+        data[key] = value
+    path = Path(run_dir) / RUN_OVERRIDES
+    head = (f"# Recipe keys applied to this run on top of its recipe (a --set still wins); written by {by}.\n"
+            "# Delete a line (or this file) to go back to the recipe's own value.\n")
+    atomic_write_text(path, head + yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
+    return path
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True,
+                with_run_overrides: bool = False) -> Recipe:
     """Read YAML, apply ``--set`` overrides, validate, check that named input files exist.
 
     Relative paths are relative to the working directory (shipped recipes: the repository root).
+    with_run_overrides: layer the run directory's overrides.yaml (:func:`run_overrides`) between the YAML
+    and ``--set``: defaults -> YAML -> run overrides -> --set.
     """
     path = Path(path)
     if not path.is_file():
@@ -695,6 +736,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: top level must be a mapping of sections")
+    if with_run_overrides:
+        run = apply_overrides(copy.deepcopy(data), overrides or []).get("run") or {}
+        if isinstance(run, dict) and run.get("name"):
+            saved = run_overrides(Path(run.get("dir") or "runs") / str(run["name"]))
+            overrides = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in saved.items()] + list(overrides or [])
     data = apply_overrides(data, overrides or [])
     try:
         recipe = Recipe.model_validate(data)
