@@ -92,6 +92,15 @@ def mark_guided_done(recipe_path: Path) -> None:
                                                    recipe_hash=r.section_hash(*by_name["guided"].sections))
 
 
+def zh_font() -> bool:
+    """A font with Chinese glyphs is installed (make test installs fonts-wqy-microhei with Chromium)."""
+    import shutil
+    import subprocess
+
+    fc = shutil.which("fc-list")
+    return bool(fc and subprocess.run([fc, ":lang=zh"], capture_output=True, text=True).stdout.strip())
+
+
 def full_plan(recipe_path: Path) -> dict[str, str | None]:
     return dict(plan(load_recipe(recipe_path, with_run_overrides=True), STAGES))
 
@@ -152,6 +161,12 @@ def test_review_page_edit_saves_version_and_reruns(served):
         assert "beats weak (1.00)" in sft and "30 → 55 (+25) someone noticed the vet bills" in sft
         boxes = [b["x"] for b in (h1.locator(f".answer[data-system={s}]").bounding_box() for s in ("weak", "guided"))]
         assert boxes[1] > boxes[0] + 200  # side by side, not stacked
+        if zh_font():  # drawn in a real font: a run of zh text does not look like missing-glyph boxes
+            boxes = "".join(chr(0xE000 + i) for i in range(8))  # private-use: no font draws them
+            page.evaluate("""probes => probes.forEach(([id, text]) => {
+                const s = document.createElement('span'); s.id = id; s.textContent = text; document.body.prepend(s);
+            })""", [["zh-probe", "先承认对方的感受"], ["box-probe", boxes]])
+            assert page.locator("#zh-probe").screenshot() != page.locator("#box-probe").screenshot()
         # the first rule cites a1 and a2: one click goes to the post
         page.locator("#rule-0-0 a", has_text="a2").click()
         assert page.evaluate("location.hash") == "#post-a2"

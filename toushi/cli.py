@@ -167,7 +167,9 @@ def report(
 @app.command()
 def review(
     run: str,
-    host: Annotated[str, typer.Option(help="Bind address (loopback; anything else needs --allow-remote).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Bind address (loopback; anything else needs --allow-remote).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8765,
     allow_remote: Annotated[
         bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (the page can edit the run).")

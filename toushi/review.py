@@ -111,7 +111,7 @@ def posts(run_dir: Path, cited: set[str], show_all: bool) -> tuple[list[dict], i
         for a in answers:
             a.update(judge=verdicts.get((pid, a["system"])), seeker=feelings.get((pid, a["system"])))
         out.append({"id": pid, "post": rec.get("post") or rec.get("prompt") or "", "split": rec.get("split"),
-                    "scene": rec.get("scene"), "answers": answers})
+                    "scene": rec.get("scene"), "lang": rec.get("lang"), "answers": answers})
     out.sort(key=lambda p: (p["id"] not in cited, p["split"] != "heldout"))  # stable: run order otherwise
     if show_all or len(out) <= MAX_POSTS:
         return out, 0
