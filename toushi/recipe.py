@@ -692,14 +692,16 @@ def run_overrides(run_dir: Path) -> dict[str, Any]:
     next ``toushi run`` of the same recipe uses the edit without the user's recipe file being rewritten.
     """
     path = Path(run_dir) / RUN_OVERRIDES
-    if not path.is_file():
-        return {}
+    return _yaml_mapping(path, "expected a mapping of dotted recipe keys to values") if path.is_file() else {}
+
+
+def _yaml_mapping(path: Path, not_a_mapping: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping of dotted recipe keys to values")
+        raise RecipeError(f"{path}: {not_a_mapping}")
     return data
 
 
@@ -730,12 +732,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: top level must be a mapping of sections")
+    data = _yaml_mapping(path, "top level must be a mapping of sections")
     if with_run_overrides:
         run = apply_overrides(copy.deepcopy(data), overrides or []).get("run") or {}
         if isinstance(run, dict) and run.get("name"):
