@@ -95,12 +95,11 @@ def log_eval_summary(run_dir: Path, summary_path: Path) -> list[str]:
             continue
         if tracking.get("report_to") != "mlflow" or not tracking.get("run_id"):
             continue
-        import mlflow
+        from mlflow import MlflowClient
 
         if tracking["tracking_uri"].startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        mlflow.set_tracking_uri(tracking["tracking_uri"])
-        with mlflow.start_run(run_id=tracking["run_id"]):
-            mlflow.log_artifact(str(summary_path), artifact_path="eval")
+        # the client API: no active run to start or collide with in toushi's own process
+        MlflowClient(tracking["tracking_uri"]).log_artifact(tracking["run_id"], str(summary_path), "eval")
         attached.append(stage)
     return attached
