@@ -46,13 +46,16 @@ test-all: model browser
 	$(BIN)/python -m pytest --run-slow $(PYTEST_ARGS)
 	@$(BIN)/python scripts/test_budget.py --top 10
 
-# The report's browser test drives Debian's Chromium through Playwright (no browser download). Installed
-# here when missing and we may (root + apt); otherwise that one test is skipped and says why.
+# The report's and the review page's browser tests drive Debian's Chromium through Playwright (no browser
+# download), with a font that has Chinese glyphs. Installed here when missing and we may (root + apt);
+# otherwise those tests are skipped and say why.
 browser:
-	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	@{ command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } && \
+	  fc-list :lang=zh 2>/dev/null | grep -q . || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
-	  echo "no Chromium (needs root + apt): the report's browser test will be skipped"
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	      fonts-wqy-microhei >/dev/null; } || \
+	  echo "no Chromium (needs root + apt): the browser tests will be skipped"
 
 lint: $(STAMP)
 	$(BIN)/ruff check toushi train infer scripts tests

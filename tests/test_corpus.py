@@ -239,10 +239,11 @@ def test_split_and_sampling_are_stable(tmp_path, shared_data):
 
 
 def test_esconv_recipe_produces_a_corpus(tmp_path, shared_data):
+    # offline (tests run with HF_HUB_OFFLINE=1): the shipped recipe's Hub sources read their fallback copies
     records, manifest = run_corpus(
         REPO / "recipes/esconv-en.yaml", tmp_path,
-        f"corpus.sources.0.path={shared_data / 'esconv/train.jsonl'}",
-        f"corpus.sources.1.path={shared_data / 'esconv/valid.jsonl'}",
+        f"corpus.sources.0.fallback={shared_data / 'esconv/train.jsonl'}",
+        f"corpus.sources.1.fallback={shared_data / 'esconv/valid.jsonl'}",
     )
     counts = manifest["counts"]
     assert counts["loaded"] == 1105 and counts["kept"] == len(records) == counts["train"] + counts["heldout"]
@@ -262,6 +263,56 @@ def test_esconv_recipe_produces_a_corpus(tmp_path, shared_data):
     assert rep["tagger_check"] is None  # the tagger did not run
     assert rep["length_chars"]["max"] >= rep["length_chars"]["median"] > 0
     assert "| job crisis |" in (tmp_path / "esconv-en/corpus/diversity.md").read_text()
+
+
+SITUATIONS = ["I lost touch with my oldest friend and I miss her.", "My landlord is raising the rent again.",
+              "I failed my driving test for the third time.", "My dog died last week and the house is so quiet.",
+              "Nobody at my new school talks to me at lunch.", "My manager keeps piling work on me on Fridays.",
+              "I can't sleep since my parents started fighting every night."]
+
+
+def esconv_conversation(i: int, problem: str) -> dict:
+    return {"experience_type": "Current Experience", "emotion_type": "sadness", "problem_type": problem,
+            "situation": SITUATIONS[i],
+            "dialog": [{"speaker": "usr", "text": "hi"}, {"speaker": "sys", "text": "Hello, what is on your mind?"}]}
+
+
+def test_hub_dataset_source_offline_error_and_local_fallback(tmp_path, monkeypatch, capsys):
+    """A `hub:` source: offline without a copy, one line that says how to point at one; with `fallback`, the
+    copy is read (and says so); a reachable dataset (here a local stand-in at the same id, as load_dataset
+    resolves a local folder first) is read through datasets and cached under $TOUSHI_HOME/datasets."""
+    monkeypatch.setenv("TOUSHI_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # nothing named thu-coai/esconv here yet: the id goes to the (offline) Hub
+    recipe = REPO / "recipes/esconv-en.yaml"
+    load_recipe(recipe)  # validates on a fresh clone: no local file named
+    with pytest.raises(CorpusError) as e:
+        run_corpus(recipe, tmp_path / "runs")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("corpus.sources.0: thu-coai/esconv (split train): cannot load it from")
+    assert msg.endswith("--set corpus.sources.0.fallback=/path/to/train.jsonl")
+
+    # the Hub's own layout (thu-coai/esconv: each conversation as a JSON string in `text`) as the local copy
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for split, n in (("train", 5), ("validation", 2)):
+        rows = [{"text": json.dumps(esconv_conversation(i + 5 * (split != "train"), f"problem {i}"))}
+                for i in range(n)]
+        (copy / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fallbacks = [f"corpus.sources.0.fallback={copy / 'train.jsonl'}",
+                 f"corpus.sources.1.fallback={copy / 'validation.jsonl'}", "corpus.per_scene=null"]
+    records, manifest = run_corpus(recipe, tmp_path / "runs", *fallbacks)
+    assert "Hub not reachable" in capsys.readouterr().err
+    assert manifest["counts"]["loaded"] == 7 and len(records) == 7
+    assert {r["source_id"] for r in records} >= {"esconv-train-0004", "esconv-validation-0001"}
+    assert {r["text"] for r in records} == set(SITUATIONS) and {r["emotion"] for r in records} == {"sadness"}
+
+    # reachable: the same files at the dataset id's path
+    (tmp_path / "thu-coai").mkdir()
+    copy.rename(tmp_path / "thu-coai" / "esconv")
+    hub_records, _ = run_corpus(recipe, tmp_path / "hub-runs", "corpus.per_scene=null")
+    assert "Hub not reachable" not in capsys.readouterr().err
+    assert sorted(r["id"] for r in hub_records) == sorted(r["id"] for r in records)  # same posts, same ids
+    assert any((tmp_path / "home" / "datasets").rglob("*.arrow"))  # datasets' cache, under TOUSHI_HOME
 
 
 def test_zh_public_recipe_produces_a_corpus(tmp_path, shared_data):

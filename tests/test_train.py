@@ -199,3 +199,37 @@ def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):
     assert load_tokenizer(str(bare), "my-student", template, "sft.train").chat_template.startswith("{% for")
     with pytest.warns(UserWarning, match="max_lora_rank"):
         lora_config(32, 64, 0.0, "all-linear", "sft.lora")
+
+
+def test_report_to_local_tracker(fresh_run, monkeypatch):
+    """train.report_to: mlflow with its local file store: a 1-step SFT logs its loss into the stage's mlflow run,
+    with the resolved recipe attached; after eval the summary is attached to the same run."""
+    from mlflow import MlflowClient
+
+    from toushi.tracking import log_eval_summary
+
+    root, run_dir = fresh_run
+    # the script sets these for its own process; restore them for the tests after this one
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE", "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    recipe = write_recipe(
+        root / "track.yaml", run_dir, "tiny-random", train={"report_to": "mlflow"},
+        sft={"lora": {"r": 4, "alpha": 8},
+             "train": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 64, "eval_fraction": 0.0}},
+    )
+    train_in_process("sft", recipe)
+    tracking = manifest(run_dir, "sft")["tracking"]
+    assert tracking["report_to"] == "mlflow" and tracking["tracking_uri"] == (run_dir / "mlruns").resolve().as_uri()
+    client = MlflowClient(tracking["tracking_uri"])
+    run = client.get_run(tracking["run_id"])
+    assert run.info.run_name == "r/sft" and run.info.status == "FINISHED"
+    assert "train_loss" in run.data.metrics or "loss" in run.data.metrics, run.data.metrics
+    logged = (run_dir / "mlruns").rglob("recipe.yaml")
+    assert any("report_to: mlflow" in p.read_text() for p in logged)
+
+    summary = run_dir / "eval" / "summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"systems": {"sft": {"n": 3}}}))
+    assert log_eval_summary(run_dir, summary) == ["sft"]
+    assert [a.path for a in client.list_artifacts(tracking["run_id"], "eval")] == ["eval/summary.json"]

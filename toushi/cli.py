@@ -30,12 +30,18 @@ def _fail(msg: str) -> None:
 
 
 def load(recipe: Path, overrides: list[str] | None):
-    from toushi.recipe import RecipeError, load_recipe
+    """The recipe as `toushi run` uses it: YAML, then the run's overrides.yaml (said aloud), then --set."""
+    from toushi.recipe import RUN_OVERRIDES, RecipeError, load_recipe, run_overrides
 
     try:
-        return load_recipe(recipe, overrides or [])
+        r = load_recipe(recipe, overrides or [], with_run_overrides=True)
+        saved = run_overrides(r.run_dir)
     except RecipeError as e:
         _fail(str(e))
+    if saved:
+        err.print(f"[yellow]run overrides[/yellow] from {r.run_dir / RUN_OVERRIDES} (--set wins): "
+                  + ", ".join(f"{k}={v}" for k, v in saved.items()), highlight=False)
+    return r
 
 
 def run_path(run: str) -> Path:
@@ -156,6 +162,30 @@ def report(
         import webbrowser
 
         webbrowser.open(index.resolve().as_uri())
+
+
+@app.command()
+def review(
+    run: str,
+    host: Annotated[
+        str, typer.Option(help="Bind address (loopback; anything else needs --allow-remote).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (the page can edit the run).")
+    ] = False,
+):
+    """Serve a local page to read a run's answers side by side and accept, edit, delete or add guidance rules.
+
+    Each change is saved as runs/<run>/review/guidance.vNNN.md and set as the run's guidance.edited_file
+    (runs/<run>/overrides.yaml), so the next `toushi run` of the recipe reruns guidance and what follows.
+    """
+    from toushi.review import ReviewError, serve
+
+    try:
+        serve(run_path(run), host=host, port=port, allow_remote=allow_remote)
+    except (ReviewError, OSError) as e:
+        _fail(str(e))
 
 
 # ----------------------------------------------------------------------------------- corpus

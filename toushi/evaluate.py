@@ -389,6 +389,11 @@ def run_stage(ctx: StageContext) -> dict:
     summary.update(run=r.run.name, lang=r.run.lang, n_prompts=len(prompts), prompt_ids=ids, notes=notes,
                    student_model=spec.name if spec else None)
     atomic_write_text(ctx.store.path("summary.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    from toushi.tracking import log_eval_summary
+
+    tracked = log_eval_summary(ctx.run_dir, ctx.store.path("summary.json"))
+    if tracked:
+        console.print(f"[dim]eval: summary attached to the mlflow runs of {', '.join(tracked)}[/dim]")
     for n in notes:
         console.print(f"[dim]eval: {n}[/dim]")
     counts = {"prompts": len(prompts), "systems": len(summary["systems"]), "answers": len(records),

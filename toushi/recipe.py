@@ -6,13 +6,14 @@ saves it beside its output. Errors name the dotted key path and the file, before
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 StageName = Literal[
     "corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "distill", "selftrain", "eval", "report"
@@ -135,7 +136,21 @@ class RunSection(Section):
 
 
 class SourceSpec(Section):
-    path: Path = Field(..., description="File or directory (JSONL, CSV, JSON, or a `datasets` dir on disk).")
+    path: Path | None = Field(
+        None, description="File or directory (JSONL, CSV, JSON, or a `datasets` dir on disk). Give path or hub."
+    )
+    hub: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="Hugging Face dataset id (owner/name), read with datasets.load_dataset at run time and cached "
+        "under $TOUSHI_HOME/datasets. Give path or hub.",
+    )
+    split: str = Field("train", description="hub: the split to read (e.g. train, validation).")
+    revision: str | None = Field(None, description="hub: a branch, tag or commit to pin (None: the default branch).")
+    fallback: Path | None = Field(
+        None,
+        description="hub: a local copy of the same split (a file or `datasets` dir), read when the Hub cannot be "
+        "reached (offline). Without it, an unreachable Hub is an error that says how to set it.",
+    )
     format: Literal["openings", "esconv", "extes", "jsonl", "json", "csv", "hf_disk"] = Field(
         "openings",
         description="openings: {id, lang, scene, text} (file type from the extension); esconv/extes: dialogue "
@@ -169,6 +184,14 @@ class SourceSpec(Section):
         5, ge=1, description="text_from=seeker_turns: join at most this many seeker turns (greetings skipped)."
     )
     limit: int | None = Field(None, ge=1, description="Read at most this many records from the source.")
+
+    @model_validator(mode="after")
+    def _path_or_hub(self) -> SourceSpec:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of path (a local file) or hub (a Hugging Face dataset id)")
+        if self.fallback is not None and self.hub is None:
+            raise ValueError("fallback is the local copy of a hub source: set hub, or use path alone")
+        return self
 
 
 class RewriteSpec(Section):
@@ -345,6 +368,17 @@ class TrainSpec(Section):
     )
     accelerate_config: Path | None = Field(
         None, description="accelerate config used when `toushi run` launches this script."
+    )
+
+
+class TrackingSection(Section):
+    report_to: Literal["tensorboard", "trackio", "mlflow", "wandb", "none"] = Field(
+        "tensorboard",
+        description="Experiment tracker every training stage reports to (TRL's report_to). tensorboard: "
+        "runs/<run>/<stage>/tensorboard; mlflow: MLFLOW_TRACKING_URI, else a file store in runs/<run>/mlruns, one "
+        "mlflow run per stage with the resolved recipe (and, after eval, the eval summary) as artifacts; wandb: "
+        "offline (runs/<run>/wandb) unless WANDB_MODE says otherwise; trackio: its local store; none: no tracker. "
+        "Not part of any fingerprint: changing it retrains nothing.",
     )
 
 
@@ -576,6 +610,9 @@ class Recipe(Section):
     grpo: GRPOSection = Field(default_factory=GRPOSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     selftrain: SelfTrainSection = Field(default_factory=SelfTrainSection)
+    train: TrackingSection = Field(
+        default_factory=TrackingSection, description="What every training stage shares: the experiment tracker."
+    )
     eval: EvalSection = Field(default_factory=EvalSection)
     serve: ServeSection = Field(default_factory=ServeSection)
 
@@ -645,20 +682,62 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
-    """Read YAML, apply ``--set`` overrides, validate, check that named input files exist.
+RUN_OVERRIDES = "overrides.yaml"
 
-    Relative paths are relative to the working directory (shipped recipes: the repository root).
+
+def run_overrides(run_dir: Path) -> dict[str, Any]:
+    """The run's own overrides (``runs/<run>/overrides.yaml``: dotted key -> value), {} when it has none.
+
+    ``toushi review`` writes them (e.g. ``guidance.edited_file`` after a person edits the guidance), so the
+    next ``toushi run`` of the same recipe uses the edit without the user's recipe file being rewritten.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+    path = Path(run_dir) / RUN_OVERRIDES
+    return _yaml_mapping(path, "expected a mapping of dotted recipe keys to values") if path.is_file() else {}
+
+
+def _yaml_mapping(path: Path, not_a_mapping: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: top level must be a mapping of sections")
+        raise RecipeError(f"{path}: {not_a_mapping}")
+    return data
+
+
+def set_run_override(run_dir: Path, key: str, value: Any, by: str) -> Path:
+    """Record one run override (None removes the key); returns the file."""
+    from toushi.store import atomic_write_text
+
+    data = run_overrides(run_dir)
+    if value is None:
+        data.pop(key, None)
+    else:
+        data[key] = value
+    path = Path(run_dir) / RUN_OVERRIDES
+    head = (f"# Recipe keys applied to this run on top of its recipe (a --set still wins); written by {by}.\n"
+            "# Delete a line (or this file) to go back to the recipe's own value.\n")
+    atomic_write_text(path, head + yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
+    return path
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True,
+                with_run_overrides: bool = False) -> Recipe:
+    """Read YAML, apply ``--set`` overrides, validate, check that named input files exist.
+
+    Relative paths are relative to the working directory (shipped recipes: the repository root).
+    with_run_overrides: layer the run directory's overrides.yaml (:func:`run_overrides`) between the YAML
+    and ``--set``: defaults -> YAML -> run overrides -> --set.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    data = _yaml_mapping(path, "top level must be a mapping of sections")
+    if with_run_overrides:
+        run = apply_overrides(copy.deepcopy(data), overrides or []).get("run") or {}
+        if isinstance(run, dict) and run.get("name"):
+            saved = run_overrides(Path(run.get("dir") or "runs") / str(run["name"]))
+            overrides = [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in saved.items()] + list(overrides or [])
     data = apply_overrides(data, overrides or [])
     try:
         recipe = Recipe.model_validate(data)

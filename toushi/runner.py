@@ -207,6 +207,28 @@ def _run_one(recipe: Recipe, stage: Stage, by_name: dict[str, Stage], forced: bo
     return "ran"
 
 
+def plan(recipe: Recipe, stages: list[Stage]) -> list[tuple[str, str | None]]:
+    """(stage, why it would rerun | None when up to date) for each of the recipe's stages, as the next
+    ``toushi run`` of this recipe would decide, without running anything. A stage downstream of one that
+    reruns reruns too (its input changes), which this says without predicting the new fingerprint."""
+    by_name = {s.name: s for s in stages}
+    out: list[tuple[str, str | None]] = []
+    rerun: set[str] = set()
+    for name in recipe.run.stages:
+        stage = by_name[name]
+        store = StageStore(recipe.run_dir, name)
+        fp, upstream = fingerprint(recipe, stage, by_name)
+        reason = None
+        if not store.is_complete(fp):
+            reason = why_rerun(store.manifest(), recipe.section_hash(*stage.sections), upstream)
+        elif hit := [i for i in stage.inputs if i in rerun]:
+            reason = f"reads {', '.join(hit)}, which reruns"
+        if reason:
+            rerun.add(name)
+        out.append((name, reason))
+    return out
+
+
 def stage_status(run_dir: Path, names: list[str]) -> list[dict]:
     rows = []
     for name in names:

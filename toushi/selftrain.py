@@ -43,6 +43,8 @@ from toushi.recipe import Recipe, Sampling
 from toushi.rewards import JudgeScorer, format_reward, unit_score
 from toushi.runner import StageContext
 from toushi.store import RecordWriter, StageStore, atomic_write_text, read_jsonl, repair_jsonl, stable_id
+from toushi.tracking import end as end_tracking
+from toushi.tracking import start as start_tracking
 from toushi.training import (
     load_student,
     load_tokenizer,
@@ -163,7 +165,8 @@ def load_round_model(recipe: Recipe, model_path: str, adapter_in: Path | None, b
     return get_peft_model(model, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules, "selftrain.lora"))
 
 
-def train_round(model, tok, examples: list[dict], recipe: Recipe, out_dir: Path, bf16: bool) -> dict:
+def train_round(model, tok, examples: list[dict], recipe: Recipe, out_dir: Path, bf16: bool,
+                tracking: dict | None = None) -> dict:
     """Continue training the round's adapter on examples; save it to out_dir/adapter; return the summary."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -171,7 +174,8 @@ def train_round(model, tok, examples: list[dict], recipe: Recipe, out_dir: Path,
     tok.padding_side = "right"
     data = Dataset.from_list([{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples])
     args = SFTConfig(
-        **trainer_kwargs(recipe.selftrain.train, out_dir / "checkpoints", recipe.run.seed, bf16, has_eval=False),
+        **trainer_kwargs(recipe.selftrain.train, out_dir / "checkpoints", recipe.run.seed, bf16, has_eval=False,
+                         tracking=tracking),
         packing=False, completion_only_loss=True, dataset_num_proc=None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
@@ -186,7 +190,8 @@ def stable_id_int(*parts) -> int:
 
 
 def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list[dict], sft_examples: list[dict],
-              adapter_in: Path | None, console, judge: JudgeScorer | None = None) -> dict:
+              adapter_in: Path | None, console, judge: JudgeScorer | None = None,
+              tracking: dict | None = None) -> dict:
     """Round r: sample from base + adapter_in, filter (asking ``judge`` when given), train on the SFT set +
     kept; the round's record."""
     import torch
@@ -230,7 +235,7 @@ def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list
     if kept:
         examples = sft_examples + kept
         console.print(f"selftrain round {r}: kept {len(kept)}/{len(samples)}; training on {len(examples)} examples")
-        training = train_round(model, tok, examples, recipe, round_dir, bf16)
+        training = train_round(model, tok, examples, recipe, round_dir, bf16, tracking)
         adapter_out = round_dir / "adapter"
     else:
         console.print(f"[yellow]selftrain round {r}: no answer passed (tau={cfg.tau}); adapter unchanged[/yellow]")
@@ -308,14 +313,18 @@ def run_stage(ctx: StageContext) -> dict:
     adapter = (Path(done[-1]["adapter_out"]) if done[-1]["adapter_out"] else None) if done else start
 
     scorer = None
+    tracking = start_tracking(recipe, "selftrain", store.dir, True) if len(done) < cfg.rounds else None
     for r in range(len(done) + 1, cfg.rounds + 1):
         if judge is not None and scorer is None:  # loaded only when a round is left to judge
             scorer = make_judge(judge, store.dir)
-        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console, scorer)
+        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console, scorer, tracking)
         with RecordWriter(rounds_path, batch_size=1) as w:
             w.write(rec)
         done.append(rec)
         adapter = Path(rec["adapter_out"]) if rec["adapter_out"] else None
+
+    if tracking:
+        end_tracking(tracking)
 
     # The stage's adapter exists only when self-training trained something: an untouched SFT adapter
     # would show up in eval as a "selftrain" system identical to sft.
@@ -332,7 +341,7 @@ def run_stage(ctx: StageContext) -> dict:
     }
     store.write_manifest(
         data={**sft_counts, **counts}, rounds=[{k: v for k, v in rec.items() if k != "training"} for rec in done],
-        start_adapter=str(start) if start else None, adapter=str(final) if trained else None,
+        start_adapter=str(start) if start else None, adapter=str(final) if trained else None, tracking=tracking,
         base_model=resolve_model(recipe.models.student.name),
     )
     return counts

@@ -130,9 +130,17 @@ def load_student(model_path: str, dtype: str, qlora: bool, bf16: bool):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
 
 
-def trainer_kwargs(train: TrainSpec, output_dir: Path, seed: int, bf16: bool, has_eval: bool) -> dict:
-    """TrainingArguments fields SFTConfig and DPOConfig share, from the recipe's `train` section."""
+def trainer_kwargs(
+    train: TrainSpec, output_dir: Path, seed: int, bf16: bool, has_eval: bool, tracking: dict | None = None
+) -> dict:
+    """TrainingArguments fields SFTConfig and DPOConfig share, from the recipe's `train` section.
+
+    tracking: what :func:`toushi.tracking.start` returned (None: tensorboard, as a script run by hand gets).
+    """
     import torch
+
+    tracking = tracking or {"report_to": "tensorboard"}
+    track = {k: tracking[k] for k in ("project", "run_name") if k in tracking}
 
     return dict(
         output_dir=str(output_dir),
@@ -155,7 +163,8 @@ def trainer_kwargs(train: TrainSpec, output_dir: Path, seed: int, bf16: bool, ha
         use_liger_kernel=train.use_liger_kernel,
         seed=seed,
         data_seed=seed,
-        report_to=["tensorboard"],
+        report_to=[] if tracking["report_to"] == "none" else [tracking["report_to"]],
+        **track,
         include_num_input_tokens_seen="non_padding",
         # no CUDA: each process joins a gloo group (cpu_ddp.yaml) instead of looking for GPUs
         use_cpu=not torch.cuda.is_available(),

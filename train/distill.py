@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -42,6 +41,8 @@ from toushi.models import resolve_model  # noqa: E402
 from toushi.pairs import conversation  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
 from toushi.templates import render_file  # noqa: E402
+from toushi.tracking import end as end_tracking  # noqa: E402
+from toushi.tracking import start as start_tracking  # noqa: E402
 from toushi.training import (  # noqa: E402
     TrainError,
     base_model_digest,
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, student = recipe.distill, recipe.models.student
     store = StageStore(recipe.run_dir, "distill")
     output_dir = store.dir / "checkpoints"
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.dir / "tensorboard")  # transformers reads it here
+    tracking = start_tracking(recipe, "distill", store.dir, main_proc)
     if cfg.teacher == "strong" and recipe.models.strong is None:
         raise TrainError("distill.teacher=strong: models.strong is not set in the recipe")
     teacher_spec = student if cfg.teacher == "guided" else recipe.models.strong
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- train
     use_vllm = cfg.use_vllm if cfg.use_vllm is not None else (
         torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None)
-    kwargs = trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=False)
+    kwargs = trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=False, tracking=tracking)
     kwargs.pop("max_length")  # answers are bounded by max_completion_length instead
     training_args = DistillationConfig(
         **kwargs,
@@ -190,11 +191,13 @@ def main(argv: list[str] | None = None) -> None:
             teacher_tokens_scored=trainer.teacher_tokens,
         )
         store.write_manifest(
-            data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
+            adapter=str(store.dir / "adapter"),
             base_model=model_path, teacher_model=teacher_path, from_sft=cfg.from_sft, use_vllm=use_vllm,
             preflight=dataclasses.asdict(fit),
         )
         print(f"[toushi] distill done: {summary}", flush=True)
+        end_tracking(tracking)
 
 
 if __name__ == "__main__":

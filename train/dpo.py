@@ -11,7 +11,6 @@ adapter (from_sft): either way no second copy of the base weights is loaded.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from toushi.datasets import load_dpo  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
+from toushi.tracking import end as end_tracking  # noqa: E402
+from toushi.tracking import start as start_tracking  # noqa: E402
 from toushi.training import (  # noqa: E402
     TrainError,
     checkpoint_fingerprint,
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, student = recipe.dpo, recipe.models.student
     store = StageStore(recipe.run_dir, "dpo")
     output_dir = store.dir / "checkpoints"
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.dir / "tensorboard")  # transformers reads it here
+    tracking = start_tracking(recipe, "dpo", store.dir, main_proc)
 
     # ---- model
     model_path = resolve_model(student.name)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- train
     training_args = DPOConfig(
-        **trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=bool(eval_examples)),
+        **trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=bool(eval_examples), tracking=tracking),
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
     )
@@ -115,10 +116,12 @@ def main(argv: list[str] | None = None) -> None:
             summary["final_reward_margin"] = rewards[-1]["rewards/margins"]
             summary["final_reward_accuracy"] = rewards[-1].get("rewards/accuracies")
         store.write_manifest(
-            data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
+            adapter=str(store.dir / "adapter"),
             base_model=model_path, from_sft=cfg.from_sft,
         )
         print(f"[toushi] DPO done: {summary}", flush=True)
+        end_tracking(tracking)
 
 
 if __name__ == "__main__":

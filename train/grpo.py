@@ -13,7 +13,6 @@ and vLLM are available).
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from toushi.digests import path_digest  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.rewards import build_rewards  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
+from toushi.tracking import end as end_tracking  # noqa: E402
+from toushi.tracking import start as start_tracking  # noqa: E402
 from toushi.training import (  # noqa: E402
     TrainError,
     checkpoint_fingerprint,
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, student = recipe.grpo, recipe.models.student
     store = StageStore(recipe.run_dir, "grpo")
     output_dir = store.dir / "checkpoints"
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.dir / "tensorboard")  # transformers reads it here
+    tracking = start_tracking(recipe, "grpo", store.dir, main_proc)
 
     # ---- model
     model_path = resolve_model(student.name)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     # vLLM generates the groups where it can (a CUDA device and vLLM installed); CPU generates with generate()
     use_vllm = cfg.use_vllm if cfg.use_vllm is not None else (
         torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None)
-    kwargs = trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=False)
+    kwargs = trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=False, tracking=tracking)
     kwargs.pop("max_length")  # GRPO bounds the completion instead (max_completion_length)
     training_args = GRPOConfig(
         **kwargs,
@@ -131,10 +132,12 @@ def main(argv: list[str] | None = None) -> None:
             for key in ["reward", *(f"rewards/{f.__name__}/mean" for f in reward_funcs)]
         }
         store.write_manifest(
-            data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
+            adapter=str(store.dir / "adapter"),
             base_model=model_path, from_sft=cfg.from_sft, use_vllm=use_vllm,
         )
         print(f"[toushi] GRPO done: {summary}", flush=True)
+        end_tracking(tracking)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ completion, which TRL masks with any chat template (no `{% generation %}` marker
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from toushi.datasets import load_sft  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
+from toushi.tracking import end as end_tracking  # noqa: E402
+from toushi.tracking import start as start_tracking  # noqa: E402
 from toushi.training import (  # noqa: E402
     checkpoint_fingerprint,
     full_state_dict,
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, student = recipe.sft, recipe.models.student
     store = StageStore(recipe.run_dir, "sft")
     output_dir = store.dir / "checkpoints"
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(store.dir / "tensorboard")  # transformers reads it here
+    tracking = start_tracking(recipe, "sft", store.dir, main_proc)
 
     # ---- model
     model_path = resolve_model(student.name)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- train
     training_args = SFTConfig(
-        **trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=bool(eval_examples)),
+        **trainer_kwargs(cfg.train, output_dir, recipe.run.seed, bf16, has_eval=bool(eval_examples), tracking=tracking),
         packing=cfg.packing,
         completion_only_loss=True,
         dataset_num_proc=None,
@@ -105,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         save_adapter(model, tokenizer, store.dir / "adapter", state_dict)
         summary = train_summary(trainer, result, eval_loss)
         store.write_manifest(
-            data=counts, training=summary, resumed_from=last, fresh=fresh, adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
+            adapter=str(store.dir / "adapter"),
             base_model=model_path,
         )
         print(f"[toushi] SFT done: {summary}", flush=True)
+        end_tracking(tracking)
 
 
 if __name__ == "__main__":

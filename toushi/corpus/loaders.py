@@ -74,6 +74,7 @@ class Loaded:
     posts: list[Post]
     skipped: list[dict]  # {"where", "error"} for records skipped under on_error=skip
     loaded: int  # source records read
+    note: str | None = None  # e.g. the Hub could not be reached and the fallback copy was read
 
 
 # ------------------------------------------------------------------------------------------ readers
@@ -170,6 +171,30 @@ def _read_hf_disk(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path}: row {i}", rec
 
 
+def hub_records(hub: str, split: str, revision: str | None, fallback: Path | None, fmt: str,
+                key: str = "corpus.sources.N") -> tuple[Iterator[tuple[str, dict]], str | None]:
+    """(records, note) of one split of a Hub dataset, downloaded once into $TOUSHI_HOME/datasets.
+
+    When the Hub cannot be reached (offline, no network) the ``fallback`` copy is read instead, and the note
+    says so; without one, the error says how to point at a local copy.
+    """
+    import datasets  # heavy import, only for Hub sources
+
+    from toushi.paths import toushi_home
+
+    try:
+        ds = datasets.load_dataset(hub, split=split, revision=revision, cache_dir=str(toushi_home() / "datasets"))
+    except OSError as e:  # ConnectionError offline, DatasetNotFoundError (a FileNotFoundError) for a wrong id
+        reason = " ".join(str(e).split())[:160]
+        if fallback is None:
+            raise CorpusError(
+                f"{hub} (split {split}): cannot load it from the Hugging Face Hub ({reason}); point at a local "
+                f"copy of the split with --set {key}.fallback=/path/to/{split}.jsonl"
+            ) from None
+        return read_records(fallback, container_of(fallback, fmt)), f"{hub}: Hub not reachable ({reason}); read {fallback}"
+    return ((f"{hub}[{split}]: row {i}", rec) for i, rec in enumerate(ds)), None
+
+
 # ------------------------------------------------------------------------------------------ adapters
 
 
@@ -197,6 +222,16 @@ def _get(rec: dict, fields: dict[str, str], name: str, where: str, required: boo
     return rec.get(key)
 
 
+def _unpack_text(rec: dict, where: str) -> dict:
+    try:
+        inner = json.loads(rec["text"])
+    except ValueError as e:
+        raise CorpusError(f"{where}: field 'text' is not a JSON conversation: {e}") from None
+    if not isinstance(inner, dict):
+        raise CorpusError(f"{where}: field 'text' holds {type(inner).__name__}, not a JSON conversation")
+    return {**{k: v for k, v in rec.items() if k != "text"}, **inner}
+
+
 def _str(value: object) -> str:
     return "" if value is None else str(value)
 
@@ -206,6 +241,8 @@ def adapt(fmt: str, rec: dict, where: str, index: int, *, fields: dict[str, str]
           name: str | None, max_turns: int | None = None) -> list[Post]:
     """One source record -> posts. Raises CorpusError naming ``where`` and the field when one is missing."""
     adapter = fmt if fmt in DIALOGUE_FORMATS else "openings"
+    if adapter == "esconv" and "dialog" not in rec and isinstance(rec.get("text"), str):
+        rec = _unpack_text(rec, where)  # the Hub's thu-coai/esconv: each conversation as JSON in `text`
     required = set(REQUIRED[adapter]) | explicit
     if adapter in DIALOGUE_FORMATS and text_from == "situation":
         required.add("situation" if adapter == "esconv" else "description")
@@ -252,16 +289,25 @@ def adapt(fmt: str, rec: dict, where: str, index: int, *, fields: dict[str, str]
                  source_id=source_id, emotion=emotion, intent=intent, label_source=labels, kind=kind)]
 
 
-def load_source(path: str | Path, fmt: str = "openings", *, fields: dict[str, str] | None = None,
+def load_source(path: str | Path | None, fmt: str = "openings", *, fields: dict[str, str] | None = None,
                 lang: str | None = None, text_from: str = "text", limit: int | None = None,
                 on_error: str = "raise", scene: str | None = None, name: str | None = None,
-                max_turns: int | None = 5) -> Loaded:
-    """Read one source into posts (not yet cleaned, deduplicated or sampled).
+                max_turns: int | None = 5, hub: str | None = None, split: str = "train",
+                revision: str | None = None, fallback: Path | None = None, key: str = "corpus.sources.N") -> Loaded:
+    """Read one source (a local ``path``, or a ``hub`` dataset's ``split``) into posts (not yet cleaned,
+    deduplicated or sampled).
 
     A record missing a field raises ``CorpusError`` naming file, line and field; with ``on_error='skip'``
     it is skipped and listed in ``Loaded.skipped`` instead. Bad files (not UTF-8, not JSON) always raise.
     """
-    path = Path(path)
+    note = None
+    if hub is not None:
+        # the split names the records as a local file of it would (train.jsonl -> "train"): same ids either way
+        path, (records, note) = Path(hub), hub_records(hub, split, revision, fallback, fmt, key)
+        stem = split
+    else:
+        path = Path(path)
+        records, stem = read_records(path, container_of(path, fmt)), path.stem
     adapter = fmt if fmt in DIALOGUE_FORMATS else "openings"
     explicit = set(fields or {})
     mapping = {**DEFAULT_FIELDS[adapter], **(fields or {})}
@@ -272,19 +318,19 @@ def load_source(path: str | Path, fmt: str = "openings", *, fields: dict[str, st
     posts: list[Post] = []
     skipped: list[dict] = []
     n = 0
-    for index, (where, rec) in enumerate(read_records(path, container_of(path, fmt))):
+    for index, (where, rec) in enumerate(records):
         if limit is not None and n >= limit:
             break
         n += 1
         try:
             posts.extend(adapt(fmt, rec, where, index, fields=mapping, explicit=explicit, text_from=text_from,
-                               file_stem=path.stem, default_lang=lang, default_scene=scene, name=name,
+                               file_stem=stem, default_lang=lang, default_scene=scene, name=name,
                                max_turns=max_turns))
         except CorpusError as e:
             if on_error != "skip":
                 raise
             skipped.append({"where": where, "error": str(e)})
-    return Loaded(posts=posts, skipped=skipped, loaded=n)
+    return Loaded(posts=posts, skipped=skipped, loaded=n, note=note)
 
 
 # ------------------------------------------------------------------------------------------ cleaning

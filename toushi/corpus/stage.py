@@ -59,7 +59,7 @@ def run_stage(ctx: StageContext) -> dict:
     cfg = recipe.corpus
     lang = cfg.lang or recipe.run.lang
     if not cfg.sources:
-        raise CorpusError("corpus.sources: no sources given; add at least one {path, format}")
+        raise CorpusError("corpus.sources: no sources given; add at least one {path, format} or {hub, split, format}")
     counts: Counter = Counter()
     store.errors_path.unlink(missing_ok=True)  # the stage redoes all loading: old errors are stale
 
@@ -69,17 +69,20 @@ def run_stage(ctx: StageContext) -> dict:
         try:
             loaded = load_source(src.path, src.format, fields=src.fields, lang=src.lang, text_from=src.text_from,
                                  limit=src.limit, on_error=cfg.on_error, scene=src.scene, name=src.name,
-                                 max_turns=src.max_turns)
+                                 max_turns=src.max_turns, hub=src.hub, split=src.split, revision=src.revision,
+                                 fallback=src.fallback, key=f"corpus.sources.{i}")
         except CorpusError as e:
             raise CorpusError(f"corpus.sources.{i}: {e}") from None
+        if loaded.note:
+            console.print(f"[yellow]warning:[/yellow] corpus.sources.{i}: {loaded.note}")
         for err in loaded.skipped:
-            store.log_error({"source": str(src.path), **err})
+            store.log_error({"source": str(src.path or src.hub), **err})
         if loaded.skipped:
-            console.print(f"[yellow]warning:[/yellow] {src.path}: {len(loaded.skipped)} records skipped "
+            console.print(f"[yellow]warning:[/yellow] {src.path or src.hub}: {len(loaded.skipped)} records skipped "
                           f"(on_error: skip), e.g. {loaded.skipped[0]['error']}; all in {store.errors_path}")
         cleaned = clean_posts(loaded.posts, cfg.max_chars)
         if cleaned.truncated:
-            console.print(f"[yellow]warning:[/yellow] {src.path}: {cleaned.truncated} posts longer than "
+            console.print(f"[yellow]warning:[/yellow] {src.path or src.hub}: {cleaned.truncated} posts longer than "
                           f"corpus.max_chars={cfg.max_chars} were truncated (flag 'truncated')")
         counts.update(loaded=loaded.loaded, skipped_errors=len(loaded.skipped),
                       dropped_empty=cleaned.dropped_empty, truncated=cleaned.truncated)
