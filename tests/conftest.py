@@ -42,16 +42,17 @@ def pytest_runtest_protocol(item, nextitem):
     wall, cpu = time.perf_counter(), _cpu_seconds()
     yield
     _TIMES[item.nodeid] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2)}
+    _write_times()  # after every test, so a run that is stopped half-way still says where its time went
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _write_times() -> None:
     import json
 
-    if not _TIMES or hasattr(session.config, "workerinput"):  # nothing ran, or an xdist worker
-        return
     out = Path(os.environ.get("TOUSHI_TEST_TIMES", REPO / ".pytest_cache" / "test-times.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_TIMES, indent=1) + "\n")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_TIMES, indent=1) + "\n")
+    tmp.replace(out)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -221,14 +221,14 @@ def test_edited_guidance_file_reruns_guided(tmp_path, tiny_model):
 
 def _write_pairs_recipe(tmp_path: Path) -> Path:
     spec = {"name": "smollm2-135m-instruct", "engine": "vllm", "enforce_eager": True, "max_model_len": 1024,
-            "kv_cache_gb": 0.25, "dtype": "float32", "sampling": {"temperature": 0.7, "max_tokens": 48, "seed": 0}}
+            "kv_cache_gb": 0.25, "dtype": "float32", "sampling": {"temperature": 0.7, "max_tokens": 24, "seed": 0}}
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({
         "run": {"name": "orphan", "dir": str(tmp_path / "runs"), "stages": ["corpus", "pairs"]},
         "models": {"weak": spec, "strong": spec},
         "corpus": {"sources": [{"path": str(repo_root() / "data" / "venting_en.jsonl"), "format": "openings"}],
-                   "per_scene": None, "max_posts": 12},  # 6 batches a role: room to kill mid-way, short rerun
-        "pairs": {"batch_size": 2},
+                   "per_scene": None, "max_posts": 6},  # 6 batches a role: room to kill mid-way, short rerun
+        "pairs": {"batch_size": 1},
     }))
     return p
 
@@ -255,7 +255,7 @@ def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
                 st = proc_start(pid)
                 if st is not None:
                     seen[pid] = st
-            if cache.exists() and len(cache.read_text().splitlines()) >= 4:
+            if cache.exists() and len(cache.read_text().splitlines()) >= 3:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
@@ -274,10 +274,14 @@ def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
         for pid in _alive(seen):
             os.kill(pid, signal.SIGKILL)
 
-    # the rerun completes: every prompt answered exactly once, nothing lost, nothing duplicated
-    rerun = subprocess.run([*toushi, "run", str(recipe)], env=env, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # the killed run's engine output went to the stage's log, not to the terminal (quiet)
     run_dir = tmp_path / "runs" / "orphan"
+    assert "EngineCore" in (run_dir / "pairs" / "engine.log").read_text()
+    assert "EngineCore" not in (tmp_path / "first.log").read_text()
+
+    # the rerun completes: every prompt answered exactly once, nothing lost, nothing duplicated. It runs in this
+    # process (the engine too, as toushi does on a CPU): the kill above is what needed a process of its own.
+    assert run_stages(load_recipe(recipe), STAGES) == {"corpus": "skipped", "pairs": "ran"}
     prompts = {r["id"] for r in StageStore(run_dir, "corpus").records()}
     for path in (cache, run_dir / "pairs" / "strong_cache" / "records.jsonl", run_dir / "pairs" / "records.jsonl"):
         ids = [r["id"] for r in read_jsonl(path)]
@@ -286,7 +290,3 @@ def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
     counts = StageStore(run_dir, "pairs").manifest()["counts"]
     assert counts["failed"] == 0 and counts["pairs"] == len(prompts)
     assert counts["weak_generated"] < len(prompts)  # the batches written before the kill were kept
-    # quiet terminal: the engine's own output went to the stage's log, not to the terminal
-    log = (run_dir / "pairs" / "engine.log").read_text()
-    assert "EngineCore" in log and "EngineCore" not in rerun.stderr, rerun.stderr[-2000:]
-    assert "✓ pairs" in rerun.stderr

@@ -1,8 +1,8 @@
 """Generation over several endpoints: the pool's choice and back-off, then two real vLLM servers on loopback
 with one killed mid pairs-stage (every record written once, the dead endpoint counted in the manifest).
 
-The servers serve the tiny random model (what it says does not matter here, only where it was asked), each
-with a 0.25 GiB KV cache, started in parallel.
+The live server is the session's (the offline model; what it says does not matter here, only where it was
+asked); the one killed is a second server of the same model, started for that test alone.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -101,21 +100,16 @@ POSTS = [f"Post {i}: I lost my job and I feel like I let everyone down." for i i
 
 
 @pytest.fixture
-def two_servers(tiny_model, tmp_path):
-    spec = cpu_vllm_spec("tiny-random", max_model_len=512)
-    servers = [VLLMServer(spec, port=free_port(), log_path=tmp_path / f"server{i}.log") for i in range(2)]
-    try:
-        with ThreadPoolExecutor(2) as ex:  # each start is about a minute here: start both at once
-            list(ex.map(lambda s: s.start(), servers))
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
+def doomed_server(vllm_server, tmp_path):
+    """A second server of the session server's model (same name, same settings), for this test to kill; a
+    server start costs most of a minute here, so the live one is the session's."""
+    with VLLMServer(cpu_vllm_spec("smollm2-135m-instruct"), port=free_port(), log_path=tmp_path / "doomed.log") as s:
+        yield s
 
 
-def test_pairs_over_two_servers_one_killed_mid_stage(two_servers, tmp_path):
-    urls = [s.base_url for s in two_servers]
-    client = {"name": "tiny-random", "engine": "openai", "base_url": urls, "concurrency": 1, "max_retries": 2,
+def test_pairs_over_two_servers_one_killed_mid_stage(vllm_server, doomed_server, tmp_path):
+    urls = [vllm_server, doomed_server.base_url]
+    client = {"name": "smollm2-135m-instruct", "engine": "openai", "base_url": urls, "concurrency": 1, "max_retries": 2,
               "timeout_s": 60, "sampling": {"temperature": 0.0, "max_tokens": 8, "seed": 0}}
     recipe = Recipe.model_validate({
         "run": {"name": "dp", "dir": str(tmp_path / "runs"), "stages": ["corpus", "pairs"]},
@@ -125,7 +119,7 @@ def test_pairs_over_two_servers_one_killed_mid_stage(two_servers, tmp_path):
     ctx = StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
     write_corpus(recipe.run_dir, POSTS)
     weak_cache = StageStore(ctx.store.dir, "weak_cache").records_path
-    dead = two_servers[1]
+    dead = doomed_server
     done = threading.Event()
 
     def kill_after_first_batch() -> None:

@@ -452,7 +452,8 @@ def _recipe(tmp_path, offline_model, **guidance):
 
 
 def test_stage_and_hand_edit(tmp_path, offline_model, pairs_records, engine, monkeypatch):
-    r = _recipe(tmp_path, offline_model, mode="map-reduce", max_pairs=3)
+    # refine, the cheapest mode: the modes themselves are tested above; this is the stage and the hand edit
+    r = _recipe(tmp_path, offline_model, mode="refine", max_pairs=3, batch_size=2)
     pairs_store = StageStore(r.run_dir, "pairs")
     with pairs_store.writer() as w:
         w.write_many(pairs_records)

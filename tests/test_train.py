@@ -1,5 +1,5 @@
-"""Real LoRA / QLoRA training on CPU: SFT and DPO through `toushi run` (accelerate launch), DDP, QLoRA.
-(Resume and retraining: tests/test_caching.py.)
+"""Real LoRA / QLoRA training on CPU: SFT and DPO through `toushi run` (accelerate launch), QLoRA.
+(Resume and retraining: tests/test_caching.py; two-process DDP and FSDP2: tests/test_sharded_save.py.)
 
 The run's pairs + guided records come from test_datasets.write_run (16 prompts, 3 held out), so these
 tests do not depend on the pairs stage. SmolLM2-135M-Instruct for quality checks (loss falls, outputs
@@ -166,19 +166,6 @@ def test_qlora_sft(fresh_run):
     assert t["steps"] == 2 and math.isfinite(t["final_loss"])
     weights = adapter_weights(run_dir / "sft" / "adapter")
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
-
-
-def test_cpu_ddp_two_processes(fresh_run):
-    root, run_dir = fresh_run
-    recipe = write_recipe(
-        root / "ddp.yaml", run_dir, "tiny-random",
-        sft={"lora": {"r": 4, "alpha": 8},
-             "train": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 128, "eval_fraction": 0.0}},
-    )
-    launch("sft", recipe, config="cpu_ddp.yaml")
-    t = manifest(run_dir, "sft")["training"]
-    assert t["num_processes"] == 2 and t["steps"] == 2
-    assert (run_dir / "sft" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):
