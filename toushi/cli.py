@@ -124,6 +124,21 @@ def models_make_tiny(force: bool = False):
         _fail(str(e))
 
 
+@models_app.command("make-twin")
+def models_make_twin(
+    name: Annotated[str, typer.Argument(help="qwen2.5-1.5b-instruct, r1-distill-qwen-7b or r1-distill-qwen-1.5b")],
+    force: bool = False,
+):
+    """Write a hub model's twin: its real tokenizer, template, vocabulary and architecture, toy-sized, random weights."""
+    from toushi.models import ModelError
+    from toushi.twins import make_twin
+
+    try:
+        out.print(str(make_twin(name, force=force)))
+    except ModelError as e:
+        _fail(str(e))
+
+
 @models_app.command("list")
 def models_list():
     """Show cached models."""
