@@ -57,3 +57,15 @@ def test_completion_flags():
     # reasoning a server already split off (reasoning_content) is kept, the answer is not re-split
     srv = make_completion("Plain answer.", reasoning="why", opened_think=True, **kw)
     assert (srv.text, srv.reasoning, srv.flags) == ("Plain answer.", "why", [])
+
+
+def test_think_budget_hit_counts_as_vllm_does():
+    from toushi.think import think_budget_hit
+
+    open_, close = 151648, 151649
+    r1_prompt = [151646, 151644, 17, 151645, open_, 198]  # R1's prompt ends <think>\n: the newline counts
+    assert think_budget_hit(r1_prompt, [5, 6, 7, close, 9], open_, close, budget=4)
+    assert not think_budget_hit(r1_prompt, [5, 6, close, 9], open_, close, budget=4)  # closed before the budget
+    assert not think_budget_hit(r1_prompt, [5, 6, 7, 8, 9], open_, close, budget=4)  # never closed: max_tokens
+    assert think_budget_hit([1, 2], [open_, 5, 6, close], open_, close, budget=2)  # the model opened it itself
+    assert not think_budget_hit([1, open_, 3, close, 4], [5, close], open_, close, budget=2)  # prompt's block closed

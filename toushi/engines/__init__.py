@@ -37,7 +37,8 @@ class Completion:
     completion_tokens: int
     latency_s: float
     model: str
-    flags: list[str] = field(default_factory=list)  # "empty", "unterminated_think", "markdown", "unstructured"
+    # "empty", "unterminated_think", "think_budget_hit", "markdown", "unstructured"
+    flags: list[str] = field(default_factory=list)
     # with logprobs=k: per generated token, the k most likely tokens (decoded text -> logprob); under a
     # constraint the engines report them after the constraint's mask, so they sum to ~1 over allowed tokens
     logprobs: list[dict[str, float]] | None = None
@@ -61,11 +62,13 @@ def make_completion(
     latency_s: float,
     model: str,
     logprobs: list[dict[str, float]] | None = None,
+    budget_hit: bool = False,
 ) -> Completion:
     """Build a Completion from raw model text: split off ``<think>`` reasoning and set the flags.
 
     ``reasoning`` is reasoning a server already separated (``reasoning_content``); the raw text is then
-    the answer alone, though it is still checked for stray think tags.
+    the answer alone, though it is still checked for stray think tags. ``budget_hit``: the engine's thinking
+    budget closed the think block (flag ``think_budget_hit``).
     """
     split = split_think(raw, opened=opened_think and reasoning is None)
     if reasoning is not None:
@@ -78,6 +81,8 @@ def make_completion(
         flags.append("empty")
     if split.unterminated:
         flags.append("unterminated_think")
+    if budget_hit:
+        flags.append("think_budget_hit")
     if has_markdown(split.answer):
         flags.append("markdown")
     return Completion(
@@ -169,6 +174,13 @@ def top_logprobs(candidates) -> dict[str, float]:
             continue
         out[text] = math.log(math.exp(out[text]) + math.exp(lp)) if text in out else float(lp)
     return out
+
+
+def thinking_budget(spec: ModelSpec, sampling: Sampling) -> int | None:
+    """The call's thinking budget: the spec's, cut to three quarters of max_tokens so the answer keeps a quarter."""
+    if spec.thinking_budget is None:
+        return None
+    return max(1, min(spec.thinking_budget, sampling.max_tokens * 3 // 4))
 
 
 def sample_seed(sampling: Sampling, k: int) -> int | None:
