@@ -82,3 +82,31 @@ def test_unknown_twin_is_a_clear_error():
 
     with pytest.raises(ModelError, match="no twin named 'llama'; known: qwen2.5-1.5b-instruct"):
         make_twin("llama")
+
+
+def test_check_prints_r1_qwen_pairs(twins, tmp_path):
+    """`toushi check` on the shipped GPU recipe with its models' twins: the numbers the recipe's comments state,
+    read from the real tokenizers; a served adapter trained on another tokenizer is refused."""
+    from conftest import make_lora_adapter
+    from typer.testing import CliRunner
+
+    from toushi.cli import app
+
+    runs = tmp_path / "runs"
+    make_lora_adapter(twins["qwen2.5-1.5b-instruct"], runs / "r1-qwen" / "sft" / "adapter")
+    args = ["check", "recipes/r1-qwen-gpu.yaml", "--set", f"run.dir={runs}",
+            "--set", "models.strong.name=r1-distill-qwen-7b-twin", "--set", "models.student.name=qwen2.5-1.5b-instruct-twin"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    out = result.output
+    assert result.exit_code == 0, out
+    assert "distill: student / teacher (strong)" in out and "serve: student / sft adapter" in out
+    assert "│ embedding rows      │ 151936" in out and "152064" in out and out.count("151665") >= 2
+    assert "151643 <|endoftext|>, 151645 <|im_end|>" in out and "151643 <｜end▁of▁sentence｜>" in out
+    assert "151644: '<|im_start|>' vs '<｜User｜>'" in out and "151648: '<|box_start|>' vs '<think>'" in out
+    assert "both sliced to the first 151936 rows" in out
+    assert "end token 151645 is '<|im_end|>' to the student but '<｜Assistant｜>' to the teacher: left out" in out
+    assert out.count("│ template round-trip │ ok") == 2
+
+    make_lora_adapter(twins["r1-distill-qwen-1.5b"], runs / "r1-qwen" / "dpo" / "adapter")
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 2 and "toushi refuses: the dpo adapter was trained with another tokenizer" in result.output

@@ -225,8 +225,11 @@ class Engine:
 def cache_model(spec: ModelSpec) -> str:
     """The model as the call caches key it: its (served) name and, for a local engine, the dtype its weights
     run in. A changed dtype, or ``auto`` resolving to bf16 on one CPU and fp32 on another, gives other
-    answers, so cached calls of the other dtype are not reused."""
+    answers, so cached calls of the other dtype are not reused. A thinking budget cuts reasoning short and
+    changes answers too, so it is part of the key when set."""
     name = spec.served_model or spec.name
+    if spec.thinking_budget is not None:
+        name = f"{name}|think<={spec.thinking_budget}"
     if spec.engine == "openai":  # the endpoint decides; its name is what we know
         return name
     if spec.engine == "vllm":

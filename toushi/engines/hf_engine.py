@@ -169,8 +169,8 @@ class HFEngine(Engine):
         prompt = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
         eos = self.model.generation_config.eos_token_id
         eos_ids = [*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id]
-        budget = thinking_budget(self.spec, sampling) or sampling.max_tokens
-        room = budget - prompt_think_tail(prompt[0].tolist(), open_id, close_id)
+        budget = thinking_budget(self.spec, sampling)
+        room = sampling.max_tokens if budget is None else budget - prompt_think_tail(prompt[0].tolist(), open_id, close_id)
         kwargs = self._sampling_kwargs(sampling, k)
         t0 = time.perf_counter()
         with torch.inference_mode(), self._adapters(lora_name):
@@ -178,7 +178,7 @@ class HFEngine(Engine):
                 **kwargs, "max_new_tokens": max(1, min(room, sampling.max_tokens)), "eos_token_id": [*eos_ids, close_id]})
         thought = out[0, prompt.shape[1]:].tolist()
         closed = close_id in thought
-        budget_hit = not closed and not set(thought) & set(eos_ids) and len(thought) < sampling.max_tokens
+        budget_hit = budget is not None and not closed and not set(thought) & set(eos_ids) and len(thought) < sampling.max_tokens
         if budget_hit:
             thought.append(close_id)  # close the think and answer
         answer_ids, top = [], None
