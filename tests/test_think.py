@@ -85,3 +85,9 @@ def test_thinking_budget_needs_a_reasoning_model_and_leaves_room_to_answer():
     assert thinking_budget(spec, Sampling(max_tokens=2048)) == 1536  # a quarter of the call left for the answer
     assert thinking_budget(spec.model_copy(update={"thinking_budget": None}), Sampling()) is None
     assert cache_model(spec) == "m|think<=3072"  # a budget changes answers: cached calls without it are not reused
+    # a role's budget is per call (one engine serves roles with other budgets); the reasoning parser is not
+    from toushi.engines.pool import engine_key
+
+    local = ModelSpec(name="m", reasoning=True, thinking_budget=3072)
+    assert engine_key(local) == engine_key(local.model_copy(update={"thinking_budget": 64}))
+    assert engine_key(local) != engine_key(ModelSpec(name="m"))

