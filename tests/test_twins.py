@@ -18,7 +18,8 @@ def embedding_rows(path) -> dict[str, int]:
     from safetensors import safe_open
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return {k: f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
+        return {k: f.get_slice(k).get_shape()[0] for k in f.keys()
+                if k.endswith(("embed_tokens.weight", "lm_head.weight"))}
 
 
 def test_twins_match_real_tokenizer_facts(twins):
@@ -36,16 +37,19 @@ def test_twins_match_real_tokenizer_facts(twins):
     assert twin_for("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B") == "r1-distill-qwen-7b-twin"
     assert twin_for("Qwen/Qwen2.5-1.5B-Instruct") == "qwen2.5-1.5b-instruct-twin" and twin_for("gpt2") is None
     info = json.loads((r1_path / MARKER).read_text())
-    assert info["twin_of"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" and info["not_real"]["weights"].startswith("random")
+    assert info["twin_of"] == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    assert info["not_real"]["weights"].startswith("random")
 
     qwen = AutoTokenizer.from_pretrained(qwen_path)
     r1 = AutoTokenizer.from_pretrained(r1_path)
     assert len(qwen) == len(r1) == 151665
     # special tokens: the same ids, other meanings
-    assert (qwen.eos_token, qwen.eos_token_id, qwen.pad_token_id, qwen.bos_token_id) == ("<|im_end|>", 151645, 151643, None)
+    assert (qwen.eos_token, qwen.eos_token_id, qwen.pad_token_id) == ("<|im_end|>", 151645, 151643)
+    assert qwen.bos_token_id is None
     assert qwen.convert_tokens_to_ids(["<|im_start|>", "<|endoftext|>"]) == [151644, 151643]
     assert (r1.bos_token_id, r1.eos_token_id, r1.pad_token_id) == (151646, 151643, 151643)
-    assert r1.convert_tokens_to_ids(["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]) == [151644, 151645, 151648, 151649]
+    assert r1.convert_tokens_to_ids(["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]) == [
+        151644, 151645, 151648, 151649]
     assert r1.convert_ids_to_tokens([151643, 151645]) == ["<｜end▁of▁sentence｜>", "<｜Assistant｜>"]
     assert GenerationConfig.from_pretrained(qwen_path).eos_token_id == [151645, 151643]
     assert GenerationConfig.from_pretrained(r1_path).eos_token_id == 151643
@@ -69,7 +73,8 @@ def test_twins_match_real_tokenizer_facts(twins):
             {"role": "assistant", "content": "<think>\nThey are sad.\n</think>\n\nI'm sorry."},
             {"role": "user", "content": "Thanks."}]
     assert r1.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == (
-        "<｜begin▁of▁sentence｜>Be kind.<｜User｜>I feel low.<｜Assistant｜>\n\nI'm sorry.<｜end▁of▁sentence｜>"
+        "<｜begin▁of▁sentence｜>Be kind.<｜User｜>I feel low."
+        "<｜Assistant｜>\n\nI'm sorry.<｜end▁of▁sentence｜>"
         "<｜User｜>Thanks.<｜Assistant｜><think>\n")
     assert qwen.apply_chat_template(chat[1:], add_generation_prompt=True, tokenize=False) == (
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
@@ -95,18 +100,21 @@ def test_check_prints_r1_qwen_pairs(twins, tmp_path):
     runs = tmp_path / "runs"
     make_lora_adapter(twins["qwen2.5-1.5b-instruct"], runs / "r1-qwen" / "sft" / "adapter")
     args = ["check", "recipes/r1-qwen-gpu.yaml", "--set", f"run.dir={runs}",
-            "--set", "models.strong.name=r1-distill-qwen-7b-twin", "--set", "models.student.name=qwen2.5-1.5b-instruct-twin"]
+            "--set", "models.strong.name=r1-distill-qwen-7b-twin",
+            "--set", "models.student.name=qwen2.5-1.5b-instruct-twin"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
     out = result.output
     assert result.exit_code == 0, out
     assert "distill: student / teacher (strong)" in out and "serve: student / sft adapter" in out
     assert "│ embedding rows      │ 151936" in out and "152064" in out and out.count("151665") >= 2
     assert "151643 <|endoftext|>, 151645 <|im_end|>" in out and "151643 <｜end▁of▁sentence｜>" in out
-    assert "151644: '<|im_start|>' vs '<｜User｜>'" in out and "151648: '<|box_start|>' vs '<think>'" in out
+    assert "special tokens that differ by id: 7 " in out and "151644: '<|im_start|>' vs '<｜User｜>'" in out
+    assert "151648: '<|box_start|>' vs '<think>'" in out
     assert "both sliced to the first 151936 rows" in out
     assert "end token 151645 is '<|im_end|>' to the student but '<｜Assistant｜>' to the teacher: left out" in out
     assert out.count("│ template round-trip │ ok") == 2
 
     make_lora_adapter(twins["r1-distill-qwen-1.5b"], runs / "r1-qwen" / "dpo" / "adapter")
     result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
-    assert result.exit_code == 2 and "toushi refuses: the dpo adapter was trained with another tokenizer" in result.output
+    assert result.exit_code == 2
+    assert "toushi refuses: the dpo adapter was trained with another tokenizer" in result.output

@@ -161,7 +161,8 @@ def models_make_twin(
     name: Annotated[str, typer.Argument(help="qwen2.5-1.5b-instruct, r1-distill-qwen-7b or r1-distill-qwen-1.5b")],
     force: bool = False,
 ):
-    """Write a hub model's twin: its real tokenizer, template, vocabulary and architecture, toy-sized, random weights."""
+    """Write a hub model's twin: its real tokenizer, template, vocabulary and architecture, at toy size with
+    random weights."""
     from toushi.models import ModelError
     from toushi.twins import make_twin
 

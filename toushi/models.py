@@ -83,7 +83,8 @@ def resolve_model(ref: str | os.PathLike) -> str:
 
     if (twin := twin_named(ref)) is not None:
         if not is_cached(ref):
-            raise ModelError(f"model {ref!r} is not in the cache {models_dir()}: run `toushi models make-twin {twin.name}`")
+            raise ModelError(
+                f"model {ref!r} is not in the cache {models_dir()}: run `toushi models make-twin {twin.name}`")
         return str(cached_path(ref))
     p = Path(ref).expanduser()
     if p.exists():

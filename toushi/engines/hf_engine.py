@@ -89,8 +89,8 @@ class HFEngine(Engine):
                 self.model.set_adapter(name)
             if self.spec.reasoning and (self.spec.thinking_budget is not None or any(constraints)):
                 for i in (i for i, n in enumerate(names) if n == name):
-                    results[i] = [self._reason_then_answer(conversations[i], constraints[i], sampling, k, name, logprobs)
-                                  for k in range(sampling.n)]
+                    results[i] = [self._reason_then_answer(conversations[i], constraints[i], sampling, k, name,
+                                                           logprobs) for k in range(sampling.n)]
                 continue
             for free in (True, False):
                 idx = [i for i, c in enumerate(constraints) if (c is None) == free and names[i] == name]
@@ -149,7 +149,8 @@ class HFEngine(Engine):
         if seed is not None:
             torch.manual_seed(seed)
         greedy = sampling.temperature == 0
-        kwargs = dict(max_new_tokens=sampling.max_tokens, do_sample=not greedy, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+                      pad_token_id=self.tokenizer.pad_token_id)
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
         else:  # the model's generation_config may carry sampling defaults; greedy ignores them
@@ -170,15 +171,19 @@ class HFEngine(Engine):
         eos = self.model.generation_config.eos_token_id
         eos_ids = [*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id]
         budget = thinking_budget(self.spec, sampling)
-        room = sampling.max_tokens if budget is None else budget - prompt_think_tail(prompt[0].tolist(), open_id, close_id)
+        room = sampling.max_tokens
+        if budget is not None:  # counted as vLLM counts it: R1's prompt already holds "<think>\n"
+            room = budget - prompt_think_tail(prompt[0].tolist(), open_id, close_id)
         kwargs = self._sampling_kwargs(sampling, k)
         t0 = time.perf_counter()
         with torch.inference_mode(), self._adapters(lora_name):
             out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **{
-                **kwargs, "max_new_tokens": max(1, min(room, sampling.max_tokens)), "eos_token_id": [*eos_ids, close_id]})
+                **kwargs, "max_new_tokens": max(1, min(room, sampling.max_tokens)),
+                "eos_token_id": [*eos_ids, close_id]})
         thought = out[0, prompt.shape[1]:].tolist()
         closed = close_id in thought
-        budget_hit = budget is not None and not closed and not set(thought) & set(eos_ids) and len(thought) < sampling.max_tokens
+        ended = bool(set(thought) & set(eos_ids))
+        budget_hit = budget is not None and not closed and not ended and len(thought) < sampling.max_tokens
         if budget_hit:
             thought.append(close_id)  # close the think and answer
         answer_ids, top = [], None
@@ -203,7 +208,7 @@ class HFEngine(Engine):
         c = make_completion(
             raw,
             opened_think=True,
-            finish_reason="stop" if cut is not None or set(thought) & set(eos_ids) else "length",
+            finish_reason="stop" if cut is not None or ended else "length",
             prompt_tokens=prompt.shape[1],
             completion_tokens=len(thought) + len(kept) + (1 if cut is not None else 0),
             latency_s=time.perf_counter() - t0,

@@ -197,7 +197,8 @@ class OpenAIEngine(Engine):
             try:
                 try:
                     extra = {**kwargs.get("extra_body", {}), **body.get("extra_body", {})}
-                    resp = await clients[ep.url].chat.completions.create(**{**kwargs, **body, "extra_body": extra or None})
+                    resp = await clients[ep.url].chat.completions.create(
+                        **{**kwargs, **body, "extra_body": extra or None})
                 except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                     if not body:
                         raise
