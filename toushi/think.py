@@ -44,3 +44,24 @@ def split_think(text: str, opened: bool = False) -> ThinkSplit:
     if opened:
         return ThinkSplit("", text.strip() or None, True)
     return ThinkSplit(text.strip(), None, False)
+
+
+def think_budget_hit(prompt_ids: list[int], output_ids: list[int], open_id: int, close_id: int, budget: int) -> bool:
+    """Whether a thinking budget ended the reasoning, counted as vLLM counts it: the tokens after the last
+    ``<think>`` (R1's prompt ends ``<think>\\n``, so its newline counts) up to the first ``</think>`` of the output.
+    A block that never closed was ended by max_tokens, not by the budget."""
+    if close_id not in output_ids:
+        return False
+    end = output_ids.index(close_id)
+    before = output_ids[:end]
+    if open_id in before:  # the model opened the block itself
+        return len(before) - before.index(open_id) - 1 >= budget
+    return prompt_think_tail(prompt_ids, open_id, close_id) + len(before) >= budget
+
+
+def prompt_think_tail(prompt_ids: list[int], open_id: int, close_id: int) -> int:
+    """Tokens of reasoning the prompt already holds: those after a ``<think>`` it opens and leaves open."""
+    if open_id not in prompt_ids:
+        return 0
+    last_open = len(prompt_ids) - 1 - prompt_ids[::-1].index(open_id)
+    return 0 if close_id in prompt_ids[last_open:] else len(prompt_ids) - last_open - 1

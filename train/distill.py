@@ -33,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from trl import DistillationConfig  # noqa: E402
 
-from toushi.distill import TeacherPromptDistillationTrainer, check_teacher, slice_rows, teacher_prompt_ids  # noqa: E402
+from toushi.distill import TeacherPromptDistillationTrainer, slice_rows, teacher_prompt_ids  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.pairs import conversation  # noqa: E402
+from toushi.preflight import check_teacher, end_ids  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
 from toushi.templates import render_file  # noqa: E402
 from toushi.tracking import end as end_tracking  # noqa: E402
@@ -60,16 +61,6 @@ from toushi.training import (  # noqa: E402
     trainer_kwargs,
     use_bf16,
 )
-
-
-def end_ids(model_path: str, tok) -> list[int]:
-    """Every id that ends the student's answer: the tokenizer's eos and the generation config's (end-of-turn)."""
-    try:
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:  # no generation_config.json
-        eos = None
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return sorted({*ids, tok.eos_token_id} - {None})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,8 @@ class Completion:
     completion_tokens: int
     latency_s: float
     model: str
-    flags: list[str] = field(default_factory=list)  # "empty", "unterminated_think", "markdown", "unstructured"
+    # "empty", "unterminated_think", "think_budget_hit", "markdown", "unstructured"
+    flags: list[str] = field(default_factory=list)
     # with logprobs=k: per generated token, the k most likely tokens (decoded text -> logprob); under a
     # constraint the engines report them after the constraint's mask, so they sum to ~1 over allowed tokens
     logprobs: list[dict[str, float]] | None = None
@@ -61,11 +62,13 @@ def make_completion(
     latency_s: float,
     model: str,
     logprobs: list[dict[str, float]] | None = None,
+    budget_hit: bool = False,
 ) -> Completion:
     """Build a Completion from raw model text: split off ``<think>`` reasoning and set the flags.
 
     ``reasoning`` is reasoning a server already separated (``reasoning_content``); the raw text is then
-    the answer alone, though it is still checked for stray think tags.
+    the answer alone, though it is still checked for stray think tags. ``budget_hit``: the engine's thinking
+    budget closed the think block (flag ``think_budget_hit``).
     """
     split = split_think(raw, opened=opened_think and reasoning is None)
     if reasoning is not None:
@@ -78,6 +81,8 @@ def make_completion(
         flags.append("empty")
     if split.unterminated:
         flags.append("unterminated_think")
+    if budget_hit:
+        flags.append("think_budget_hit")
     if has_markdown(split.answer):
         flags.append("markdown")
     return Completion(
@@ -171,6 +176,13 @@ def top_logprobs(candidates) -> dict[str, float]:
     return out
 
 
+def thinking_budget(spec: ModelSpec, sampling: Sampling) -> int | None:
+    """The call's thinking budget: the spec's, cut to three quarters of max_tokens so the answer keeps a quarter."""
+    if spec.thinking_budget is None:
+        return None
+    return max(1, min(spec.thinking_budget, sampling.max_tokens * 3 // 4))
+
+
 def sample_seed(sampling: Sampling, k: int) -> int | None:
     """Seed of sample ``k``: distinct per sample, the same for the same k whatever n is."""
     return None if sampling.seed is None else sampling.seed + k
@@ -213,8 +225,11 @@ class Engine:
 def cache_model(spec: ModelSpec) -> str:
     """The model as the call caches key it: its (served) name and, for a local engine, the dtype its weights
     run in. A changed dtype, or ``auto`` resolving to bf16 on one CPU and fp32 on another, gives other
-    answers, so cached calls of the other dtype are not reused."""
+    answers, so cached calls of the other dtype are not reused. A thinking budget cuts reasoning short and
+    changes answers too, so it is part of the key when set."""
     name = spec.served_model or spec.name
+    if spec.thinking_budget is not None:
+        name = f"{name}|think<={spec.thinking_budget}"
     if spec.engine == "openai":  # the endpoint decides; its name is what we know
         return name
     if spec.engine == "vllm":

@@ -2,6 +2,10 @@
 
 Structured requests are constrained with xgrammar's transformers logits processor (xgrammar is vLLM's
 default structured-output backend, so both engines follow the same grammar for a schema).
+
+A reasoning model with a thinking budget or a constraint is run in two steps per sample, as vLLM's reasoning
+support does in one: the think block free, up to the budget (then ``</think>`` is appended: close the think and
+answer), and the answer after it, under the constraint.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from toushi.engines import (
     per_conversation,
     per_conversation_lora,
     sample_seed,
+    thinking_budget,
     top_logprobs,
 )
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
+from toushi.think import CLOSE, OPEN, prompt_think_tail
 
 
 class HFEngine(Engine):
@@ -81,6 +87,11 @@ class HFEngine(Engine):
         for name in dict.fromkeys(names):
             if self.spec.lora_adapters and name is not None:
                 self.model.set_adapter(name)
+            if self.spec.reasoning and (self.spec.thinking_budget is not None or any(constraints)):
+                for i in (i for i, n in enumerate(names) if n == name):
+                    results[i] = [self._reason_then_answer(conversations[i], constraints[i], sampling, k, name,
+                                                           logprobs) for k in range(sampling.n)]
+                continue
             for free in (True, False):
                 idx = [i for i, c in enumerate(constraints) if (c is None) == free and names[i] == name]
                 if idx:
@@ -108,21 +119,7 @@ class HFEngine(Engine):
             per_conv: list[list[Completion]] = [[] for _ in idx]
             # One generate call per sample index k with seed+k (as the vLLM engine does per request).
             for k in range(sampling.n):
-                seed = sample_seed(sampling, k)
-                if seed is not None:
-                    torch.manual_seed(seed)
-                greedy = sampling.temperature == 0
-                kwargs = dict(
-                    max_new_tokens=sampling.max_tokens,
-                    do_sample=not greedy,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
-                if not greedy:
-                    kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-                else:  # the model's generation_config may carry sampling defaults; greedy ignores them
-                    kwargs.update(temperature=None, top_p=None, top_k=None)
-                if sampling.stop:
-                    kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+                kwargs = self._sampling_kwargs(sampling, k)
                 if grammars is not None:
                     from xgrammar.contrib.hf import LogitsProcessor
 
@@ -143,6 +140,83 @@ class HFEngine(Engine):
             for i, out in zip(idx, per_conv):
                 results[i] = out
         return results
+
+    def _sampling_kwargs(self, sampling: Sampling, k: int) -> dict:
+        """generate() arguments for sample k (seeds torch's generator with the sample's seed)."""
+        import torch
+
+        seed = sample_seed(sampling, k)
+        if seed is not None:
+            torch.manual_seed(seed)
+        greedy = sampling.temperature == 0
+        kwargs = dict(max_new_tokens=sampling.max_tokens, do_sample=not greedy,
+                      pad_token_id=self.tokenizer.pad_token_id)
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        else:  # the model's generation_config may carry sampling defaults; greedy ignores them
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        return kwargs
+
+    def _reason_then_answer(self, conversation, constraint, sampling: Sampling, k: int, lora_name,
+                            logprobs) -> Completion:
+        """One sample of a reasoning model in two steps: the think block up to the budget (closed with
+        ``</think>`` when the budget ends it), then the answer under the constraint. Logprobs cover the answer."""
+        import torch
+
+        open_id, close_id = self.tokenizer.convert_tokens_to_ids([OPEN, CLOSE])
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        prompt = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = [*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id]
+        budget = thinking_budget(self.spec, sampling)
+        room = sampling.max_tokens
+        if budget is not None:  # counted as vLLM counts it: R1's prompt already holds "<think>\n"
+            room = budget - prompt_think_tail(prompt[0].tolist(), open_id, close_id)
+        kwargs = self._sampling_kwargs(sampling, k)
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self._adapters(lora_name):
+            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **{
+                **kwargs, "max_new_tokens": max(1, min(room, sampling.max_tokens)),
+                "eos_token_id": [*eos_ids, close_id]})
+        thought = out[0, prompt.shape[1]:].tolist()
+        closed = close_id in thought
+        ended = bool(set(thought) & set(eos_ids))
+        budget_hit = budget is not None and not closed and not ended and len(thought) < sampling.max_tokens
+        if budget_hit:
+            thought.append(close_id)  # close the think and answer
+        answer_ids, top = [], None
+        left = sampling.max_tokens - len(thought)
+        if (closed or budget_hit) and left > 0:
+            step = torch.tensor([prompt[0].tolist() + thought], device=self.device)
+            kwargs = {**kwargs, "max_new_tokens": left, "eos_token_id": eos_ids}
+            if constraint is not None:
+                from xgrammar.contrib.hf import LogitsProcessor
+
+                kwargs["logits_processor"] = [LogitsProcessor([self._grammar(constraint)])]
+            if logprobs is not None:
+                kwargs.update(output_scores=True, return_dict_in_generate=True)
+            with torch.inference_mode(), self._adapters(lora_name):
+                out = self.model.generate(step, attention_mask=torch.ones_like(step), **kwargs)
+            seqs = out.sequences if logprobs is not None else out
+            answer_ids = seqs[0, step.shape[1]:].tolist()
+            top = self._top(out.scores, 0, logprobs) if logprobs is not None else None
+        cut = next((j for j, t in enumerate(answer_ids) if t in eos_ids), None)
+        kept = answer_ids if cut is None else answer_ids[:cut]
+        raw = self.tokenizer.decode(thought + kept, skip_special_tokens=True)
+        c = make_completion(
+            raw,
+            opened_think=True,
+            finish_reason="stop" if cut is not None or ended else "length",
+            prompt_tokens=prompt.shape[1],
+            completion_tokens=len(thought) + len(kept) + (1 if cut is not None else 0),
+            latency_s=time.perf_counter() - t0,
+            model=lora_name or self.spec.name,
+            logprobs=top[: len(kept)] if top is not None else None,
+            budget_hit=budget_hit,
+        )
+        return mark_unstructured(c, constraint)
 
     def _top(self, scores, row: int, k: int) -> list[dict[str, float]]:
         """The k most likely tokens at each generated position of one row, from generate's scores."""

@@ -36,10 +36,12 @@ from toushi.engines import (
     per_conversation,
     per_conversation_lora,
     sample_seed,
+    thinking_budget,
     top_logprobs,
 )
 from toushi.engines.endpoints import EndpointPool
 from toushi.recipe import ModelSpec, Sampling
+from toushi.think import CLOSE, OPEN, think_budget_hit
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
 BACKOFF_BASE_S = 0.5
@@ -77,6 +79,7 @@ class OpenAIEngine(Engine):
         # Kept for the engine's life, so an endpoint found dead in one batch stays out in the next.
         self.pool = EndpointPool(base_urls(spec), per_endpoint=spec.concurrency)
         self.structured_refused: str | None = None  # the endpoints' refusal of a constraint, once seen
+        self._think_ids: tuple[int, int] | None = None  # (<think>, </think>) ids, asked of a vLLM server once
 
     def endpoint_stats(self) -> dict[str, dict]:
         """Requests, successes and errors per endpoint so far (for the stage manifest)."""
@@ -180,6 +183,9 @@ class OpenAIEngine(Engine):
             kwargs["stop"] = sampling.stop
         if self._logprobs is not None:
             kwargs.update(logprobs=True, top_logprobs=self._logprobs)
+        budget = thinking_budget(self.spec, sampling)
+        if budget is not None:  # vLLM's server fields; token ids to tell whether the budget cut the reasoning
+            kwargs["extra_body"] = {"thinking_token_budget": budget, "return_token_ids": True}
         attempt, failed_on = 0, set()  # failed_on: endpoints this request failed on since its last backoff
         while True:
             async with slots:
@@ -190,7 +196,9 @@ class OpenAIEngine(Engine):
             body = self._body(constraint)
             try:
                 try:
-                    resp = await clients[ep.url].chat.completions.create(**kwargs, **body)
+                    extra = {**kwargs.get("extra_body", {}), **body.get("extra_body", {})}
+                    resp = await clients[ep.url].chat.completions.create(
+                        **{**kwargs, **body, "extra_body": extra or None})
                 except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                     if not body:
                         raise
@@ -229,6 +237,11 @@ class OpenAIEngine(Engine):
         # vLLM's reasoning parsers and DeepSeek's API return the think block separately.
         reasoning = extra.get("reasoning_content") or extra.get("reasoning")
         usage = resp.usage
+        hit = False
+        if budget is not None and (ids := await self._think_token_ids(ep.url, model)) is not None:
+            prompt_ids = (resp.model_extra or {}).get("prompt_token_ids") or []
+            output_ids = (choice.model_extra or {}).get("token_ids") or []
+            hit = think_budget_hit(prompt_ids, output_ids, *ids, budget)
         top = None
         if self._logprobs is not None and choice.logprobs is not None and choice.logprobs.content:
             top = [top_logprobs((t.token, t.logprob) for t in pos.top_logprobs) for pos in choice.logprobs.content]
@@ -242,7 +255,24 @@ class OpenAIEngine(Engine):
             latency_s=latency,
             model=model,
             logprobs=top,
+            budget_hit=hit,
         )
+
+    async def _think_token_ids(self, url: str, model: str) -> tuple[int, int] | None:
+        """The ids of ``<think>`` and ``</think>``, from a vLLM server's /tokenize (None elsewhere: no flag)."""
+        if self._think_ids is None:
+            import httpx
+
+            try:
+                async with httpx.AsyncClient(timeout=self.spec.timeout_s) as client:
+                    r = await client.post(url.rstrip("/").removesuffix("/v1") + "/tokenize",
+                                          headers={"Authorization": f"Bearer {self.key}"},
+                                          json={"model": model, "prompt": OPEN + CLOSE, "add_special_tokens": False})
+                tokens = r.json().get("tokens") if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                tokens = None
+            self._think_ids = tuple(tokens) if tokens and len(tokens) == 2 else (-1, -1)
+        return None if self._think_ids == (-1, -1) else self._think_ids
 
 
 def expected_form(constraint: Structured, messages: Conversation) -> str:

@@ -1,6 +1,6 @@
 """Engines shared by the stages and roles of one ``toushi run``: a model is loaded once, not once per use.
 
-Roles of the same model differ only per call (system prompt, sampling, reasoning split, LoRA adapter), so
+Roles of the same model differ only per call (system prompt, sampling, thinking budget, LoRA adapter), so
 one engine serves them all: ``pool.get(spec)`` returns a view that runs the shared engine with that
 role's spec. A vLLM engine serves any LoRA adapter by path (``enable_lora``); if a role needs LoRA, or a
 higher rank, than the loaded engine was started with, the engine is restarted once with it. Two
@@ -20,9 +20,11 @@ GPU_BUDGET = 0.9  # the share of one device's memory that co-resident vLLM engin
 
 # Fields a role's view applies per call, not when the engine is built. The vLLM engine reads these at call
 # time and loads adapters by path; the hf engine loads its adapters at start and the openai engine fixes its
-# model name, so for them only the prompt and sampling are per call.
-_PER_CALL_VLLM = {"sampling", "system_prompt_file", "reasoning", "served_model", "lora_adapters", "enable_lora"}
-_PER_CALL_OTHER = {"sampling", "system_prompt_file"}
+# model name, so for them only the prompt, sampling and thinking budget are per call.
+# ``reasoning`` is not: the engine's reasoning parser (structured outputs after </think>, thinking budgets) is
+# built in, and would hold back a plain model's constraint waiting for a </think> that never comes.
+_PER_CALL_VLLM = {"sampling", "system_prompt_file", "thinking_budget", "served_model", "lora_adapters", "enable_lora"}
+_PER_CALL_OTHER = {"sampling", "system_prompt_file", "thinking_budget"}
 
 
 def engine_key(spec: ModelSpec) -> str:

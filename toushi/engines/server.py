@@ -53,8 +53,8 @@ def server_command(spec: ModelSpec, host: str, port: int, served_name: str | Non
     if kw["enforce_eager"]:
         cmd.append("--enforce-eager")
     cmd += ["--structured-outputs-config", json.dumps(kw["structured_outputs_config"])]
-    if spec.reasoning:  # the server then returns the think block as reasoning_content
-        cmd += ["--reasoning-parser", "deepseek_r1"]
+    if "reasoning_parser" in kw:  # the server then returns the think block as reasoning_content
+        cmd += ["--reasoning-parser", kw["reasoning_parser"]]
     if kw.get("enable_lora"):
         cmd += ["--enable-lora", "--max-lora-rank", str(kw["max_lora_rank"]), "--max-loras", str(kw["max_loras"])]
         if spec.lora_adapters:

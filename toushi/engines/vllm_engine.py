@@ -22,11 +22,13 @@ from toushi.engines import (
     per_conversation,
     per_conversation_lora,
     sample_seed,
+    thinking_budget,
     top_logprobs,
 )
 from toushi.engines.adapters import max_lora_rank
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
+from toushi.think import CLOSE, OPEN, think_budget_hit
 
 
 def on_cpu() -> bool:
@@ -97,8 +99,10 @@ def engine_kwargs(spec: ModelSpec) -> dict:
     # uses too): a small model otherwise pads its JSON with newlines and indentation (tokens spent, and a
     # run of them can reach max_tokens before the JSON closes).
     kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
-    if spec.reasoning:  # constrain the answer after </think>, not the reasoning (as the server does)
-        kwargs["structured_outputs_config"]["reasoning_parser"] = "deepseek_r1"
+    if spec.reasoning:
+        # structured outputs then constrain the answer after </think>, not the reasoning, and a request's
+        # thinking_token_budget can force </think> (both read the parser's think tokens)
+        kwargs["reasoning_parser"] = "deepseek_r1"
     if spec.kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * (1 << 30))
     if spec.enable_lora or spec.lora_adapters:
@@ -141,6 +145,9 @@ class VLLMEngine(Engine):
         finally:
             for k in extra:
                 os.environ.pop(k, None)
+        if spec.reasoning:  # (<think>, </think>) ids, for telling whether a thinking budget cut the reasoning
+            tok = self.llm.get_tokenizer()
+            self._think_ids = (tok.convert_tokens_to_ids(OPEN), tok.convert_tokens_to_ids(CLOSE))
 
     def _lora_request(self, lora_name: str | None):
         if lora_name is None:
@@ -168,6 +175,7 @@ class VLLMEngine(Engine):
         constraints = per_conversation(structured, len(conversations))
         # One request per (conversation, sample k) with seed+k, rather than n=...: sample k is then the
         # same whatever n is, so the pairs cache can key on the sample index.
+        budget = thinking_budget(self.spec, sampling)
         messages, params, flat_constraints, flat_names = [], [], [], []
         for conv, constraint, name in zip(conversations, constraints, names):
             for k in range(sampling.n):
@@ -184,6 +192,7 @@ class VLLMEngine(Engine):
                         stop=sampling.stop or None,
                         structured_outputs=structured_outputs(constraint),
                         logprobs=logprobs,
+                        thinking_token_budget=budget,
                     )
                 )
         if not messages:
@@ -209,6 +218,8 @@ class VLLMEngine(Engine):
             top = None
             if logprobs is not None and c.logprobs is not None:
                 top = [top_logprobs((lp.decoded_token, lp.logprob) for lp in pos.values()) for pos in c.logprobs]
+            hit = budget is not None and think_budget_hit(list(out.prompt_token_ids or []), list(c.token_ids),
+                                                          *self._think_ids, budget)
             flat.append(mark_unstructured(
                 make_completion(
                     c.text,
@@ -219,6 +230,7 @@ class VLLMEngine(Engine):
                     latency_s=latency,
                     model=name or self.spec.name,
                     logprobs=top,
+                    budget_hit=hit,
                 ),
                 constraint,
             ))
