@@ -14,10 +14,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from toushi.engines.adapters import run_adapters
 from toushi.engines.server import ServerError, VLLMServer
 from toushi.recipe import ModelSpec, Recipe, RecipeError
-
-ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 
 
 def role_spec(recipe: Recipe, role: str) -> ModelSpec:
@@ -29,21 +28,11 @@ def role_spec(recipe: Recipe, role: str) -> ModelSpec:
     return spec
 
 
-def run_adapters(recipe: Recipe) -> dict[str, Path]:
-    """Stage name -> adapter directory for each training stage of the run that saved one."""
-    found = {}
-    for name in ADAPTER_STAGES:
-        d = recipe.run_dir / name / "adapter"
-        if (d / "adapter_config.json").is_file():
-            found[name] = d
-    return found
-
-
 def adapters_for(recipe: Recipe, role: str) -> dict[str, Path]:
     """The role's own adapters, plus the run's when the role's model is the student's base model."""
     spec = role_spec(recipe, role)
     student = recipe.models.student
-    trained = run_adapters(recipe) if student is not None and spec.name == student.name else {}
+    trained = run_adapters(recipe.run_dir) if student is not None and spec.name == student.name else {}
     return {**spec.lora_adapters, **trained}
 
 
