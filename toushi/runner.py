@@ -23,6 +23,7 @@ from rich.console import Console
 from toushi.digests import path_digest
 from toushi.engines.pool import EnginePool
 from toushi.recipe import Recipe, iter_paths, save_recipe
+from toushi.runlock import run_lock
 from toushi.store import StageStore, stable_id
 
 console = Console(stderr=True)
@@ -149,7 +150,7 @@ def run_stages(
     quiet: each stage's library and engine output (fds 1 and 2, subprocesses included) goes to
     ``runs/<run>/<stage>/engine.log``; the terminal shows toushi's lines, progress bars and errors.
     """
-    from toushi.logs import LOG_NAME, output_to, terminal_console
+    from toushi.logs import terminal_console
 
     term = terminal_console() if quiet else console
     force = force or set()
@@ -160,6 +161,13 @@ def run_stages(
     bad_force = force - set(recipe.run.stages)
     if bad_force:
         raise ValueError(f"--force: not a stage of this recipe: {', '.join(sorted(bad_force))}")
+    with run_lock(recipe.run_dir):  # one run per directory, for the whole run
+        return _run_all(recipe, by_name, force, quiet, term)
+
+
+def _run_all(recipe: Recipe, by_name: dict[str, Stage], force: set[str], quiet: bool, term: Console) -> dict[str, str]:
+    from toushi.logs import LOG_NAME, output_to
+
     save_recipe(recipe, recipe.run_dir)
     if force:
         forced = downstream(recipe, by_name, force)
