@@ -72,7 +72,7 @@ class Replicas:
 
     def start(self) -> Replicas:
         """Start every worker at once, then wait until each answers /health."""
-        from toushi.lifetime import ensure_watchdog
+        from toushi.lifetime import ensure_watchdog, track
 
         ensure_watchdog()  # workers (and, through their own watchdogs, their servers) die with the launcher
         for i, (cmd, dev) in enumerate(zip(self.cmds, self.devices)):
@@ -87,6 +87,7 @@ class Replicas:
             self.procs.append(subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True,
             ))
+            track(self.procs[-1].pid)
             if log:
                 log.close()
         try:

@@ -98,7 +98,7 @@ class VLLMServer:
         env.pop("VLLM_API_KEY", None)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
-        from toushi.lifetime import ensure_watchdog
+        from toushi.lifetime import ensure_watchdog, track
 
         ensure_watchdog()  # the server must not outlive this process, even on SIGKILL
         log = open(self.log_path, "ab") if self.log_path else None
@@ -106,6 +106,7 @@ class VLLMServer:
         self.proc = subprocess.Popen(
             self.cmd, env=env, stdout=log or None, stderr=subprocess.STDOUT if log else None, start_new_session=True
         )
+        track(self.proc.pid)
         if log:
             log.close()
         self.wait_healthy()
