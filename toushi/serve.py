@@ -3,8 +3,9 @@
 The run's trained adapters (``runs/<run>/{sft,dpo,grpo}/adapter``) are registered by stage name, so a
 client asks for ``model="dpo"`` to get the DPO student and for the base model's name to get the base.
 They are attached only when the served model is the student's base (they were trained on it). The API
-key is read from the environment variable ``serve.api_key_env`` names; binding a non-loopback address
-without one is refused (by :class:`VLLMServer`).
+key is read from the environment variable ``serve.api_key_env`` names and then needed on every route but
+/health (:mod:`toushi.engines.guard`); binding a non-loopback address without one is refused (by
+:class:`VLLMServer`), and so is a start with vLLM's dev-mode or runtime-LoRA variables set.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def make_server(recipe: Recipe, log_path: Path | None = None) -> VLLMServer:
     """The (not yet started) server for the recipe's serve section."""
     cfg = recipe.serve
     return VLLMServer(serve_spec(recipe), host=cfg.host, port=cfg.port, api_key=server_api_key(recipe),
-                      log_path=log_path)
+                      log_path=log_path, limits=cfg.limits, allow_unsafe_env=cfg.allow_unsafe_env)
 
 
 def describe(server: VLLMServer, spec: ModelSpec, api_key_env: str | None) -> list[str]:
