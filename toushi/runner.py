@@ -67,7 +67,7 @@ class Stage:
     run: Callable[[StageContext], dict]
     sections: tuple[str, ...]  # recipe keys (dotted) whose values change this stage's output
     inputs: tuple[str, ...] = ()  # stages it reads from, when they are part of the run
-    outputs: tuple[str, ...] = ("records.jsonl",)  # files/dirs in its stage dir that later stages read
+    outputs: tuple[str, ...] = ("records.jsonl",)  # files/dirs it makes in its stage dir (a dir: an adapter)
 
 
 def input_files(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, str]:
