@@ -248,18 +248,23 @@ def fingerprint_mismatch(old: dict, new: dict) -> str:
     return ", ".join(parts) or "fingerprint format"
 
 
+def trainer_state(checkpoint: Path) -> dict | None:
+    """A checkpoint's trainer_state.json, or None when it is missing or unreadable."""
+    import json
+
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def finished(checkpoint: Path) -> str | None:
     """What says a checkpoint's run already ended (its last step is saved), or None.
 
     Such a checkpoint is reused as it is, never resumed: resuming it would still train one more step
     (transformers skips the seen batches, then steps before it checks max_steps).
     """
-    import json
-
-    try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    state = trainer_state(checkpoint) or {}
     step, total = state.get("global_step", 0), state.get("max_steps", 0)
     return f"{checkpoint.name} finished training (step {step} of {total})" if step >= total > 0 else None
 
@@ -292,6 +297,8 @@ def resume_checkpoint(
         reason = "checkpoints carry no fingerprint (made by an older toushi)"
     elif old != fingerprint:
         reason = "checkpoints were made with other " + fingerprint_mismatch(old, fingerprint)
+    elif trainer_state(Path(last)) is None:
+        reason = f"{Path(last).name} has no readable trainer_state.json"
     else:
         reason = None
     done = reason is None and finished(Path(last)) is not None
