@@ -46,12 +46,11 @@ def test_changed_answers_retrain_from_scratch(tmp_path, tiny_model):
     first = adapter_weights(run_dir / "sft" / "adapter")
     assert manifest(run_dir, "sft")["fresh"] == "no checkpoint to resume"
 
-    # Nothing changed, but that run had finished: it is redone (resuming it would train one step more),
-    # and with the same seed and data it gives the same weights.
+    # Nothing changed and that run had finished: its last checkpoint is reused, not trained again.
     train_in_process("sft", recipe, "--resume")
     m = manifest(run_dir, "sft")
-    assert m["resumed_from"] is None and m["training"]["steps"] == 2
-    assert m["fresh"] == "checkpoint-2 already finished training (step 2 of 2)"
+    assert m["resumed_from"] is None and m["fresh"] is None and m["training"]["steps"] == 2
+    assert m["reused"] == str(run_dir / "sft" / "checkpoints" / "checkpoint-2")
     assert not weights_differ(first, adapter_weights(run_dir / "sft" / "adapter"))
 
     # Same ids, other answer text: the old checkpoint must not be resumed.
@@ -112,6 +111,64 @@ def test_resume_after_interruption_continues(tmp_path, tiny_model):
     state = json.loads((ckpts / "checkpoint-4" / "trainer_state.json").read_text())
     logged = [h["step"] for h in state["log_history"] if "loss" in h]
     assert logged[:2] == [1, 2] and logged[-1] == 4  # history carried over from the first run
+
+
+# SIGKILL the training process the moment PEFT has written the final adapter's weights (into the temporary
+# directory the save renames into place), before the tokenizer follows: a kill while the adapter is saved.
+KILL_DURING_ADAPTER_SAVE = """
+import os, runpy, signal, sys
+from peft import PeftModel
+save = PeftModel.save_pretrained
+def save_then_die(self, save_directory, *a, **k):
+    save(self, save_directory, *a, **k)
+    if ".adapter.tmp-" in str(save_directory):  # not a checkpoint's save
+        os.kill(os.getpid(), signal.SIGKILL)
+PeftModel.save_pretrained = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_kill_after_last_step_keeps_adapter(tmp_path, tiny_model, capsys):
+    """A real training process SIGKILLed after its last step, while it saves the adapter: the half-written
+    adapter never counts (an older one left in place by an in-place save does not either), and the rerun
+    reuses the final checkpoint, trains nothing, and ends with a complete adapter equal to that checkpoint."""
+    from toushi.engines.adapters import complete_adapter, run_adapters
+    from toushi.runner import present_outputs
+    from toushi.stages import STAGES
+
+    run_dir = write_run(tmp_path / "runs" / "r")
+    recipe = write_recipe(tmp_path / "r.yaml", run_dir, "tiny-random", sft=TINY_SFT)
+    adapter = run_dir / "sft" / "adapter"
+    adapter.mkdir(parents=True)  # what an in-place save killed half-way left: a config and torn weights
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    sft_stage = next(s for s in STAGES if s.name == "sft")
+    assert not complete_adapter(adapter) and run_adapters(run_dir) == {} and present_outputs(run_dir, sft_stage) == []
+
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_ADAPTER_SAVE, str(repo_root() / "train" / "sft.py"),
+                           "--recipe", str(recipe), "--resume"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-3000:]
+    last = run_dir / "sft" / "checkpoints" / "checkpoint-2"
+    assert (last / "trainer_state.json").exists()
+    assert [p.name for p in (run_dir / "sft").glob(".adapter.tmp-*")], "the kill should land inside the save"
+    assert not complete_adapter(adapter) and run_adapters(run_dir) == {}  # still the torn old one, never used
+    assert "training" not in (manifest(run_dir, "sft") if (run_dir / "sft" / "manifest.json").exists() else {})
+
+    capsys.readouterr()
+    train_in_process("sft", recipe, "--resume")
+    printed = capsys.readouterr().out
+    assert f"[toushi] reusing {last}: checkpoint-2 finished training (step 2 of 2)" in printed
+    assert "{'loss'" not in printed and "{'train_runtime'" not in printed  # no training step was taken
+    m = manifest(run_dir, "sft")
+    assert m["reused"] == str(last) and m["resumed_from"] is None and m["training"]["steps"] == 2
+    assert m["training"]["train_runtime_s"] is None and m["training"]["final_loss"] is not None
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert complete_adapter(adapter) and run_adapters(run_dir) == {"sft": adapter}
+    assert present_outputs(run_dir, sft_stage) == ["adapter"]
+    assert not weights_differ(adapter_weights(last), adapter_weights(adapter))
+    assert [p.name for p in (run_dir / "sft").iterdir() if p.name.startswith(".adapter")] == []
 
 
 # ------------------------------------------------------------------------ stage fingerprints

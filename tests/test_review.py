@@ -110,8 +110,8 @@ def served(tmp_path):
     """(run_dir, recipe, base URL) with the review app served by uvicorn on a free loopback port."""
     import uvicorn
 
-    from toushi.review import make_app
     from toushi.recipe import save_recipe
+    from toushi.review import make_app
 
     run_dir, recipe = write_run(tmp_path)
     run_guidance_stage(recipe)

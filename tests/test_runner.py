@@ -81,6 +81,40 @@ def test_failure_is_recorded(recipe_file):
     assert [row["status"] for row in stage_status(r.run_dir, ["corpus", "guidance"])] == ["not run", "failed"]
 
 
+FLAKY = {"fail": True}
+
+
+def flaky(ctx):
+    if FLAKY["fail"]:
+        raise RuntimeError("boom once")
+    return numbers(ctx)
+
+
+def test_success_clears_the_failure_and_a_deleted_output_reruns(recipe_file):
+    """A stage that failed and then succeeded keeps no error or traceback, and its versions are this run's; a
+    stage whose own output was deleted reruns (alone: what reads it is unchanged once it is remade)."""
+    stages = [Stage("corpus", flaky, ("run.seed",)), *STAGES[1:]]
+    r = load_recipe(recipe_file)
+    FLAKY["fail"] = True
+    with pytest.raises(RuntimeError, match="boom once"):
+        run_stages(r, stages)
+    store = StageStore(r.run_dir, "corpus")
+    assert "boom once" in store.manifest()["error"] and store.manifest()["traceback"]
+    store.write_manifest(versions={"torch": "0.0-old"})  # as if the failed run had other packages
+    FLAKY["fail"] = False
+    assert run_stages(r, stages) == {"corpus": "ran", "pairs": "ran"}
+    m = store.manifest()
+    assert m["status"] == "complete" and m["rerun_reason"] == "last run failed"
+    assert "error" not in m and "traceback" not in m and m["versions"]["torch"] != "0.0-old"
+    assert m["outputs"] == ["records.jsonl"]
+
+    store.records_path.unlink()
+    CALLS.clear()
+    assert run_stages(r, stages) == {"corpus": "ran", "pairs": "skipped"}  # the same records are made again
+    assert store.manifest()["rerun_reason"] == "output missing: records.jsonl" and CALLS == ["numbers"]
+    assert run_stages(r, stages) == {"corpus": "skipped", "pairs": "skipped"}
+
+
 def test_bad_stage_names(recipe_file):
     r = load_recipe(recipe_file, ["run.stages=[corpus, eval]"])
     with pytest.raises(ValueError, match="not available.*eval"):
@@ -98,3 +132,48 @@ def test_cli_lists_verbs_and_reports_bad_recipe(tmp_path):
     bad.write_text("run: {name: t, stagez: []}\n")
     res = subprocess.run([str(toushi), "run", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2 and "run.stagez" in res.stderr and str(bad) in res.stderr
+
+
+def test_second_run_on_same_dir_refused(tmp_path):
+    """Real `toushi run` processes: while one holds the run directory (stopped mid-run, still alive), a second
+    exits at once naming the holder's pid and command; once the holder is SIGKILLed the lock is gone with it."""
+    import json
+    import os
+    import signal
+    import time
+
+    from toushi.runlock import LOCK_NAME, RunLocked, run_lock
+
+    toushi = Path(sys.executable).parent / "toushi"
+    data = Path(__file__).resolve().parent.parent / "data" / "venting_en.jsonl"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"run": {"name": "t", "dir": str(tmp_path / "runs"), "stages": ["corpus"]},
+                                      "corpus": {"sources": [{"path": str(data), "format": "openings"}],
+                                                 "per_scene": 1}}))
+    lock = tmp_path / "runs" / "t" / LOCK_NAME
+    first = subprocess.Popen([str(toushi), "run", str(recipe)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if lock.exists() and f'"pid": {first.pid}' in lock.read_text():
+                break
+            assert first.poll() is None, "the first run ended before it was seen holding the lock"
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the lock, does nothing: the second run meets a live holder
+        t0 = time.monotonic()
+        second = subprocess.run([str(toushi), "run", str(recipe)], capture_output=True, text=True, timeout=120)
+        waited = time.monotonic() - t0
+        assert second.returncode == 2, second.stderr[-2000:]
+        line = next(ln for ln in second.stderr.splitlines() if ln.startswith("error:"))
+        assert f"in use by another toushi run (pid {first.pid}: toushi run {recipe})" in line, line
+        assert "Traceback" not in second.stderr and not (tmp_path / "runs" / "t" / "corpus" / "records.jsonl").exists()
+        assert json.loads(lock.read_text())["pid"] == first.pid  # the refused run did not touch the lock file
+        with pytest.raises(RunLocked, match=f"pid {first.pid}"):  # the library refuses too
+            with run_lock(tmp_path / "runs" / "t"):
+                pass
+        print(f"second run refused after {waited:.1f}s (CLI start-up included)")
+    finally:
+        first.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        first.wait()
+    with run_lock(tmp_path / "runs" / "t"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()

@@ -107,9 +107,9 @@ def test_adapter_saved_trained_and_loadable(selftrained):
                                       str(adapter))
     assert model.active_adapter == "default"
     # eval finds it like the other students
-    from toushi.evaluate import find_adapters
+    from toushi.engines.adapters import run_adapters
 
-    assert find_adapters(run_dir, ["sft", "selftrain"]) == {"selftrain": adapter}
+    assert run_adapters(run_dir, ["sft", "selftrain"]) == {"selftrain": adapter}
 
 
 def test_high_tau_keeps_nothing_and_does_not_train(tmp_path, offline_model):

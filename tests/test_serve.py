@@ -97,6 +97,21 @@ def test_serve_registers_run_adapters_for_the_student_only_and_guards_public_bin
     res = runner.invoke(app, ["serve", str(file), "--set", "serve.role=judge"])
     assert res.exit_code == 2 and "models.judge is not set" in res.output
 
+    # vLLM's dev-mode and runtime-LoRA variables open routes: refused, with --replicas too, unless allowed
+    from toushi.engines.server import ServerError, check_env
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_SERVER_DEV_MODE", "1")
+        for extra in ([], ["--replicas", "2"]):
+            res = runner.invoke(app, ["serve", str(file), *extra])
+            assert res.exit_code == 2 and "VLLM_SERVER_DEV_MODE is set" in res.output, res.output
+        check_env(allow_unsafe_env=True)
+        mp.setenv("VLLM_SERVER_DEV_MODE", "0")
+        mp.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+        with pytest.raises(ServerError, match="^refusing to start: VLLM_ALLOW_RUNTIME_LORA_UPDATING is set"):
+            check_env(allow_unsafe_env=False)
+    assert "--middleware" in cmd and cmd[cmd.index("--middleware") + 1] == "toushi.engines.guard.ServeGuard"
+
 
 # ------------------------------------------------------------------------- (2) API key + LoRA by name
 
@@ -119,7 +134,7 @@ def served(tmp_path_factory, lora_adapter):
                        "sampling": {"temperature": 0.0, "max_tokens": 16}},
         },
         "pairs": {"batch_size": 1},
-        "serve": {"port": port, "api_key_env": KEY_ENV},
+        "serve": {"port": port, "api_key_env": KEY_ENV, "limits": {"n": 2, "max_tokens": 64, "logprobs": 5}},
     })
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)
@@ -159,6 +174,55 @@ def test_keyed_server_rejects_missing_key_and_routes_the_adapter_by_name(served,
     recs = list(read_jsonl(out))
     assert [r["completions"][0]["text"] for r in recs] == texts(adapted)
     assert {r["model"] for r in recs} == {"sft"}
+
+
+def test_serve_every_route_needs_the_key(served):
+    """Deny by default on a real `toushi serve` server: every route it has (its OpenAPI table, FastAPI's doc
+    routes outside it, and paths it does not have) x {no key, wrong key, right key}; only GET /health is open.
+    Then a foreign Host header (DNS rebinding) and requests over the recipe's serve.limits."""
+    from fastapi import FastAPI
+
+    _, server = served
+    root = server.base_url.removesuffix("/v1")
+    right, wrong = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {KEY}x"}
+    schema = httpx.get(f"{root}/openapi.json", headers=right)
+    assert schema.status_code == 200
+    routes = {(m.upper(), p) for p, ops in schema.json()["paths"].items() for m in ops}
+    routes |= {(m, r.path) for r in FastAPI().routes for m in r.methods}  # /docs, /redoc, /openapi.json, ...
+    routes |= {("GET", "/no/such/route"), ("POST", "/v1/no_such_route"), ("OPTIONS", "/v1/chat/completions")}
+    assert {("POST", "/invocations"), ("POST", "/tokenize"), ("GET", "/metrics"), ("GET", "/health"),
+            ("POST", "/v1/chat/completions")} <= routes and len(routes) > 25, sorted(routes)
+    seen = {}
+    with httpx.Client(timeout=60) as client:
+        for method, path in sorted(routes):
+            url = root + path.replace("{", "").replace("}", "")  # a path parameter gets its own name as value
+            body = {} if method in ("POST", "PUT", "PATCH") else None
+            seen[method, path] = tuple(client.request(method, url, headers=h, json=body).status_code
+                                       for h in ({}, wrong, right))
+    opened = {r: codes for r, codes in seen.items() if codes[0] != 401 or codes[1] != 401}
+    assert set(opened) <= {("GET", "/health"), ("HEAD", "/health")} and seen["GET", "/health"][:2] == (200, 200), opened
+    refused_with_key = {r: codes for r, codes in seen.items() if codes[2] in (401, 403)}
+    assert not refused_with_key, refused_with_key
+
+    # DNS rebinding: a page's own name as Host never reaches the server, key or not; loopback names do
+    assert httpx.get(f"{root}/v1/models", headers={**right, "Host": f"evil.example:{server.port}"}).status_code == 403
+    assert httpx.get(f"{root}/health", headers={"Host": "evil.example"}).status_code == 403
+    assert httpx.get(f"{root}/v1/models", headers={**right, "Host": f"localhost:{server.port}"}).status_code == 200
+
+    chat = {"model": MODEL, "messages": CONVS[0], "temperature": 0.0}
+    for over, field in (({"max_tokens": 65}, "max_tokens=65"), ({"n": 3}, "n=3"),
+                        ({"logprobs": True, "top_logprobs": 6}, "top_logprobs=6")):
+        res = httpx.post(f"{root}/v1/chat/completions", headers=right, json={**chat, **over}, timeout=60)
+        assert res.status_code == 400 and field in res.json()["error"]["message"], res.text
+    nested = {"token_ids": [1, 2], "sampling_params": {"max_tokens": 65}}
+    res = httpx.post(f"{root}/inference/v1/generate", headers=right, json=nested, timeout=60)
+    assert res.status_code == 400 and "max_tokens=65" in res.text
+    ok = httpx.post(f"{root}/v1/chat/completions", headers=right, timeout=120,
+                    json={**chat, "temperature": 0.7, "seed": 0, "n": 2, "max_tokens": 8, "logprobs": True,
+                          "top_logprobs": 5})  # at the limits: answered
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2, ok.text
+    uncapped = httpx.post(f"{root}/v1/chat/completions", headers=right, json=chat, timeout=120)
+    assert uncapped.status_code == 200 and uncapped.json()["usage"]["completion_tokens"] <= 64
 
 
 # ------------------------------------------------------------------------- (3) server killed mid pairs

@@ -95,7 +95,8 @@ def test_manifest_is_atomic_and_merges(tmp_path):
     store.write_manifest(status="running", fingerprint="f1")
     m = store.write_manifest(status="complete", counts={"n": 3})
     assert m["fingerprint"] == "f1" and m["status"] == "complete" and "torch" in m["versions"]
-    assert store.is_complete("f1") and not store.is_complete("f2")
+    again = store.write_manifest(new_run=True, status="running", fingerprint="f2")  # a new run starts clean
+    assert "counts" not in again and again["fingerprint"] == "f2" and again == store.manifest()
     assert [p.name for p in store.dir.iterdir() if p.name.endswith(".tmp")] == []
 
 

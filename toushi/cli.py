@@ -69,6 +69,7 @@ def run(
     ] = False,
 ):
     """Run the recipe's stages in order (finished, unchanged stages are skipped)."""
+    from toushi.runlock import RunLocked
     from toushi.runner import run_stages
     from toushi.stages import STAGES
     from toushi.store import StoreError
@@ -78,7 +79,7 @@ def run(
     err.print(r.to_yaml(), markup=False, highlight=False)
     try:
         run_stages(r, STAGES, set(force or []), quiet=not verbose)
-    except (ValueError, StoreError, OSError) as e:
+    except (ValueError, StoreError, OSError, RunLocked) as e:
         _fail(str(e))
     out.print(f"run complete: {r.run_dir}")
 

@@ -30,13 +30,13 @@ from rich.progress import Progress
 
 from toushi import metrics as M
 from toushi.engines import cache_model
+from toushi.engines.adapters import ADAPTER_STAGES, run_adapters
 from toushi.ladder import compare as ladder_compare
 from toushi.ladder import steps as ladder_steps
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, file_hash, stable_id
 
-ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 # Report order: baselines first, then the students, the teacher last.
 SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "distill", "selftrain", "strong")
 RATE_METRICS = ("markdown", "empty", "refusal", "lang_match")
@@ -59,16 +59,6 @@ def heldout_prompts(pairs: list[dict], max_prompts: int | None) -> list[dict]:
 def first_text(completions: list[dict] | None) -> str | None:
     """The first completion's answer text (None when the record has none)."""
     return (completions[0].get("text") or "") if completions else None
-
-
-def find_adapters(run_dir: Path, wanted: list[str]) -> dict[str, Path]:
-    """name -> adapter dir for each training stage in ``wanted`` that saved one."""
-    found = {}
-    for name in ADAPTER_STAGES:
-        d = Path(run_dir) / name / "adapter"
-        if name in wanted and (d / "adapter_config.json").exists():
-            found[name] = d
-    return found
 
 
 def adapter_fingerprint(path: Path) -> str:
@@ -299,10 +289,10 @@ def run_stage(ctx: StageContext) -> dict:
 
     # ---- students: base + adapters, generated once and cached by (model, adapter weights, prompt, sampling)
     spec = r.models.student
-    adapters = find_adapters(run_dir, cfg.systems)
+    adapters = run_adapters(run_dir, cfg.systems)  # complete ones only: a half-written adapter never counts
     for name in ADAPTER_STAGES:
         if name in cfg.systems and name not in adapters:
-            notes.append(f"{name}: no adapter at {run_dir / name / 'adapter'}, skipped")
+            notes.append(f"{name}: no complete adapter at {run_dir / name / 'adapter'}, skipped")
     students = ([n for n in ("student",) if n in cfg.systems] + list(adapters)) if spec else []
     if spec is None and ("student" in cfg.systems or adapters):
         notes.append("students: models.student is not set, skipped")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from toushi.lifetime import ensure_watchdog
+from toushi.lifetime import ensure_watchdog, track
 from toushi.paths import repo_root
 from toushi.runner import StageContext
 
@@ -54,6 +54,7 @@ def run_training_stage(ctx: StageContext, script: str) -> dict:
     ctx.free_engines()  # the trainer gets the memory the run's engines held
     ensure_watchdog()  # training processes must not outlive `toushi run`, even on SIGKILL
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    track(proc.pid)
     try:
         for line in proc.stdout:
             sys.stderr.write(line)  # the stage's engine.log when quiet, else the terminal

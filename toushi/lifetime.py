@@ -5,19 +5,28 @@ training with accelerate; ``toushi serve`` starts the API server. A SIGKILL (or 
 none of its cleanup, and those processes would be re-parented to init and live on, holding RAM or VRAM
 that the rerun then lacks. So before toushi starts such a process it starts this watchdog, once per
 process: ``python -m toushi.lifetime PID START``. The watchdog runs in its own session (a Ctrl-C in the
-terminal does not kill it before it has cleaned up), walks the process tree below PID every 0.25 s and
-remembers every descendant by pid and start time (so a reused pid is never hit). When PID is gone, it
-sends SIGTERM to each remembered process still alive, SIGKILL after a grace period, says on stderr what it
-stopped, and exits. After a clean exit nothing is left to stop and it exits silently.
+terminal does not kill it before it has cleaned up).
+
+It stops only what toushi started, never every child of PID: in a notebook or another program that
+imports toushi, PID's other children are the user's. toushi tells it each process it starts
+(:func:`track`, a line on the watchdog's stdin); for a library that starts processes itself (vLLM's
+engine core on a GPU) the children that appear while toushi calls it are told (:func:`tracking_new_children`).
+Every 0.25 s the watchdog walks the tree below each tracked process and remembers them all by pid and
+start time (so a reused pid is never hit). When PID is gone, it sends SIGTERM to each remembered process
+still alive, SIGKILL after a grace period, says on stderr what it stopped, and exits. After a clean exit
+nothing is left to stop and it exits silently.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 POLL_S = 0.25
@@ -75,17 +84,42 @@ def _alive(known: dict[int, int]) -> dict[int, int]:
     return {pid: st for pid, st in known.items() if proc_start(pid) == st}
 
 
-def watch(parent: int, parent_start: int) -> None:
-    """Remember parent's descendants until parent is gone, then stop those still running."""
+def _read_tracked(stream, roots: dict[int, int], timeout: float) -> bool:
+    """Wait up to ``timeout`` for "PID START" lines from toushi and add them to ``roots``; False at EOF."""
+    if not select.select([stream], [], [], timeout)[0]:
+        return True
+    data = os.read(stream.fileno(), 1 << 16)
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            pid, start = (int(x) for x in line.split())
+        except ValueError:
+            continue
+        roots[pid] = start
+    return bool(data)
+
+
+def watch(parent: int, parent_start: int, stream=None) -> None:
+    """Remember the processes toushi tracked and their descendants until parent is gone, then stop those
+    still running. ``stream``: where the tracked pids arrive (the watchdog's stdin)."""
     me = os.getpid()
+    stream = stream or sys.stdin
+    roots: dict[int, int] = {}
     known: dict[int, int] = {}
+    open_ = True
     while proc_start(parent) == parent_start:
-        for pid in descendants(parent) - {me}:
-            st = proc_start(pid)
-            if st is not None:
-                known[pid] = st
-        time.sleep(POLL_S)
-    # a descendant may have started children of its own since the last look
+        for pid, st in roots.items():
+            if proc_start(pid) != st:
+                continue
+            known[pid] = st
+            for sub in descendants(pid) - {me}:
+                sst = proc_start(sub)
+                if sst is not None:
+                    known[sub] = sst
+        if open_:
+            open_ = _read_tracked(stream, roots, POLL_S)
+        else:
+            time.sleep(POLL_S)
+    # a tracked process may have started children of its own since the last look
     for pid in list(known):
         for sub in descendants(pid) - {me}:
             st = proc_start(sub)
@@ -119,9 +153,40 @@ def ensure_watchdog() -> None:
         return
     proc = subprocess.Popen(
         [sys.executable, "-m", "toushi.lifetime", str(me), str(proc_start(me))],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
     )
     _watchdog = (me, proc)
+
+
+def track(pid: int) -> None:
+    """Have the watchdog stop ``pid`` (and what it starts) if this process dies without stopping it."""
+    ensure_watchdog()
+    st = proc_start(pid)
+    if st is None:
+        return  # already gone
+    try:
+        _watchdog[1].stdin.write(f"{pid} {st}\n".encode())
+        _watchdog[1].stdin.flush()
+    except BrokenPipeError:
+        pass  # the watchdog is gone (killed by hand): nothing to tell
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    return {pid for pid, ppid in _parents().items() if ppid == me}
+
+
+@contextmanager
+def tracking_new_children() -> Iterator[None]:
+    """Track the processes this process starts inside the block through a library (vLLM's engine core):
+    toushi holds no Popen for them, but they are the children that were not there before."""
+    ensure_watchdog()
+    before = _children()
+    try:
+        yield
+    finally:
+        for pid in _children() - before:
+            track(pid)
 
 
 if __name__ == "__main__":

@@ -601,11 +601,31 @@ class EvalSection(Section):
     )
 
 
+class RequestLimits(Section):
+    """The most one request to ``toushi serve`` may ask for (larger: 400), so one client cannot hold the server."""
+
+    n: int = Field(16, ge=1, description="Completions per request (n, best_of).")
+    max_tokens: int = Field(
+        8192, ge=1, description="Tokens per completion (max_tokens, max_completion_tokens, max_output_tokens); "
+        "also the default when a request sets none.",
+    )
+    logprobs: int = Field(20, ge=0, description="Log-probabilities per position (logprobs, top_logprobs, "
+                          "prompt_logprobs).")
+
+
 class ServeSection(Section):
     role: Literal["weak", "strong", "student", "judge"] = Field("student", description="Role to serve.")
     host: str = Field("127.0.0.1", description="Bind address; non-loopback needs api_key_env.")
     port: int = Field(8000, ge=1, le=65535, description="Port.")
-    api_key_env: str | None = Field(None, description="Env var with the API key the server requires.")
+    api_key_env: str | None = Field(
+        None, description="Env var with the API key the server requires on every route but /health.",
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request caps.")
+    allow_unsafe_env: bool = Field(
+        False, description="Start even when VLLM_SERVER_DEV_MODE or VLLM_ALLOW_RUNTIME_LORA_UPDATING is set in the "
+        "environment (they add routes that run code on the engine or load any path as an adapter); by default "
+        "the server refuses to start.",
+    )
 
 
 # --------------------------------------------------------------------------------------- recipe

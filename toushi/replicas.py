@@ -66,14 +66,17 @@ class Replicas:
             for port in self.ports
         ]
         self.devices = devices
+        self.allow_unsafe_env = recipe.serve.allow_unsafe_env
         self.log_dir = log_dir
         self.startup_timeout_s = startup_timeout_s
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> Replicas:
         """Start every worker at once, then wait until each answers /health."""
-        from toushi.lifetime import ensure_watchdog
+        from toushi.engines.server import check_env
+        from toushi.lifetime import ensure_watchdog, track
 
+        check_env(self.allow_unsafe_env)  # each worker would refuse too, one exit code at a time
         ensure_watchdog()  # workers (and, through their own watchdogs, their servers) die with the launcher
         for i, (cmd, dev) in enumerate(zip(self.cmds, self.devices)):
             env = dict(os.environ)
@@ -87,6 +90,7 @@ class Replicas:
             self.procs.append(subprocess.Popen(
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None, start_new_session=True,
             ))
+            track(self.procs[-1].pid)
             if log:
                 log.close()
         try:

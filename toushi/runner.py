@@ -23,6 +23,7 @@ from rich.console import Console
 from toushi.digests import path_digest
 from toushi.engines.pool import EnginePool
 from toushi.recipe import Recipe, iter_paths, save_recipe
+from toushi.runlock import run_lock
 from toushi.store import StageStore, stable_id
 
 console = Console(stderr=True)
@@ -66,7 +67,7 @@ class Stage:
     run: Callable[[StageContext], dict]
     sections: tuple[str, ...]  # recipe keys (dotted) whose values change this stage's output
     inputs: tuple[str, ...] = ()  # stages it reads from, when they are part of the run
-    outputs: tuple[str, ...] = ("records.jsonl",)  # files/dirs in its stage dir that later stages read
+    outputs: tuple[str, ...] = ("records.jsonl",)  # files/dirs it makes in its stage dir (a dir: an adapter)
 
 
 def input_files(recipe: Recipe, sections: tuple[str, ...]) -> dict[str, str]:
@@ -108,12 +109,29 @@ def downstream(recipe: Recipe, stages: dict[str, Stage], roots: set[str]) -> lis
     return hit
 
 
-def why_rerun(manifest: dict | None, recipe_hash: str, inputs: dict[str, dict]) -> str:
-    """One line on why a stage is not skipped, from its last manifest."""
+def present_outputs(run_dir: Path, stage: Stage) -> list[str]:
+    """The stage's outputs that are there now: a file that exists, a directory output (an adapter) only
+    when complete, so a half-written adapter never counts."""
+    from toushi.engines.adapters import complete_adapter
+
+    d = StageStore(run_dir, stage.name).dir
+    return [out for out in stage.outputs if (complete_adapter(d / out) if (d / out).is_dir() else (d / out).is_file())]
+
+
+def why_rerun(manifest: dict | None, fp: str, recipe_hash: str, inputs: dict[str, dict], present: list[str]) -> str | None:
+    """None when the stage is up to date, else one line on why it runs: the one place that decides.
+
+    Up to date = its last run completed, with this fingerprint, and every output that run left is still
+    there (``present``: :func:`present_outputs`); an output it never made (selftrain that trained nothing)
+    is not asked for.
+    """
     if not manifest:
         return "not run yet"
     if manifest.get("status") != "complete":
         return f"last run {manifest.get('status', 'unfinished')}"
+    lost = [out for out in manifest.get("outputs", []) if out not in present]
+    if manifest.get("fingerprint") == fp:
+        return f"output missing: {', '.join(lost)}" if lost else None
     changed = []
     if manifest.get("recipe_hash") != recipe_hash:
         changed.append("recipe settings")
@@ -132,7 +150,7 @@ def run_stages(
     quiet: each stage's library and engine output (fds 1 and 2, subprocesses included) goes to
     ``runs/<run>/<stage>/engine.log``; the terminal shows toushi's lines, progress bars and errors.
     """
-    from toushi.logs import LOG_NAME, output_to, terminal_console
+    from toushi.logs import terminal_console
 
     term = terminal_console() if quiet else console
     force = force or set()
@@ -143,6 +161,13 @@ def run_stages(
     bad_force = force - set(recipe.run.stages)
     if bad_force:
         raise ValueError(f"--force: not a stage of this recipe: {', '.join(sorted(bad_force))}")
+    with run_lock(recipe.run_dir):  # one run per directory, for the whole run
+        return _run_all(recipe, by_name, force, quiet, term)
+
+
+def _run_all(recipe: Recipe, by_name: dict[str, Stage], force: set[str], quiet: bool, term: Console) -> dict[str, str]:
+    from toushi.logs import LOG_NAME, output_to
+
     save_recipe(recipe, recipe.run_dir)
     if force:
         forced = downstream(recipe, by_name, force)
@@ -168,14 +193,16 @@ def _run_one(recipe: Recipe, stage: Stage, by_name: dict[str, Stage], forced: bo
     name = stage.name
     store = StageStore(recipe.run_dir, name)
     fp, upstream = fingerprint(recipe, stage, by_name)
-    if not forced and store.is_complete(fp):
+    own = recipe.section_hash(*stage.sections)
+    reason = "--force" if forced else why_rerun(store.manifest(), fp, own, upstream,
+                                               present_outputs(recipe.run_dir, stage))
+    if reason is None:
         term.print(f"[dim]• {name}: up to date, skipped[/dim]")
         return "skipped"
-    own = recipe.section_hash(*stage.sections)
-    reason = "--force" if forced else why_rerun(store.manifest(), own, upstream)
     term.rule(f"[bold]{name}[/bold] [dim]({reason})[/dim]")
     save_recipe(recipe, store.dir)
     store.write_manifest(
+        new_run=True,  # nothing of the last run (its error, counts, versions) may describe this one
         status="running",
         fingerprint=fp,
         recipe_hash=own,
@@ -202,7 +229,8 @@ def _run_one(recipe: Recipe, stage: Stage, by_name: dict[str, Stage], forced: bo
             term.print(tail(log), markup=False, highlight=False)
         raise
     used = {k: v - before[k] for k, v in engines.stats().items()}
-    store.write_manifest(status="complete", counts=counts, engines=used, wall_s=round(time.time() - t0, 2))
+    store.write_manifest(status="complete", counts=counts, engines=used, wall_s=round(time.time() - t0, 2),
+                         outputs=present_outputs(recipe.run_dir, stage))
     term.print(f"[green]✓ {name}[/green] {counts}")
     return "ran"
 

@@ -37,12 +37,21 @@ from pathlib import Path
 
 from toushi.datasets import load_sft
 from toushi.engines import make_engine
+from toushi.engines.adapters import complete_adapter
 from toushi.evaluate import adapter_fingerprint
 from toushi.models import resolve_model
 from toushi.recipe import Recipe, Sampling
 from toushi.rewards import JudgeScorer, format_reward, unit_score
 from toushi.runner import StageContext
-from toushi.store import RecordWriter, StageStore, atomic_write_text, read_jsonl, repair_jsonl, stable_id
+from toushi.store import (
+    RecordWriter,
+    StageStore,
+    atomic_write_text,
+    read_jsonl,
+    repair_jsonl,
+    stable_id,
+    staged_dir,
+)
 from toushi.tracking import end as end_tracking
 from toushi.tracking import start as start_tracking
 from toushi.training import (
@@ -294,7 +303,7 @@ def run_stage(ctx: StageContext) -> dict:
     sft_examples, sft_counts = load_sft(ctx.run_dir, target=s.target, context_distillation=s.context_distillation,
                                         keep_think=s.keep_think, drop_markdown=s.drop_markdown)
     sft_adapter = ctx.run_dir / "sft" / "adapter"
-    start = sft_adapter if (sft_adapter / "adapter_config.json").exists() else None
+    start = sft_adapter if complete_adapter(sft_adapter) else None
 
     dumped = recipe.model_dump(mode="json")
     judge = judge_spec(recipe) if cfg.confidence == "judge" else None
@@ -330,9 +339,11 @@ def run_stage(ctx: StageContext) -> dict:
     # would show up in eval as a "selftrain" system identical to sft.
     trained = any(rec["trained"] for rec in done)
     final = store.dir / "adapter"
-    shutil.rmtree(final, ignore_errors=True)
-    if trained:
-        shutil.copytree(adapter, final)
+    if trained:  # copied beside, then renamed into place: a kill mid-copy leaves no half adapter
+        with staged_dir(final) as tmp:
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
     counts = {
         "prompts": len(prompts), "sft_examples": len(sft_examples), "rounds": len(done),
         "kept": sum(rec["kept"] for rec in done), "rejected": sum(rec["rejected"] for rec in done),

@@ -3,8 +3,9 @@
 The run's trained adapters (``runs/<run>/{sft,dpo,grpo}/adapter``) are registered by stage name, so a
 client asks for ``model="dpo"`` to get the DPO student and for the base model's name to get the base.
 They are attached only when the served model is the student's base (they were trained on it). The API
-key is read from the environment variable ``serve.api_key_env`` names; binding a non-loopback address
-without one is refused (by :class:`VLLMServer`).
+key is read from the environment variable ``serve.api_key_env`` names and then needed on every route but
+/health (:mod:`toushi.engines.guard`); binding a non-loopback address without one is refused (by
+:class:`VLLMServer`), and so is a start with vLLM's dev-mode or runtime-LoRA variables set.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from toushi.engines.adapters import run_adapters
 from toushi.engines.server import ServerError, VLLMServer
 from toushi.recipe import ModelSpec, Recipe, RecipeError
-
-ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 
 
 def role_spec(recipe: Recipe, role: str) -> ModelSpec:
@@ -29,21 +29,11 @@ def role_spec(recipe: Recipe, role: str) -> ModelSpec:
     return spec
 
 
-def run_adapters(recipe: Recipe) -> dict[str, Path]:
-    """Stage name -> adapter directory for each training stage of the run that saved one."""
-    found = {}
-    for name in ADAPTER_STAGES:
-        d = recipe.run_dir / name / "adapter"
-        if (d / "adapter_config.json").is_file():
-            found[name] = d
-    return found
-
-
 def adapters_for(recipe: Recipe, role: str) -> dict[str, Path]:
     """The role's own adapters, plus the run's when the role's model is the student's base model."""
     spec = role_spec(recipe, role)
     student = recipe.models.student
-    trained = run_adapters(recipe) if student is not None and spec.name == student.name else {}
+    trained = run_adapters(recipe.run_dir) if student is not None and spec.name == student.name else {}
     return {**spec.lora_adapters, **trained}
 
 
@@ -68,7 +58,7 @@ def make_server(recipe: Recipe, log_path: Path | None = None) -> VLLMServer:
     """The (not yet started) server for the recipe's serve section."""
     cfg = recipe.serve
     return VLLMServer(serve_spec(recipe), host=cfg.host, port=cfg.port, api_key=server_api_key(recipe),
-                      log_path=log_path)
+                      log_path=log_path, limits=cfg.limits, allow_unsafe_env=cfg.allow_unsafe_env)
 
 
 def describe(server: VLLMServer, spec: ModelSpec, api_key_env: str | None) -> list[str]:

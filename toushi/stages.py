@@ -60,7 +60,8 @@ def _report(ctx: StageContext) -> dict:
     return run_stage(ctx)
 
 
-# outputs: what later stages read from a stage's directory; its content is part of their fingerprints
+# outputs: what a stage makes in its directory; what later stages read of it is part of their fingerprints,
+# and a stage whose output is gone reruns
 ADAPTER = ("adapter",)
 STAGES: list[Stage] = [
     Stage("corpus", _corpus, ("run.lang", "run.seed", "corpus", "models.strong", "models.weak")),
@@ -84,6 +85,6 @@ STAGES: list[Stage] = [
     Stage("eval", _eval, ("eval", "models", "corpus.tagging.labels_file"),
           ("pairs", "guided", "sft", "dpo", "grpo", "distill", "selftrain"),
           ("records.jsonl", "summary.json")),
-    Stage("report", _report, (), ("eval", "guidance"), ()),
+    Stage("report", _report, (), ("eval", "guidance"), ("index.html",)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]

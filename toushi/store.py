@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,47 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise StoreError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def staged_dir(dst: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside ``dst`` to write into; when the block ends without an error it
+    replaces ``dst`` (on an error it is removed and ``dst`` is untouched).
+
+    The old ``dst`` is renamed aside first, so ``dst`` is at every moment the old complete directory, absent,
+    or the new complete one: never a mix. What a kill leaves are hidden names (``.dst.tmp-PID``,
+    ``.dst.old``) that readers never look at and the next replace removes.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):  # a killed write's
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def repair_jsonl(path: Path) -> int:
@@ -210,17 +253,17 @@ class StageStore:
         except ValueError as e:
             raise StoreError(f"{self.manifest_path}: unreadable manifest: {e}") from None
 
-    def write_manifest(self, **fields: Any) -> dict[str, Any]:
-        """Merge fields into the manifest and replace it atomically."""
-        data = self.manifest() or {"stage": self.name}
+    def write_manifest(self, new_run: bool = False, **fields: Any) -> dict[str, Any]:
+        """Merge fields into the manifest and replace it atomically.
+
+        new_run: start from an empty manifest (a new run of the stage), so nothing of the last run - its
+        error and traceback, counts, versions - is left to describe this one.
+        """
+        data = {"stage": self.name} if new_run else (self.manifest() or {"stage": self.name})
         data.update(fields)
         data.setdefault("versions", package_versions())
         atomic_write_text(self.manifest_path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
         return data
-
-    def is_complete(self, fingerprint: str) -> bool:
-        m = self.manifest()
-        return bool(m) and m.get("status") == "complete" and m.get("fingerprint") == fingerprint
 
     def path(self, *parts: str) -> Path:
         p = self.dir.joinpath(*parts)

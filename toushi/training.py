@@ -257,30 +257,35 @@ def fingerprint_mismatch(old: dict, new: dict) -> str:
     return ", ".join(parts) or "fingerprint format"
 
 
-def finished(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be resumed because its run already ended, or None.
-
-    Resuming a checkpoint saved at the last step still trains one more step (transformers skips the
-    seen batches, then steps before it checks max_steps): a finished run is redone instead.
-    """
+def trainer_state(checkpoint: Path) -> dict | None:
+    """A checkpoint's trainer_state.json, or None when it is missing or unreadable."""
     import json
 
     try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        return json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return f"{checkpoint.name} has no readable trainer_state.json"
+        return None
+
+
+def finished(checkpoint: Path) -> str | None:
+    """What says a checkpoint's run already ended (its last step is saved), or None.
+
+    Such a checkpoint is reused as it is, never resumed: resuming it would still train one more step
+    (transformers skips the seen batches, then steps before it checks max_steps).
+    """
+    state = trainer_state(checkpoint) or {}
     step, total = state.get("global_step", 0), state.get("max_steps", 0)
-    return f"{checkpoint.name} already finished training (step {step} of {total})" if step >= total > 0 else None
+    return f"{checkpoint.name} finished training (step {step} of {total})" if step >= total > 0 else None
 
 
 def resume_checkpoint(
     output_dir: Path, resume: bool, fingerprint: dict, is_main: bool
-) -> tuple[str | None, str | None]:
-    """(checkpoint to resume from, None) or (None, why training starts fresh).
+) -> tuple[str | None, str | None, bool]:
+    """(checkpoint to resume or reuse, None, whether its run finished) or (None, why training starts fresh, False).
 
-    A checkpoint is resumed only when its stamp (fingerprint.json beside the checkpoints) equals this
-    run's fingerprint; anything else (other data, settings, base or start adapter; no stamp) is deleted,
-    not resumed. Only rank 0 deletes, before it writes the new stamp, so another rank that already sees the
+    A checkpoint is used only when its stamp (fingerprint.json beside the checkpoints) equals this run's
+    fingerprint; anything else (other data, settings, base or start adapter; no stamp) is deleted, not
+    resumed. Only rank 0 deletes, before it writes the new stamp, so another rank that already sees the
     new stamp also sees no stale checkpoint.
     """
     import json
@@ -301,8 +306,11 @@ def resume_checkpoint(
         reason = "checkpoints carry no fingerprint (made by an older toushi)"
     elif old != fingerprint:
         reason = "checkpoints were made with other " + fingerprint_mismatch(old, fingerprint)
+    elif trainer_state(Path(last)) is None:
+        reason = f"{Path(last).name} has no readable trainer_state.json"
     else:
-        reason = finished(Path(last))
+        reason = None
+    done = reason is None and finished(Path(last)) is not None
 
     if reason is not None:
         last = None
@@ -311,8 +319,27 @@ def resume_checkpoint(
             shutil.rmtree(output_dir)  # never mix a fresh run's checkpoints with another run's
         output_dir.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True), encoding="utf-8")
-        print(f"[toushi] resuming from {last}" if last else f"[toushi] training from scratch: {reason}", flush=True)
-    return last, reason
+        print(f"[toushi] reusing {last}: {finished(Path(last))}, nothing to train" if done
+              else f"[toushi] resuming from {last}" if last else f"[toushi] training from scratch: {reason}",
+              flush=True)
+    return last, reason, done
+
+
+def train_or_reuse(trainer, output_dir: Path, resume: bool, fingerprint: dict, is_main: bool):
+    """Train (continuing a checkpoint of this same fingerprint), or take the weights of one whose run already
+    finished, so a kill during the final eval or adapter save costs no training.
+
+    Returns (the train() result, or None when reused; the manifest's resumed_from / reused / fresh).
+    """
+    from transformers.trainer_callback import TrainerState
+
+    last, fresh, done = resume_checkpoint(output_dir, resume, fingerprint, is_main)
+    if not done:
+        return trainer.train(resume_from_checkpoint=last), {"resumed_from": last, "reused": None, "fresh": fresh}
+    # the Trainer's own checkpoint loader (full weights, PEFT adapters, FSDP) without taking a step
+    trainer._load_from_checkpoint(last)
+    trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+    return None, {"resumed_from": None, "reused": last, "fresh": None}
 
 
 def peak_memory_gib() -> float:
@@ -325,19 +352,23 @@ def peak_memory_gib() -> float:
 
 
 def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
-    """Losses, throughput and memory for the manifest, from the trainer's own log history."""
+    """Losses, throughput and memory for the manifest, from the trainer's own log history.
+
+    train_result None: a finished checkpoint was reused; its log history has the losses, not the runtime.
+    """
     import torch
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    runtime = train_result.metrics.get("train_runtime") or 0.0
+    metrics = train_result.metrics if train_result is not None else {}
+    runtime = metrics.get("train_runtime") or 0.0
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     return {
         "steps": trainer.state.global_step,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "train_loss": train_result.metrics.get("train_loss"),
+        "train_loss": metrics.get("train_loss"),
         "eval_loss": eval_loss,
-        "train_runtime_s": round(runtime, 2),
+        "train_runtime_s": round(runtime, 2) if train_result is not None else None,
         "tokens_seen": tokens,
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
         "peak_memory_gib": peak_memory_gib(),
@@ -360,6 +391,11 @@ def save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None = 
 
     ``state_dict``: the gathered weights (:func:`full_state_dict`) when training was sharded; the model's own
     parameters are then only this process's shards, and saving them would write a wrong adapter.
+    Written to a temporary directory and renamed into place: a kill mid-save leaves the old adapter or
+    none, never a half-written one.
     """
-    model.save_pretrained(str(adapter_dir), selected_adapters=["default"], state_dict=state_dict)
-    tokenizer.save_pretrained(str(adapter_dir))
+    from toushi.store import staged_dir
+
+    with staged_dir(adapter_dir) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))

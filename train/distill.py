@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from trl import DistillationConfig  # noqa: E402
 
 from toushi.distill import TeacherPromptDistillationTrainer, slice_rows, teacher_prompt_ids  # noqa: E402
+from toushi.engines.adapters import complete_adapter  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.pairs import conversation  # noqa: E402
 from toushi.preflight import check_teacher, end_ids  # noqa: E402
@@ -55,8 +56,8 @@ from toushi.training import (  # noqa: E402
     load_tokenizer,
     lora_config,
     parse_args,
-    resume_checkpoint,
     save_adapter,
+    train_or_reuse,
     train_summary,
     trainer_kwargs,
     use_bf16,
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.from_sft:
         from peft import PeftModel
 
-        if not (sft_adapter / "adapter_config.json").exists():
-            raise TrainError(f"distill.from_sft: no SFT adapter at {sft_adapter}: run the sft stage first")
+        if not complete_adapter(sft_adapter):
+            raise TrainError(f"distill.from_sft: no complete SFT adapter at {sft_adapter}: run the sft stage first")
         model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
         peft_config = None
 
@@ -164,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         start_adapter=sft_adapter if cfg.from_sft else None,
         extra={"chat_template": tokenizer.chat_template, "teacher": base_model_digest(teacher_path)},
     )  # examples carry the teacher's prompt ids: a new guidance or strong system prompt retrains
-    last, fresh = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
-    result = trainer.train(resume_from_checkpoint=last)
+    result, run_info = train_or_reuse(trainer, output_dir, args.resume, fingerprint, main_proc)
 
     # ---- save
     state_dict = full_state_dict(trainer)  # every process: ZeRO-3 / FSDP gather the sharded weights here
@@ -182,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             teacher_tokens_scored=trainer.teacher_tokens,
         )
         store.write_manifest(
-            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
-            adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, **run_info, adapter=str(store.dir / "adapter"),
             base_model=model_path, teacher_model=teacher_path, from_sft=cfg.from_sft, use_vllm=use_vllm,
             preflight=dataclasses.asdict(fit),
         )

@@ -20,6 +20,7 @@ from datasets import Dataset  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from toushi.datasets import load_dpo  # noqa: E402
+from toushi.engines.adapters import complete_adapter  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
 from toushi.tracking import end as end_tracking  # noqa: E402
@@ -34,9 +35,9 @@ from toushi.training import (  # noqa: E402
     load_tokenizer,
     lora_config,
     parse_args,
-    resume_checkpoint,
     save_adapter,
     split_eval,
+    train_or_reuse,
     train_summary,
     trainer_kwargs,
     use_bf16,
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.from_sft:
         from peft import PeftModel
 
-        if not (sft_adapter / "adapter_config.json").exists():
-            raise TrainError(f"dpo.from_sft: no SFT adapter at {sft_adapter}: run the sft stage first")
+        if not complete_adapter(sft_adapter):
+            raise TrainError(f"dpo.from_sft: no complete SFT adapter at {sft_adapter}: run the sft stage first")
         # DPOTrainer freezes a copy of this adapter as the reference ("ref"); dpo.lora is not used
         model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
         peft_config = None
@@ -101,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
         start_adapter=sft_adapter if cfg.from_sft else None, extra={"chat_template": tokenizer.chat_template},
     )
-    last, fresh = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
-    result = trainer.train(resume_from_checkpoint=last)
+    result, run_info = train_or_reuse(trainer, output_dir, args.resume, fingerprint, main_proc)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
 
     # ---- save
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             summary["final_reward_margin"] = rewards[-1]["rewards/margins"]
             summary["final_reward_accuracy"] = rewards[-1].get("rewards/accuracies")
         store.write_manifest(
-            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
-            adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, **run_info, adapter=str(store.dir / "adapter"),
             base_model=model_path, from_sft=cfg.from_sft,
         )
         print(f"[toushi] DPO done: {summary}", flush=True)

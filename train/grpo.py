@@ -24,6 +24,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from toushi.datasets import load_grpo  # noqa: E402
 from toushi.digests import path_digest  # noqa: E402
+from toushi.engines.adapters import complete_adapter  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.rewards import build_rewards  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
@@ -39,8 +40,8 @@ from toushi.training import (  # noqa: E402
     load_tokenizer,
     lora_config,
     parse_args,
-    resume_checkpoint,
     save_adapter,
+    train_or_reuse,
     train_summary,
     trainer_kwargs,
     use_bf16,
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.from_sft:
         from peft import PeftModel
 
-        if not (sft_adapter / "adapter_config.json").exists():
-            raise TrainError(f"grpo.from_sft: no SFT adapter at {sft_adapter}: run the sft stage first")
+        if not complete_adapter(sft_adapter):
+            raise TrainError(f"grpo.from_sft: no complete SFT adapter at {sft_adapter}: run the sft stage first")
         model = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True)
         peft_config = None
 
@@ -117,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                "guidance": path_digest(recipe.run_dir / "guidance" / "guidance.json")
                if cfg.reward_weights.get("adherence") else None},
     )
-    last, fresh = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
-    result = trainer.train(resume_from_checkpoint=last)
+    result, run_info = train_or_reuse(trainer, output_dir, args.resume, fingerprint, main_proc)
 
     # ---- save
     state_dict = full_state_dict(trainer)  # every process: ZeRO-3 / FSDP gather the sharded weights here
@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             for key in ["reward", *(f"rewards/{f.__name__}/mean" for f in reward_funcs)]
         }
         store.write_manifest(
-            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
-            adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, **run_info, adapter=str(store.dir / "adapter"),
             base_model=model_path, from_sft=cfg.from_sft, use_vllm=use_vllm,
         )
         print(f"[toushi] GRPO done: {summary}", flush=True)

@@ -33,9 +33,9 @@ from toushi.training import (  # noqa: E402
     load_tokenizer,
     lora_config,
     parse_args,
-    resume_checkpoint,
     save_adapter,
     split_eval,
+    train_or_reuse,
     train_summary,
     trainer_kwargs,
     use_bf16,
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     fingerprint = checkpoint_fingerprint(model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
                                          extra={"chat_template": tokenizer.chat_template})
-    last, fresh = resume_checkpoint(output_dir, args.resume, fingerprint, main_proc)
-    result = trainer.train(resume_from_checkpoint=last)
+    result, run_info = train_or_reuse(trainer, output_dir, args.resume, fingerprint, main_proc)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
 
     # ---- save
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         save_adapter(model, tokenizer, store.dir / "adapter", state_dict)
         summary = train_summary(trainer, result, eval_loss)
         store.write_manifest(
-            data=counts, training=summary, tracking=tracking, resumed_from=last, fresh=fresh,
-            adapter=str(store.dir / "adapter"),
+            data=counts, training=summary, tracking=tracking, **run_info, adapter=str(store.dir / "adapter"),
             base_model=model_path,
         )
         print(f"[toushi] SFT done: {summary}", flush=True)

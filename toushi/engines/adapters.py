@@ -1,6 +1,8 @@
-"""LoRA adapter checks shared by the vLLM engine and ``toushi serve``.
+"""LoRA adapter checks shared by the vLLM engine, eval and ``toushi serve``.
 
-vLLM rejects adapters whose rank exceeds ``max_lora_rank`` (default 16) and cannot serve adapters that
+An adapter directory counts only when it is complete (:func:`complete_adapter`): training writes it to a
+temporary directory and renames it into place, but an older toushi or a copy cut short can leave a
+directory with a config and torn or missing weights, which must never be served or evaluated. vLLM rejects adapters whose rank exceeds ``max_lora_rank`` (default 16) and cannot serve adapters that
 save whole modules (``modules_to_save``, e.g. a retrained lm_head); both are caught here with a message
 that names the adapter instead of failing deep inside the engine.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")  # run stages that save <stage>/adapter
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank accepts
 
 
@@ -25,6 +28,40 @@ def adapter_config(path: str | Path) -> dict:
         return json.loads(cfg.read_text(encoding="utf-8"))
     except ValueError as e:
         raise AdapterError(f"{cfg}: unreadable: {e}") from None
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """The file holds its whole header and every tensor the header lists (a torn write is shorter)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def complete_adapter(path: str | Path) -> bool:
+    """A PEFT adapter directory with a readable config and whole weights (safetensors checked in full)."""
+    path = Path(path)
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if (path / "adapter_model.safetensors").is_file():
+        return _complete_safetensors(path / "adapter_model.safetensors")
+    return (path / "adapter_model.bin").is_file()
+
+
+def run_adapters(run_dir: str | Path, stages=ADAPTER_STAGES) -> dict[str, Path]:
+    """Stage name -> adapter directory for each of ``stages`` whose complete adapter is in the run."""
+    found = {}
+    for name in ADAPTER_STAGES:
+        d = Path(run_dir) / name / "adapter"
+        if name in stages and complete_adapter(d):
+            found[name] = d
+    return found
 
 
 def check_servable(name: str, path: str | Path) -> int:

@@ -1,8 +1,9 @@
 """vLLM's OpenAI-compatible server as a subprocess: ``python -m vllm.entrypoints.openai.api_server``.
 
-Used by ``toushi serve`` / ``infer/serve.py`` and by the tests' ``vllm_server`` fixture. The API key is
-passed through the ``VLLM_API_KEY`` environment variable, never on the command line (where ``ps`` shows
-it) and never in logs.
+Used by ``toushi serve`` / ``infer/serve.py`` and by the tests' ``vllm_server`` fixture. Every server
+toushi starts runs toushi's deny-by-default middleware (:mod:`toushi.engines.guard`: the key on every route
+but /health, Host check on loopback binds, per-request limits). The API key is passed through the
+``VLLM_API_KEY`` environment variable, never on the command line (where ``ps`` shows it) and never in logs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import httpx
 
+from toushi.engines.guard import GUARD_ENV, guard_env
 from toushi.engines.vllm_engine import cpu_thread_env, engine_kwargs
-from toushi.recipe import ModelSpec
+from toushi.recipe import ModelSpec, RequestLimits
 
 
 class ServerError(RuntimeError):
@@ -35,11 +37,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def server_command(spec: ModelSpec, host: str, port: int, served_name: str | None = None) -> list[str]:
+# vLLM variables that open routes running code on the engine (/collective_rpc, /sleep, ...) or loading any
+# path as an adapter (POST /v1/load_lora_adapter); a caller's environment passes them on unnoticed
+UNSAFE_ENV = ("VLLM_SERVER_DEV_MODE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING")
+
+
+def check_env(allow_unsafe_env: bool) -> None:
+    """Refuse to start a server with an UNSAFE_ENV variable on (as vLLM reads it) unless explicitly allowed."""
+    unsafe = [k for k in UNSAFE_ENV if os.environ.get(k, "").strip().lower() not in ("", "0", "false")]
+    if unsafe and not allow_unsafe_env:
+        raise ServerError(
+            f"refusing to start: {', '.join(unsafe)} is set in the environment, which opens vLLM routes that run "
+            "code on the engine or load any path as an adapter; unset it, or pass --set serve.allow_unsafe_env=true "
+            "(every route still needs the key)"
+        )
+
+
+def server_command(spec: ModelSpec, host: str, port: int, served_name: str | None = None,
+                   limits: RequestLimits | None = None) -> list[str]:
     """The api_server command line for a spec (the same engine settings as the offline vLLM engine)."""
     kw = engine_kwargs(spec)  # also checks the LoRA adapters (rank, modules_to_save)
+    limits = limits or RequestLimits()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"]]
     cmd += ["--served-model-name", served_name or spec.served_model or spec.name, "--host", host, "--port", str(port)]
+    # the guard is the outermost layer (vLLM adds --middleware last); the engine enforces the logprobs cap too,
+    # and a request that sets no max_tokens gets the cap instead of the whole context
+    cmd += ["--middleware", "toushi.engines.guard.ServeGuard", "--max-logprobs", str(limits.logprobs),
+            "--override-generation-config", json.dumps({"max_new_tokens": limits.max_tokens})]
     cmd += ["--dtype", kw["dtype"], "--tensor-parallel-size", str(kw["tensor_parallel_size"])]
     cmd += ["--gpu-memory-utilization", str(kw["gpu_memory_utilization"])]
     if "data_parallel_size" in kw:  # replicas behind this one server, each tensor_parallel_size GPUs
@@ -74,13 +98,17 @@ class VLLMServer:
         served_name: str | None = None,
         log_path: Path | None = None,
         startup_timeout_s: float = 600.0,
+        limits: RequestLimits | None = None,
+        allow_unsafe_env: bool = False,
     ):
         if not is_loopback(host) and not api_key:
             raise ServerError(
                 f"refusing to bind {host}: a non-loopback address needs an API key (set serve.api_key_env "
                 "to the name of an environment variable holding one)"
             )
-        self.cmd = server_command(spec, host, port, served_name)
+        self.limits = limits or RequestLimits()
+        self.allow_unsafe_env = allow_unsafe_env
+        self.cmd = server_command(spec, host, port, served_name, self.limits)
         self.host, self.port, self.api_key = host, port, api_key
         self.served_name = served_name or spec.served_model or spec.name
         self.log_path = log_path
@@ -93,12 +121,18 @@ class VLLMServer:
         return f"http://{host}:{self.port}/v1"
 
     def start(self) -> VLLMServer:
+        check_env(self.allow_unsafe_env)
         env = dict(os.environ)
         env.update(cpu_thread_env())
         env.pop("VLLM_API_KEY", None)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
-        from toushi.lifetime import ensure_watchdog
+        lim = self.limits
+        env[GUARD_ENV] = guard_env(is_loopback(self.host), lim.n, lim.max_tokens, lim.logprobs)
+        # the server imports the guard from this same toushi, installed or not
+        here = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        from toushi.lifetime import ensure_watchdog, track
 
         ensure_watchdog()  # the server must not outlive this process, even on SIGKILL
         log = open(self.log_path, "ab") if self.log_path else None
@@ -106,6 +140,7 @@ class VLLMServer:
         self.proc = subprocess.Popen(
             self.cmd, env=env, stdout=log or None, stderr=subprocess.STDOUT if log else None, start_new_session=True
         )
+        track(self.proc.pid)
         if log:
             log.close()
         self.wait_healthy()

@@ -126,9 +126,7 @@ class VLLMEngine(Engine):
     def __init__(self, spec: ModelSpec):
         from vllm import LLM
 
-        from toushi.lifetime import ensure_watchdog
-
-        ensure_watchdog()  # an engine core subprocess (GPU) must not outlive this process, even on SIGKILL
+        from toushi.lifetime import tracking_new_children
         self.spec = spec
         if spec.data_parallel_size > 1:
             # vllm.LLM raises on it too ("not supported for single-process usage"); this says what to do.
@@ -141,7 +139,8 @@ class VLLMEngine(Engine):
         extra = offline_cpu_env()  # read while LLM() builds the engine; then this process is as it was
         os.environ.update(extra)
         try:
-            self.llm = LLM(**self.kwargs)
+            with tracking_new_children():  # an engine core (GPU) must not outlive this process, even on SIGKILL
+                self.llm = LLM(**self.kwargs)
         finally:
             for k in extra:
                 os.environ.pop(k, None)
