@@ -156,17 +156,38 @@ def vllm_engine(offline_model):
 
 
 @pytest.fixture(scope="session")
-def vllm_server(offline_model, tmp_path_factory):
-    """Base URL (``http://127.0.0.1:<port>/v1``) of a real vLLM OpenAI-compatible server serving the offline
-    model under the name ``smollm2-135m-instruct`` (no API key, no adapters). Started once per session
-    (about a minute on this CPU), stopped at the end. Use it with a ModelSpec such as
-    ``ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server)``."""
+def _session_server(request, tmp_path_factory):
+    """The session server's process, launched when the session starts if any selected test uses it: its start
+    (most of a minute, mostly imports on one core) then overlaps the first tests instead of stalling the test
+    that first asks for it."""
     from toushi.engines.server import VLLMServer
 
+    if not any("vllm_server" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    request.getfixturevalue("offline_model")
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     server = VLLMServer(cpu_vllm_spec("smollm2-135m-instruct"), port=free_port(), log_path=log)
-    with server:
-        yield server.base_url
+    server.launch()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prestart(_session_server):
+    """Autouse only to launch the session server early (see _session_server)."""
+
+
+@pytest.fixture(scope="session")
+def vllm_server(_session_server):
+    """Base URL (``http://127.0.0.1:<port>/v1``) of a real vLLM OpenAI-compatible server serving the offline
+    model under the name ``smollm2-135m-instruct`` (no API key, no adapters). Started once per session,
+    stopped at the end. Use it with a ModelSpec such as
+    ``ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server)``."""
+    _session_server.wait_healthy()
+    return _session_server.base_url
 
 
 def write_corpus(run_dir: Path, posts: list[str]) -> None:

@@ -121,6 +121,14 @@ class VLLMServer:
         return f"http://{host}:{self.port}/v1"
 
     def start(self) -> VLLMServer:
+        """Start the server and wait until it answers."""
+        self.launch()
+        self.wait_healthy()
+        return self
+
+    def launch(self) -> VLLMServer:
+        """Start the server process without waiting for it (most of a minute on a small CPU, mostly imports on
+        one core): a caller with other work to do meanwhile calls :meth:`wait_healthy` when it needs it."""
         check_env(self.allow_unsafe_env)
         env = dict(os.environ)
         env.update(cpu_thread_env())
@@ -143,7 +151,6 @@ class VLLMServer:
         track(self.proc.pid)
         if log:
             log.close()
-        self.wait_healthy()
         return self
 
     def wait_healthy(self) -> None:
