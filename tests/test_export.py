@@ -131,3 +131,78 @@ def test_recipe_yaml_roundtrip_has_training_fields(tmp_path):
     r = Recipe.model_validate({"run": {"name": "x"}})
     dumped = yaml.safe_load(r.to_yaml())
     assert dumped["sft"]["drop_markdown"] is True and dumped["sft"]["train"]["eval_fraction"] == 0.05
+
+
+def _changed_weights(trained_dir, base_dir) -> int:
+    from safetensors.torch import load_file
+
+    trained, base = load_file(f"{trained_dir}/model.safetensors"), load_file(f"{base_dir}/model.safetensors")
+    return sum(1 for k, v in trained.items() if k in base and not v.equal(base[k]))
+
+
+def test_trl_cli_trains_on_exported_sets(run_dir, tiny_model, tmp_path):
+    """`trl sft` / `trl dpo` (TRL's own command line, as the `trl` script runs it) train a step on the exported
+    files, found through the dataset card's configs."""
+    from trl.cli.main import main as trl_main
+
+    result = export_data(run_dir, "trl", tmp_path / "trl")
+    assert result["sft"] == 11 and result["dpo"] == 34
+    row = json.loads((tmp_path / "trl" / "dpo.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in row["prompt"]] == ["user"]
+    assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
+    common = ["--model_name_or_path", str(tiny_model), "--dataset_name", str(tmp_path / "trl"), "--max_steps", "1",
+              "--per_device_train_batch_size", "2", "--max_length", "256", "--learning_rate", "1e-3",
+              "--bf16", "false", "--report_to", "none", "--save_strategy", "no"]
+    for kind in ("sft", "dpo"):
+        out = tmp_path / f"trained-{kind}"
+        assert trl_main([kind, *common, "--dataset_config", kind, "--output_dir", str(out)]) in (0, None)
+        assert _changed_weights(out, tiny_model) > 0, kind
+
+
+def _parity_run(root, offline_model, lora_adapter):
+    """A run with held-out prompts, a vLLM student on this CPU and an SFT adapter."""
+    import shutil
+
+    from conftest import cpu_vllm_spec
+
+    rd = write_run(root / "runs" / "par")
+    student = cpu_vllm_spec(str(offline_model)).model_dump(mode="json")
+    recipe = Recipe.model_validate({"run": {"name": "par", "dir": str(rd.parent)}, "models": {"student": student}})
+    save_recipe(recipe, rd)
+    shutil.copytree(lora_adapter, rd / "sft" / "adapter")
+    return rd
+
+
+def test_merge_parity_check_catches_mismatch(tmp_path, offline_model, lora_adapter, monkeypatch):
+    import shutil
+
+    import toushi.export as export
+
+    rd = _parity_run(tmp_path, offline_model, lora_adapter)
+    args = ["export", "merge", str(rd), "--stage", "sft", "--prompts", "2", "--max-tokens", "16"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    merged = rd / "sft" / "merged"
+    report = json.loads((merged / "parity.json").read_text())
+    assert report["ok"] and set(report["backends"]) == {"vllm", "transformers"}
+    assert report["prompt_source"] == "held-out prompts of the run" and len(report["prompts"]) == 2
+    assert all(b["mismatch"] == 0 and b["same"] + b["noise"] == 2 for b in report["backends"].values())
+    assert "Export parity" in (merged / "README.md").read_text()
+
+    # a deliberately wrong merge: the adapter folded in at 4x its scale (lora_alpha 4x) must fail the check
+    scaled = tmp_path / "scaled"
+    shutil.copytree(lora_adapter, scaled)
+    cfg = json.loads((scaled / "adapter_config.json").read_text())
+    cfg["lora_alpha"] *= 4
+    (scaled / "adapter_config.json").write_text(json.dumps(cfg))
+    right_merge = export.merge
+    monkeypatch.setattr(export, "merge", lambda adapter, out, **kw: right_merge(scaled, out, **kw))
+    res = CliRunner().invoke(app, [*args, "--no-vllm", "--out", str(tmp_path / "wrong")])
+    assert res.exit_code == 2 and "answers differently from its adapter" in res.output, res.output
+    report = json.loads((tmp_path / "wrong" / "parity.json").read_text())
+    assert not report["ok"] and report["backends"]["transformers"]["mismatch"] >= 1
+    assert all(i["gap_nats"] > report["tolerance_nats"] for i in report["backends"]["transformers"]["items"]
+               if i["verdict"] == "mismatch")
+    res = CliRunner().invoke(app, [*args, "--no-vllm", "--out", str(tmp_path / "wrong"), "--allow-mismatch"])
+    assert res.exit_code == 0 and "parity mismatch kept" in res.output, res.output
+    assert "mismatched" in (tmp_path / "wrong" / "README.md").read_text()

@@ -277,32 +277,69 @@ def data_inspect(
     err.print(f"{len(warnings)} warning(s)" if warnings else "[green]no warnings[/green]")
 
 
+PushOpt = Annotated[str | None, typer.Option("--push-to-hub", help="Upload the export (card included) to this Hub "
+                                             "repo (needs HF_TOKEN; private unless --public).")]
+PublicOpt = Annotated[bool, typer.Option("--public", help="With --push-to-hub: create the repo public.")]
+
+
+def _push(folder: Path, repo: str | None, repo_type: str, public: bool) -> None:
+    from toushi.cards import push_to_hub
+    from toushi.export import ExportError
+
+    if not repo:
+        return
+    try:
+        url = push_to_hub(folder, repo, repo_type, private=not public)
+    except ExportError as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - a Hub/network error, said in one line
+        _fail(f"--push-to-hub {repo}: {type(e).__name__}: {e}")
+    out.print(f"uploaded: {url}")
+
+
 @export_app.command("merge")
 def export_merge(
     run: str,
-    stage: Annotated[str, typer.Option(help="Which adapter: sft, dpo or grpo.")] = "sft",
+    stage: Annotated[str, typer.Option(help="Which adapter: sft, dpo, grpo, distill or selftrain.")] = "sft",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/<stage>/merged.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's own).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts the parity check answers.")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens per parity answer.")] = 48,
+    allow_mismatch: Annotated[bool, typer.Option(help="Keep a merged model that fails the parity check "
+                                                      "(warn instead of failing).")] = False,
+    vllm: Annotated[bool, typer.Option(help="Also check the merged model under vLLM.")] = True,
+    push: PushOpt = None,
+    public: PublicOpt = False,
 ):
-    """Fold a stage's LoRA adapter into the base model: a full safetensors model for vLLM/transformers."""
-    from toushi.export import ExportError, merge
+    """Fold a stage's LoRA adapter into the base model (a full safetensors model for vLLM/transformers), check
+    that it answers as the adapter does (transformers and vLLM), write parity.json and a model card."""
+    from toushi.export import ExportError, merge_checked
 
     rd = run_path(run)
     try:
-        path = merge(rd / stage / "adapter", out_dir or rd / stage / "merged", base=base, dtype=dtype)
+        result = merge_checked(rd, stage, out_dir, base=base, dtype=dtype, n_prompts=prompts, max_tokens=max_tokens,
+                               allow_mismatch=allow_mismatch, vllm=vllm, console=err)
     except ExportError as e:
         _fail(str(e))
-    out.print(str(path))
+    if not result["ok"]:
+        err.print(f"[yellow]warning: parity mismatch kept (--allow-mismatch): {result['parity']}[/yellow]")
+    else:
+        err.print(f"parity: {result['parity']}")
+    out.print(result["dir"])
+    _push(Path(result["dir"]), push, "model", public)
 
 
 @export_app.command("data")
 def export_data_cmd(
     run: str,
-    format: Annotated[str, typer.Option("--format", help="sharegpt, llamafactory or alpaca.")] = "sharegpt",
+    format: Annotated[str, typer.Option("--format", help="sharegpt, llamafactory, alpaca or trl.")] = "sharegpt",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/export/<format>.")] = None,
+    push: PushOpt = None,
+    public: PublicOpt = False,
 ):
-    """Write the SFT and DPO sets (as training uses them) with LLaMA-Factory's dataset_info.json."""
+    """Write the SFT and DPO sets (as training uses them) with a dataset card (LLaMA-Factory's dataset_info.json
+    too, except for trl)."""
     from toushi.export import ExportError, export_data
 
     try:
@@ -310,6 +347,7 @@ def export_data_cmd(
     except ExportError as e:
         _fail(str(e))
     out.print(result)
+    _push(Path(result["dir"]), push, "dataset", public)
 
 
 # ----------------------------------------------------------------------------------- serving / inference
