@@ -206,3 +206,35 @@ def test_merge_parity_check_catches_mismatch(tmp_path, offline_model, lora_adapt
     res = CliRunner().invoke(app, [*args, "--no-vllm", "--out", str(tmp_path / "wrong"), "--allow-mismatch"])
     assert res.exit_code == 0 and "parity mismatch kept" in res.output, res.output
     assert "mismatched" in (tmp_path / "wrong" / "README.md").read_text()
+
+
+def test_gguf_export_parity(tmp_path, tiny_model):
+    """llama.cpp's converter writes the merged student as GGUF; read back through transformers' GGUF loader it
+    answers as the merged model does; the Modelfile and card come with it."""
+    from conftest import make_lora_adapter
+    from gguf import GGUFReader
+
+    rd = write_run(tmp_path / "runs" / "gg")
+    save_recipe(Recipe.model_validate({"run": {"name": "gg", "dir": str(rd.parent)},
+                                       "models": {"student": {"name": str(tiny_model), "engine": "hf"}},
+                                       "corpus": {"sources": [{"path": "data/venting_en.jsonl"}]}}), rd)
+    adapter = make_lora_adapter(tiny_model, rd / "sft" / "adapter", r=4, std=0.5)
+    merge(adapter, rd / "sft" / "merged")
+    res = CliRunner().invoke(app, ["export", "gguf", str(rd), "--outtype", "f16", "--prompts", "2",
+                                   "--max-tokens", "16"])
+    assert res.exit_code == 0, res.output
+    out = rd / "sft" / "gguf"
+    gguf_file = out / "gg-sft-f16.gguf"
+    fields = GGUFReader(gguf_file).fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert "<|im_start|>" in bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
+    report = json.loads((out / "parity.json").read_text())
+    assert report["ok"] and report["outtype"] == "f16" and len(report["prompts"]) == 2
+    (backend,) = report["backends"].values()
+    assert backend["same"] + backend["noise"] == 2 and backend["mismatch"] == 0
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./gg-sft-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "<|im_start|>{{ .Role }}" in modelfile and "SYSTEM" in modelfile  # SmolLM2's default system prompt
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "GGUF (f16)" in card and "LoRA r=4, alpha=8" in card
+    assert "Apache-2.0 like the project" in card

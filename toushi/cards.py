@@ -82,15 +82,18 @@ def _facts(run_dir: Path) -> dict:
 
 
 def write_model_card(out_dir: Path, run_dir: Path, stage: str, base: str, *, merged: bool = True,
-                     artifact: str | None = None, parity: dict | None = None,
-                     train_examples: int | None = None) -> Path:
-    """README.md in ``out_dir``: the student's model card."""
+                     artifact: str | None = None, parity: dict | None = None) -> Path:
+    """README.md in ``out_dir``: the student's model card (LoRA settings from the adapter, the number of
+    training examples from the stage's manifest)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     f = _facts(run_dir)
     rows, posts, reference = eval_table(run_dir)
-    section = getattr(f["recipe"], stage, None)
-    lora = getattr(section, "lora", None)
+    adapter_cfg = Path(run_dir) / stage / "adapter" / "adapter_config.json"
+    lora = json.loads(adapter_cfg.read_text()) if adapter_cfg.exists() else {}
+    manifest_path = Path(run_dir) / stage / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    train_examples = (manifest.get("data") or {}).get("train_examples")
     base_name = Path(base).name if Path(base).exists() else base
     data = ModelCardData(
         language=f["lang"], base_model=None if Path(base).exists() else base,
@@ -102,7 +105,7 @@ def write_model_card(out_dir: Path, run_dir: Path, stage: str, base: str, *, mer
     card = ModelCard.from_template(
         data, template_path=str(CARD_DIR / "model_card.md.j2"),
         title=f"{f['recipe'].run.name}: {stage} student of {base_name}", base=base_name, stage=stage,
-        lora={"r": getattr(lora, "r", "?"), "alpha": getattr(lora, "alpha", "?")}, merged=merged,
+        lora={"r": lora.get("r", "?"), "alpha": lora.get("lora_alpha", "?")}, merged=merged,
         models=f["models"], lang=f["lang"], train_examples=train_examples, artifact=artifact,
         eval_rows=rows, eval_prompts=posts, judge_reference=reference or "the reference", truncation=f["truncation"],
         parity=parity, sources=f["sources"], noncommercial=f["noncommercial"],

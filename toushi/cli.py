@@ -330,6 +330,36 @@ def export_merge(
     _push(Path(result["dir"]), push, "model", public)
 
 
+@export_app.command("gguf")
+def export_gguf_cmd(
+    run: str,
+    stage: Annotated[str, typer.Option(help="Which student: sft, dpo, grpo, distill or selftrain.")] = "sft",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/<stage>/gguf.")] = None,
+    outtype: Annotated[str, typer.Option(help="f16, bf16, f32 or q8_0.")] = "f16",
+    prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts the parity check answers.")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens per parity answer.")] = 48,
+    allow_mismatch: Annotated[bool, typer.Option(help="Keep a GGUF that fails the parity check.")] = False,
+    push: PushOpt = None,
+    public: PublicOpt = False,
+):
+    """The stage's merged student (merged first when missing) as GGUF via llama.cpp's converter, checked
+    against the merged model through a GGUF reader; a Modelfile for Ollama and a model card beside it."""
+    from toushi.export import ExportError
+    from toushi.gguf_export import export_gguf
+
+    try:
+        result = export_gguf(run_path(run), stage, out_dir, outtype=outtype, n_prompts=prompts, max_tokens=max_tokens,
+                             allow_mismatch=allow_mismatch, console=err)
+    except ExportError as e:
+        _fail(str(e))
+    if not result["ok"]:
+        err.print(f"[yellow]warning: parity mismatch kept (--allow-mismatch): {result['parity']}[/yellow]")
+    else:
+        err.print(f"parity: {result['parity']}")
+    out.print(result["gguf"])
+    _push(Path(result["dir"]), push, "model", public)
+
+
 @export_app.command("data")
 def export_data_cmd(
     run: str,
