@@ -238,3 +238,152 @@ def test_gguf_export_parity(tmp_path, tiny_model):
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "GGUF (f16)" in card and "LoRA r=4, alpha=8" in card
     assert "Apache-2.0 like the project" in card
+
+
+def _cards_run(root):
+    """A run whose corpus names ESConv, the team's posts, SMILECHAT and a file toushi does not know, with an
+    eval summary (one refusal among the sft answers) and a pairs answer cut off at the token limit."""
+    from toushi.evaluate import answer_metrics, summarise
+    from toushi.store import StageStore
+
+    rd = write_run(root / "runs" / "cards")
+    pairs = StageStore(rd, "pairs")
+    recs = pairs.records()
+    recs[0]["strong"][0]["finish_reason"] = "length"
+    (rd / "pairs" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    sources = [{"path": "../shared/data/esconv_openings.jsonl"}, {"path": "data/venting_en.jsonl"},
+               {"path": "../shared/data/smile_openings.jsonl"}, {"path": "mine.csv", "format": "csv"}]
+    save_recipe(Recipe.model_validate({"run": {"name": "cards", "dir": str(rd.parent)},
+                                       "models": {"student": {"name": "smollm2-135m-instruct"}},
+                                       "corpus": {"sources": sources}}), rd)
+    texts = {"weak": ["Drink some tea.", "Cheer up."],
+             "sft": ["That sounds exhausting; you deserve rest.", "I'm sorry, but I can't help with that."]}
+    answers = [{"system": s, "prompt_id": f"h{i}", "metrics": answer_metrics("I can't sleep.", t)}
+               for s, ts in texts.items() for i, t in enumerate(ts)]
+    summary = summarise(answers, [], None, n_boot=20, seed=0)
+    (rd / "eval").mkdir()
+    (rd / "eval" / "summary.json").write_text(json.dumps(summary))
+    return rd
+
+
+def test_cards_name_licences(tmp_path, lora_adapter):
+    import shutil
+
+    from huggingface_hub import DatasetCard, ModelCard
+
+    from toushi.cards import write_model_card
+
+    rd = _cards_run(tmp_path)
+    shutil.copytree(lora_adapter, rd / "sft" / "adapter")
+    path = write_model_card(tmp_path / "model", rd, "sft", "Qwen/Qwen2.5-0.5B-Instruct", artifact="merged model")
+    card = ModelCard.load(path)
+    assert card.data.base_model == "Qwen/Qwen2.5-0.5B-Instruct" and card.data.license == "cc-by-nc-4.0"
+    text = card.text
+    assert "ESConv (Liu et al., ACL 2021)" in text and "CC BY-NC 4.0" in text and "must not be used commercially" in text
+    assert "SMILECHAT" in text and "CC0 1.0" in text and "Apache-2.0 like the project" in text
+    assert "mine.csv" in text and "licence unknown to toushi" in text
+    assert "not a therapist" in text and "Crisis posts" in text
+    assert "LoRA r=32, alpha=64" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| sft ")
+            or line.startswith("| weak ")}
+    assert rows["sft"].split("|")[2].strip() == "50%" and rows["weak"].split("|")[2].strip() == "0%"  # refusal
+    assert "strong 6% (1/16)" in text  # truncation of the training answers
+    assert "name: cards" in text  # the recipe
+
+    export_data(rd, "llamafactory", tmp_path / "data")
+    dcard = DatasetCard.load(tmp_path / "data" / "README.md")
+    assert sorted(dcard.data.license) == ["apache-2.0", "cc-by-nc-4.0", "cc0-1.0", "unknown"]
+    assert [c["config_name"] for c in dcard.data.configs] == ["sft", "dpo"]
+    assert "ESConv" in dcard.text and "must not be used commercially" in dcard.text and "crisis posts" in dcard.text
+
+
+class HubStandIn:
+    """The few Hub API routes huggingface_hub's create_repo + upload_folder call, served on loopback by
+    uvicorn (Starlette): repo creation, README metadata validation, preupload (every file a regular upload) and
+    the NDJSON commit. It keeps what was committed and the token each request carried."""
+
+    def __init__(self):
+        import base64
+
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.repos, self.files, self.tokens = {}, {}, set()
+
+        async def create(request: Request):
+            body = await request.json()
+            self.tokens.add(request.headers.get("authorization"))
+            repo = f"{body['organization']}/{body['name']}"
+            self.repos[repo] = body
+            return JSONResponse({"url": f"{self.url}/{body['type']}s/{repo}", "name": repo})
+
+        async def validate_yaml(request: Request):
+            return JSONResponse({"errors": [], "warnings": []})
+
+        async def preupload(request: Request):
+            body = await request.json()
+            return JSONResponse({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                           for f in body["files"]]})
+
+        async def commit(request: Request):
+            self.tokens.add(request.headers.get("authorization"))
+            repo = f"{request.path_params['org']}/{request.path_params['name']}"
+            for line in (await request.body()).decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    self.files[(repo, item["value"]["path"])] = base64.b64decode(item["value"]["content"])
+            return JSONResponse({"commitUrl": f"{self.url}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
+
+        self.app = Starlette(routes=[
+            Route("/api/repos/create", create, methods=["POST"]),
+            Route("/api/validate-yaml", validate_yaml, methods=["POST"]),
+            Route("/api/{kind}/{org}/{name}/preupload/{rev}", preupload, methods=["POST"]),
+            Route("/api/{kind}/{org}/{name}/commit/{rev}", commit, methods=["POST"]),
+        ])
+
+    def __enter__(self):
+        import threading
+        import time
+
+        import uvicorn
+        from conftest import free_port
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_push_to_hub_uploads_export_to_stand_in(tmp_path, run_dir, monkeypatch):
+    """`toushi export data --push-to-hub` creates a private dataset repo and commits the files with the card; it
+    refuses without a token. The Hub cannot be reached here: huggingface_hub talks to a local stand-in."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # loopback only
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved login
+    args = ["export", "data", str(run_dir), "--format", "trl", "--out", str(tmp_path / "trl"),
+            "--push-to-hub", "me/toushi-sets"]
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and "no Hugging Face token" in res.output and not hub.repos
+        monkeypatch.setenv("HF_TOKEN", "hf_standin")
+        res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert hub.repos["me/toushi-sets"]["type"] == "dataset" and hub.repos["me/toushi-sets"]["visibility"] == "private"
+    assert hub.tokens == {"Bearer hf_standin"}
+    uploaded = {path: data for (repo, path), data in hub.files.items()}
+    assert set(uploaded) == {"README.md", "sft.jsonl", "dpo.jsonl"}
+    assert uploaded["dpo.jsonl"] == (tmp_path / "trl" / "dpo.jsonl").read_bytes()
+    assert b"config_name: dpo" in uploaded["README.md"]

@@ -156,8 +156,10 @@ def write_dataset_card(out_dir: Path, run_dir: Path, fmt: str, files: dict[str, 
 def push_to_hub(folder: Path, repo: str, repo_type: str = "model", private: bool = True) -> str:
     """Upload an export folder (card included) to the Hub repo ``repo``; private unless asked otherwise.
     Needs a token (``HF_TOKEN`` or a saved login); ``HF_ENDPOINT`` points at another Hub."""
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi, get_token, is_offline_mode
 
+    if is_offline_mode():
+        raise ExportError(f"--push-to-hub {repo}: HF_HUB_OFFLINE is set; unset it to upload")
     if not get_token():
         raise ExportError(f"--push-to-hub {repo}: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
     if not (Path(folder) / "README.md").exists():
