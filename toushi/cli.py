@@ -280,6 +280,8 @@ def data_inspect(
 PushOpt = Annotated[str | None, typer.Option("--push-to-hub", help="Upload the export (card included) to this Hub "
                                              "repo (needs HF_TOKEN; private unless --public).")]
 PublicOpt = Annotated[bool, typer.Option("--public", help="With --push-to-hub: create the repo public.")]
+PromptsOpt = Annotated[int, typer.Option("--prompts", min=1, help="Held-out prompts the parity check answers.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Greedy tokens per parity answer.")]
 
 
 def _push(folder: Path, repo: str | None, repo_type: str, public: bool) -> None:
@@ -297,6 +299,22 @@ def _push(folder: Path, repo: str | None, repo_type: str, public: bool) -> None:
     out.print(f"uploaded: {url}")
 
 
+def _export_model(export, shown: str, push: str | None, public: bool) -> None:
+    """Run a parity-checked model export; say its parity (a kept mismatch as a warning), print ``shown``, push."""
+    from toushi.export import ExportError
+
+    try:
+        result = export()
+    except ExportError as e:
+        _fail(str(e))
+    if not result["ok"]:
+        err.print(f"[yellow]warning: parity mismatch kept (--allow-mismatch): {result['parity']}[/yellow]")
+    else:
+        err.print(f"parity: {result['parity']}")
+    out.print(result[shown])
+    _push(Path(result["dir"]), push, "model", public)
+
+
 @export_app.command("merge")
 def export_merge(
     run: str,
@@ -304,8 +322,8 @@ def export_merge(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/<stage>/merged.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's own).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
-    prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts the parity check answers.")] = 8,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens per parity answer.")] = 48,
+    prompts: PromptsOpt = 8,
+    max_tokens: MaxTokensOpt = 48,
     allow_mismatch: Annotated[bool, typer.Option(help="Keep a merged model that fails the parity check "
                                                       "(warn instead of failing).")] = False,
     vllm: Annotated[bool, typer.Option(help="Also check the merged model under vLLM.")] = True,
@@ -314,20 +332,12 @@ def export_merge(
 ):
     """Fold a stage's LoRA adapter into the base model (a full safetensors model for vLLM/transformers), check
     that it answers as the adapter does (transformers and vLLM), write parity.json and a model card."""
-    from toushi.export import ExportError, merge_checked
+    from toushi.export import merge_checked
 
     rd = run_path(run)
-    try:
-        result = merge_checked(rd, stage, out_dir, base=base, dtype=dtype, n_prompts=prompts, max_tokens=max_tokens,
-                               allow_mismatch=allow_mismatch, vllm=vllm, console=err)
-    except ExportError as e:
-        _fail(str(e))
-    if not result["ok"]:
-        err.print(f"[yellow]warning: parity mismatch kept (--allow-mismatch): {result['parity']}[/yellow]")
-    else:
-        err.print(f"parity: {result['parity']}")
-    out.print(result["dir"])
-    _push(Path(result["dir"]), push, "model", public)
+    _export_model(lambda: merge_checked(rd, stage, out_dir, base=base, dtype=dtype, n_prompts=prompts,
+                                        max_tokens=max_tokens, allow_mismatch=allow_mismatch, vllm=vllm, console=err),
+                  "dir", push, public)
 
 
 @export_app.command("gguf")
@@ -336,28 +346,19 @@ def export_gguf_cmd(
     stage: Annotated[str, typer.Option(help="Which student: sft, dpo, grpo, distill or selftrain.")] = "sft",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/<stage>/gguf.")] = None,
     outtype: Annotated[str, typer.Option(help="f16, bf16, f32 or q8_0.")] = "f16",
-    prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts the parity check answers.")] = 8,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens per parity answer.")] = 48,
+    prompts: PromptsOpt = 8,
+    max_tokens: MaxTokensOpt = 48,
     allow_mismatch: Annotated[bool, typer.Option(help="Keep a GGUF that fails the parity check.")] = False,
     push: PushOpt = None,
     public: PublicOpt = False,
 ):
     """The stage's merged student (merged first when missing) as GGUF via llama.cpp's converter, checked
     against the merged model through a GGUF reader; a Modelfile for Ollama and a model card beside it."""
-    from toushi.export import ExportError
     from toushi.gguf_export import export_gguf
 
-    try:
-        result = export_gguf(run_path(run), stage, out_dir, outtype=outtype, n_prompts=prompts, max_tokens=max_tokens,
-                             allow_mismatch=allow_mismatch, console=err)
-    except ExportError as e:
-        _fail(str(e))
-    if not result["ok"]:
-        err.print(f"[yellow]warning: parity mismatch kept (--allow-mismatch): {result['parity']}[/yellow]")
-    else:
-        err.print(f"parity: {result['parity']}")
-    out.print(result["gguf"])
-    _push(Path(result["dir"]), push, "model", public)
+    rd = run_path(run)
+    _export_model(lambda: export_gguf(rd, stage, out_dir, outtype=outtype, n_prompts=prompts, max_tokens=max_tokens,
+                                      allow_mismatch=allow_mismatch, console=err), "gguf", push, public)
 
 
 @export_app.command("data")

@@ -134,7 +134,6 @@ def export_gguf(run_dir: Path, stage: str, out_dir: Path | None = None, *, outty
     merged model through transformers' GGUF reader; Modelfile, parity.json and model card beside it."""
     from toushi import parity
     from toushi.cards import write_model_card
-    from toushi.engines import make_engine
     from toushi.export import merge_checked, run_recipe, saved_dtype
     from toushi.recipe import ModelSpec
 
@@ -154,14 +153,10 @@ def export_gguf(run_dir: Path, stage: str, out_dir: Path | None = None, *, outty
     prompts, source = parity.parity_prompts(run_dir, n_prompts, recipe.run.lang)
     candidates = {"gguf (transformers reader)": gguf_answers(gguf_file, prompts, max_tokens)}
     dtype = saved_dtype(merged)
-    tol = parity.tolerance(dtype, OUTTYPES[outtype])
-    with make_engine(ModelSpec(name=str(merged), engine="hf", dtype=dtype, hf_batch_size=1)) as reference:
-        ref = parity.greedy(reference, prompts, max_tokens)
-        backends = parity.compare(reference, prompts, ref, candidates, tol)
+    reference = ModelSpec(name=str(merged), engine="hf", dtype=dtype, hf_batch_size=1)
     result = {"reference": f"{merged} (transformers)", "gguf": gguf_file.name, "outtype": outtype,
-              "tolerance_nats": tol, "max_tokens": max_tokens, "prompts": prompts, "prompt_source": source,
-              "reference_answers": [r["text"] for r in ref], "backends": backends,
-              "ok": all(b["ok"] for b in backends.values())}
+              "prompt_source": source,
+              **parity.check(reference, prompts, candidates, parity.tolerance(dtype, OUTTYPES[outtype]), max_tokens)}
     parity.write_result(result, out_dir / "parity.json")
     line = parity.summary_line(result)
     if not result["ok"] and not allow_mismatch:

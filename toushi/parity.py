@@ -101,6 +101,18 @@ def compare(reference: Engine, prompts: list[str], ref: list[dict], candidates: 
     return backends
 
 
+def check(reference: ModelSpec, prompts: list[str], candidates: dict[str, list[dict]], tol: float, max_tokens: int,
+          lora_name: str | None = None) -> dict:
+    """The reference's greedy answers (``lora_name``: through its adapter) and each candidate compared with
+    them; ``ok`` when no candidate has a mismatch."""
+    with make_engine(reference) as engine:
+        ref = greedy(engine, prompts, max_tokens, lora_name)
+        backends = compare(engine, prompts, ref, candidates, tol)
+    return {"tolerance_nats": tol, "max_tokens": max_tokens, "prompts": prompts,
+            "reference_answers": [r["text"] for r in ref], "backends": backends,
+            "ok": all(b["ok"] for b in backends.values())}
+
+
 def check_parity(adapter_dir: Path, base: str, merged_dir: Path, prompts: list[str], *, dtype: str = "float32",
                  vllm_spec: ModelSpec | None = None, max_tokens: int = 48) -> dict:
     """Greedy answers of the merged model under transformers (and under vLLM when ``vllm_spec`` is given)
@@ -113,13 +125,8 @@ def check_parity(adapter_dir: Path, base: str, merged_dir: Path, prompts: list[s
                                             prompts, max_tokens)
     ref_spec = ModelSpec(name=base, engine="hf", dtype=dtype, hf_batch_size=1,
                          lora_adapters={"adapter": Path(adapter_dir)})
-    with make_engine(ref_spec) as reference:
-        ref = greedy(reference, prompts, max_tokens, "adapter")
-        backends = compare(reference, prompts, ref, candidates, tolerance(dtype))
-    return {"reference": f"{base} + {adapter_dir} (PEFT, transformers)", "dtype": dtype,
-            "tolerance_nats": tolerance(dtype), "max_tokens": max_tokens, "prompts": prompts,
-            "reference_answers": [r["text"] for r in ref], "backends": backends,
-            "ok": all(b["ok"] for b in backends.values())}
+    result = check(ref_spec, prompts, candidates, tolerance(dtype), max_tokens, lora_name="adapter")
+    return {"reference": f"{base} + {adapter_dir} (PEFT, transformers)", "dtype": dtype, **result}
 
 
 def summary_line(result: dict) -> str:
