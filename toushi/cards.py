@@ -167,5 +167,5 @@ def push_to_hub(folder: Path, repo: str, repo_type: str = "model", private: bool
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
     api.create_repo(repo, repo_type=repo_type, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type=repo_type,
-                             commit_message="toushi export")
+                             commit_message="toushi export", ignore_patterns=["*.log"])
     return info.commit_url

@@ -95,6 +95,9 @@ def merge_checked(run_dir: Path, stage: str, out_dir: Path | None = None, *, bas
         except ImportError:
             if console:
                 console.print("[yellow]parity: vLLM is not installed; checking transformers only[/yellow]")
+    if console:
+        console.print(f"parity: {len(prompts)} {source}, answered by the adapter (PEFT), the merged model "
+                      f"(transformers{', vLLM' if spec else ''})")
     result = parity.check_parity(adapter, base, out, prompts, dtype=saved_dtype(out), vllm_spec=spec,
                                  max_tokens=max_tokens)
     result["prompt_source"] = source

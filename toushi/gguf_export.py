@@ -148,9 +148,14 @@ def export_gguf(run_dir: Path, stage: str, out_dir: Path | None = None, *, outty
     out_dir = Path(out_dir) if out_dir else run_dir / stage / "gguf"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{recipe.run.name}-{stage}"
+    if console:
+        console.print(f"gguf: converting {merged} with llama.cpp's convert_hf_to_gguf.py ({outtype}; the converter "
+                      f"is fetched once into {toushi_home() / 'tools'})")
     gguf_file = convert(merged, out_dir / f"{name}-{outtype}.gguf", outtype, out_dir / "convert.log")
 
     prompts, source = parity.parity_prompts(run_dir, n_prompts, recipe.run.lang)
+    if console:
+        console.print(f"gguf: parity on {len(prompts)} {source}: the GGUF read back by transformers vs the merged model")
     candidates = {"gguf (transformers reader)": gguf_answers(gguf_file, prompts, max_tokens)}
     dtype = saved_dtype(merged)
     reference = ModelSpec(name=str(merged), engine="hf", dtype=dtype, hf_batch_size=1)
