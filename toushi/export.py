@@ -1,7 +1,9 @@
 """Export a run's students and training sets for other tools.
 
 - ``merge``: the LoRA adapter folded into the base weights, saved as a full safetensors model that
-  transformers and vLLM load without PEFT.
+  transformers and vLLM load without PEFT; ``merge_checked`` then checks that it answers as the adapter does
+  (``toushi.parity``) and writes ``parity.json`` and a model card (``toushi.cards``) beside it. GGUF lives in
+  ``toushi.gguf_export``.
 - ``export_data``: the SFT and DPO sets (exactly what training used: held-out excluded, flagged dropped)
   as ShareGPT (``from``/``value``), LLaMA-Factory (OpenAI-style ``messages``) or Alpaca JSONL, with the
   ``dataset_info.json`` LLaMA-Factory reads to find them; or in TRL's conversational formats (``messages``;
