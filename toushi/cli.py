@@ -356,32 +356,100 @@ def data_inspect(
     err.print(f"{len(warnings)} warning(s)" if warnings else "[green]no warnings[/green]")
 
 
+PushOpt = Annotated[str | None, typer.Option("--push-to-hub", help="Upload the export (card included) to this Hub "
+                                             "repo (needs HF_TOKEN; private unless --public).")]
+PublicOpt = Annotated[bool, typer.Option("--public", help="With --push-to-hub: create the repo public.")]
+PromptsOpt = Annotated[int, typer.Option("--prompts", min=1, help="Held-out prompts the parity check answers.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Greedy tokens per parity answer.")]
+
+
+def _push(folder: Path, repo: str | None, repo_type: str, public: bool) -> None:
+    from toushi.cards import push_to_hub
+    from toushi.export import ExportError
+
+    if not repo:
+        return
+    try:
+        url = push_to_hub(folder, repo, repo_type, private=not public)
+    except ExportError as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - a Hub/network error, said in one line
+        _fail(f"--push-to-hub {repo}: {type(e).__name__}: {e}")
+    out.print(f"uploaded: {url}")
+
+
+def _export_model(export, shown: str, push: str | None, public: bool) -> None:
+    """Run a parity-checked model export; say its parity (a kept mismatch as a warning), print ``shown``, push."""
+    from toushi.export import ExportError
+
+    try:
+        result = export()
+    except ExportError as e:
+        _fail(str(e))
+    if not result["ok"]:
+        err.print(f"[yellow]warning: parity mismatch kept (--allow-mismatch): {result['parity']}[/yellow]")
+    else:
+        err.print(f"parity: {result['parity']}")
+    out.print(result[shown])
+    _push(Path(result["dir"]), push, "model", public)
+
+
 @export_app.command("merge")
 def export_merge(
     run: str,
-    stage: Annotated[str, typer.Option(help="Which adapter: sft, dpo or grpo.")] = "sft",
+    stage: Annotated[str, typer.Option(help="Which adapter: sft, dpo, grpo, distill or selftrain.")] = "sft",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/<stage>/merged.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's own).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    prompts: PromptsOpt = 8,
+    max_tokens: MaxTokensOpt = 48,
+    allow_mismatch: Annotated[bool, typer.Option(help="Keep a merged model that fails the parity check "
+                                                      "(warn instead of failing).")] = False,
+    vllm: Annotated[bool, typer.Option(help="Also check the merged model under vLLM.")] = True,
+    push: PushOpt = None,
+    public: PublicOpt = False,
 ):
-    """Fold a stage's LoRA adapter into the base model: a full safetensors model for vLLM/transformers."""
-    from toushi.export import ExportError, merge
+    """Fold a stage's LoRA adapter into the base model (a full safetensors model for vLLM/transformers), check
+    that it answers as the adapter does (transformers and vLLM), write parity.json and a model card."""
+    from toushi.export import merge_checked
 
     rd = run_path(run)
-    try:
-        path = merge(rd / stage / "adapter", out_dir or rd / stage / "merged", base=base, dtype=dtype)
-    except ExportError as e:
-        _fail(str(e))
-    out.print(str(path))
+    _export_model(lambda: merge_checked(rd, stage, out_dir, base=base, dtype=dtype, n_prompts=prompts,
+                                        max_tokens=max_tokens, allow_mismatch=allow_mismatch, vllm=vllm, console=err),
+                  "dir", push, public)
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    run: str,
+    stage: Annotated[str, typer.Option(help="Which student: sft, dpo, grpo, distill or selftrain.")] = "sft",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/<stage>/gguf.")] = None,
+    outtype: Annotated[str, typer.Option(help="f16, bf16, f32 or q8_0.")] = "f16",
+    prompts: PromptsOpt = 8,
+    max_tokens: MaxTokensOpt = 48,
+    allow_mismatch: Annotated[bool, typer.Option(help="Keep a GGUF that fails the parity check.")] = False,
+    push: PushOpt = None,
+    public: PublicOpt = False,
+):
+    """The stage's merged student (merged first when missing) as GGUF via llama.cpp's converter, checked
+    against the merged model through a GGUF reader; a Modelfile for Ollama and a model card beside it."""
+    from toushi.gguf_export import export_gguf
+
+    rd = run_path(run)
+    _export_model(lambda: export_gguf(rd, stage, out_dir, outtype=outtype, n_prompts=prompts, max_tokens=max_tokens,
+                                      allow_mismatch=allow_mismatch, console=err), "gguf", push, public)
 
 
 @export_app.command("data")
 def export_data_cmd(
     run: str,
-    format: Annotated[str, typer.Option("--format", help="sharegpt, llamafactory or alpaca.")] = "sharegpt",
+    format: Annotated[str, typer.Option("--format", help="sharegpt, llamafactory, alpaca or trl.")] = "sharegpt",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Default: runs/<run>/export/<format>.")] = None,
+    push: PushOpt = None,
+    public: PublicOpt = False,
 ):
-    """Write the SFT and DPO sets (as training uses them) with LLaMA-Factory's dataset_info.json."""
+    """Write the SFT and DPO sets (as training uses them) with a dataset card (LLaMA-Factory's dataset_info.json
+    too, except for trl)."""
     from toushi.export import ExportError, export_data
 
     try:
@@ -389,6 +457,7 @@ def export_data_cmd(
     except ExportError as e:
         _fail(str(e))
     out.print(result)
+    _push(Path(result["dir"]), push, "dataset", public)
 
 
 # ----------------------------------------------------------------------------------- serving / inference

@@ -1,10 +1,13 @@
 """Export a run's students and training sets for other tools.
 
 - ``merge``: the LoRA adapter folded into the base weights, saved as a full safetensors model that
-  transformers and vLLM load without PEFT.
+  transformers and vLLM load without PEFT; ``merge_checked`` then checks that it answers as the adapter does
+  (``toushi.parity``) and writes ``parity.json`` and a model card (``toushi.cards``) beside it. GGUF lives in
+  ``toushi.gguf_export``.
 - ``export_data``: the SFT and DPO sets (exactly what training used: held-out excluded, flagged dropped)
   as ShareGPT (``from``/``value``), LLaMA-Factory (OpenAI-style ``messages``) or Alpaca JSONL, with the
-  ``dataset_info.json`` LLaMA-Factory reads to find them.
+  ``dataset_info.json`` LLaMA-Factory reads to find them; or in TRL's conversational formats (``messages``;
+  ``prompt``/``chosen``/``rejected`` message lists), which ``trl sft`` / ``trl dpo`` train on as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from toushi.datasets import DatasetError, load_dpo, load_sft
 from toushi.recipe import load_recipe
 from toushi.store import atomic_write_text
 
-FORMATS = ("sharegpt", "llamafactory", "alpaca")
+FORMATS = ("sharegpt", "llamafactory", "alpaca", "trl")
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
@@ -49,6 +52,67 @@ def merge(adapter_dir: Path, out_dir: Path, base: str | None = None, dtype: str 
     return out_dir
 
 
+def saved_dtype(model_dir: Path) -> str:
+    """The dtype a saved checkpoint's weights are in (its config's ``dtype``/``torch_dtype``)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def parity_vllm_spec(recipe):
+    """The vLLM settings the run's student uses (its context, KV cache, eager mode), without adapters."""
+    from toushi.engines.vllm_engine import on_cpu
+    from toushi.recipe import ModelSpec
+
+    student = recipe.models.student if recipe is not None else None
+    if student is not None and student.engine == "vllm":
+        return student.model_copy(update={"enable_lora": False, "lora_adapters": {}, "system_prompt_file": None,
+                                          "data_parallel_size": 1})
+    cpu = on_cpu()
+    return ModelSpec(name="merged", engine="vllm", enforce_eager=cpu, max_model_len=2048,
+                     kv_cache_gb=1.0 if cpu else None)
+
+
+def merge_checked(run_dir: Path, stage: str, out_dir: Path | None = None, *, base: str | None = None,
+                  dtype: str = "auto", n_prompts: int = 8, max_tokens: int = 48, vllm: bool = True,
+                  allow_mismatch: bool = False, console=None) -> dict:
+    """``merge`` a stage's adapter, then check parity (adapter vs merged under transformers and vLLM) on the
+    run's held-out prompts; write ``parity.json`` and the model card beside the model. A mismatch raises
+    ExportError unless ``allow_mismatch`` (then the card says so)."""
+    from peft import PeftConfig
+
+    from toushi import parity
+    from toushi.cards import write_model_card
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / stage / "adapter"
+    out = merge(adapter, out_dir or run_dir / stage / "merged", base=base, dtype=dtype)
+    base = base or PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    recipe = run_recipe(run_dir)
+    prompts, source = parity.parity_prompts(run_dir, n_prompts, recipe.run.lang)
+    spec = None
+    if vllm:
+        try:
+            import vllm as _  # noqa: F401
+            spec = parity_vllm_spec(recipe)
+        except ImportError:
+            if console:
+                console.print("[yellow]parity: vLLM is not installed; checking transformers only[/yellow]")
+    if console:
+        console.print(f"parity: {len(prompts)} {source}, answered by the adapter (PEFT), the merged model "
+                      f"(transformers{', vLLM' if spec else ''})")
+    result = parity.check_parity(adapter, base, out, prompts, dtype=saved_dtype(out), vllm_spec=spec,
+                                 max_tokens=max_tokens)
+    result["prompt_source"] = source
+    parity.write_result(result, out / "parity.json")
+    line = parity.summary_line(result)
+    if not result["ok"] and not allow_mismatch:
+        raise ExportError(f"{out}: the merged model answers differently from its adapter ({line}); "
+                          f"see {out / 'parity.json'} (--allow-mismatch to keep it anyway)")
+    card = write_model_card(out, run_dir, stage, base, merged=True, artifact="merged safetensors model",
+                            parity={"prompts": len(prompts), "summary": line})
+    return {"dir": str(out), "ok": result["ok"], "parity": line, "card": str(card)}
+
+
 # ----------------------------------------------------------------------------------- data
 
 
@@ -60,7 +124,7 @@ def _sharegpt_turns(messages: list[dict]) -> tuple[str | None, list[dict]]:
 
 def _sft_row(e: dict, fmt: str) -> dict:
     msgs = e["messages"]
-    if fmt == "llamafactory":
+    if fmt in ("llamafactory", "trl"):
         return {"messages": msgs}
     if fmt == "sharegpt":
         system, turns = _sharegpt_turns(msgs)
@@ -71,6 +135,8 @@ def _sft_row(e: dict, fmt: str) -> dict:
 
 
 def _dpo_row(e: dict, fmt: str) -> dict:
+    if fmt == "trl":  # the training set's own shape: TRL's conversational preference format
+        return {"prompt": e["prompt"], "chosen": e["chosen"], "rejected": e["rejected"]}
     chosen, rejected = e["chosen"][0]["content"], e["rejected"][0]["content"]
     if fmt == "llamafactory":
         return {"messages": e["prompt"], "chosen": {"role": "assistant", "content": chosen},
@@ -147,5 +213,9 @@ def export_data(run_dir: Path, fmt: str, out_dir: Path | None = None) -> dict:
         counts[kind] = len(examples)
     if not files:
         raise ExportError("nothing to export:\n" + "\n".join(errors))
-    atomic_write_text(out_dir / "dataset_info.json", json.dumps(_dataset_info(fmt, files), indent=2) + "\n")
+    if fmt != "trl":  # LLaMA-Factory's index; TRL reads the card's configs instead
+        atomic_write_text(out_dir / "dataset_info.json", json.dumps(_dataset_info(fmt, files), indent=2) + "\n")
+    from toushi.cards import write_dataset_card
+
+    write_dataset_card(out_dir, run_dir, fmt, files, counts)
     return {"dir": str(out_dir), **counts}
