@@ -126,7 +126,7 @@ def test_keep_think_puts_reasoning_in_target_only_when_asked():
 def test_context_distillation_has_no_guidance_in_prompts():
     pairs, guided = make_records()
     examples, counts = build_sft(pairs, guided, target="guided", context_distillation=True)
-    assert len(examples) == 16 - 3 - 1 and counts["dropped"] == {"guided_unterminated_think": 1}
+    assert len(examples) == 16 - 3 - 1 and counts["dropped"] == {"guided_truncated": 1}
     for e in examples:
         assert all(m["role"] != "system" for m in e["messages"])
         assert all(GUIDANCE not in m["content"] for m in e["messages"])

@@ -1,9 +1,10 @@
 """Training sets from a run's records: SFT ``messages`` and DPO ``prompt/chosen/rejected``.
 
 Both are TRL's conversational formats, so the student's own chat template renders them at training
-time. Held-out prompts never reach a training set (eval answers them). A target answer flagged as
-empty, unterminated reasoning or markdown (when the recipe forbids it) is dropped and counted, so the
-manifest says why a set is smaller than the number of prompts.
+time. Held-out prompts never reach a training set (eval answers them). A target answer that is empty,
+truncated (stopped at max_tokens, or reasoning that never closed: ``engines.is_truncated``) or markdown
+(when the recipe forbids it) is dropped and counted, so the manifest says why a set is smaller than the
+number of prompts. A truncated answer may still be a DPO rejected answer.
 
 Context distillation: guided answers were written with the guidance as system prompt; the SFT example
 keeps the answer but drops the guidance, so the student learns to answer that way without being told.
@@ -15,6 +16,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from toushi.engines import is_truncated
 from toushi.store import StageStore, stable_id
 
 THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
@@ -30,8 +32,8 @@ def _flag_reason(completion: dict, drop_markdown: bool) -> str | None:
     text = (completion.get("text") or "").strip()
     if "empty" in flags or not text:
         return "empty"
-    if "unterminated_think" in flags:
-        return "unterminated_think"
+    if is_truncated(completion):
+        return "truncated"
     if drop_markdown and "markdown" in flags:
         return "markdown"
     return None

@@ -539,6 +539,10 @@ class EvalSection(Section):
         "of the A/B/tie choice token (AlpacaEval 2 style; needs an engine that returns logprobs).",
     )
     reference: str = Field("weak", description="System every other one is compared to by the judge.")
+    batch_size: int = Field(
+        32, ge=1, description="Student answers per generation call; each batch is saved as it finishes (a kill "
+        "loses at most one batch, a rerun generates only what is missing).",
+    )
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% CIs.")
     embeddings: bool = Field(False, description="Embedding similarity to the strong answer (MiniLM).")
     max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts evaluated.")

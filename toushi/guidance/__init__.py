@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from toushi.engines import cache_model
+from toushi.engines import cache_model, is_truncated
 from toushi.engines.pool import EnginePool
 from toushi.guidance.render import load_guidance, read_guidance_file, system_prompt, to_json, to_markdown
 from toushi.judge import rubric
@@ -29,14 +29,15 @@ __all__ = ["build_pairs", "load_guidance", "run_stage"]
 def build_pairs(records: list[dict], blind: bool, seed: int) -> tuple[list[dict], int]:
     """Pairs records (train split) -> analysis pairs with short labels (p1, p2, ...) and the two answers
     in a stable random order (blind) or as weak then strong (named). Returns (pairs, skipped) where
-    skipped counts records with an empty weak or strong answer."""
+    skipped counts records with an empty or truncated weak or strong answer (a cut-off answer is no worked
+    example, and a contrast with one is about length, not skill)."""
     pairs, skipped = [], 0
     for rec in records:
         if rec.get("split", "train") != "train":
             continue
-        weak = ((rec.get("weak") or [{}])[0].get("text") or "").strip()
-        strong = ((rec.get("strong") or [{}])[0].get("text") or "").strip()
-        if not weak or not strong:
+        first = [(rec.get(role) or [{}])[0] for role in ("weak", "strong")]
+        weak, strong = ((c.get("text") or "").strip() for c in first)
+        if not weak or not strong or any(is_truncated(c) for c in first):
             skipped += 1
             continue
         label = f"p{len(pairs) + 1}"
