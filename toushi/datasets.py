@@ -47,6 +47,14 @@ def target_text(completion: dict, keep_think: bool = False) -> str:
     return text
 
 
+def pairs_reasoning(rec: dict) -> str | None:
+    """The strong model's own reasoning for a pairs record, as distillation's strong teacher reads it before
+    the answer (``distill.strong_reasoning: pairs``); None (an empty think block) when that answer was
+    truncated: a thought cut off mid-way is no prompt to score an answer after."""
+    first = (rec.get("strong") or [{}])[0]
+    return None if is_truncated(first) else first.get("reasoning")
+
+
 def _usable(completions: list[dict], drop_markdown: bool, dropped: Counter, role: str) -> list[dict]:
     keep = []
     for c in completions or []:
@@ -67,7 +75,7 @@ def build_sft(
     keep_think: bool = False,
     drop_markdown: bool = True,
 ) -> tuple[list[dict], dict]:
-    """SFT examples ``{"id", "source", "messages"}`` and counts (prompts, heldout_excluded, dropped)."""
+    """SFT examples ``{"id", "prompt_id", "source", "messages"}`` and counts (prompts, heldout_excluded, dropped)."""
     if target not in ("strong", "guided", "both"):
         raise DatasetError(f"sft.target: expected strong, guided or both, got {target!r}")
     dropped: Counter = Counter()
@@ -83,7 +91,8 @@ def build_sft(
                     {"role": "user", "content": rec["prompt"]},
                     {"role": "assistant", "content": target_text(c, keep_think)},
                 ]
-                examples.append({"id": stable_id(rec["id"], "strong", i), "source": "strong", "messages": messages})
+                examples.append({"id": stable_id(rec["id"], "strong", i), "prompt_id": rec["id"], "source": "strong",
+                                 "messages": messages})
     if target in ("guided", "both"):
         for rec in guided:
             if rec.get("split") != "train":
@@ -97,7 +106,8 @@ def build_sft(
                     {"role": "user", "content": rec["prompt"]},
                     {"role": "assistant", "content": target_text(c, keep_think=False)},
                 ]
-                examples.append({"id": stable_id(rec["id"], "guided", i), "source": "guided", "messages": messages})
+                examples.append({"id": stable_id(rec["id"], "guided", i), "prompt_id": rec["id"], "source": "guided",
+                                 "messages": messages})
     counts = {
         "prompts": len(pairs) if target != "guided" else len(guided),
         "heldout_excluded": heldout,
@@ -110,6 +120,7 @@ def build_sft(
 def _pair(rec_id: str, kind: str, i: int, prompt: str, chosen: str, rejected: str) -> dict:
     return {
         "id": stable_id(rec_id, kind, i),
+        "prompt_id": rec_id,
         "kind": kind,
         "prompt": [{"role": "user", "content": prompt}],
         "chosen": [{"role": "assistant", "content": chosen}],

@@ -21,8 +21,6 @@ import torch
 from trl import DistillationTrainer
 from trl.trainer.utils import pad
 
-from toushi.engines import is_truncated
-
 
 class IncompatibleTeacher(ValueError):
     """Teacher and student cannot be distilled token by token; the message names both sizes or tokens."""
@@ -132,13 +130,6 @@ def think_prefill(prompt_text: str, reasoning: str | None) -> str:
     if prompt_text.rstrip(" ").endswith("<think>\n"):
         return f"{body}</think>\n\n"
     return f"<think>\n{body}</think>\n\n"
-
-
-def pairs_reasoning(rec: dict) -> str | None:
-    """The strong model's own reasoning for a pairs record (``strong_reasoning: pairs``); None, an empty think
-    block, when that answer was truncated: a thought cut off mid-way is no prompt to score an answer after."""
-    first = (rec.get("strong") or [{}])[0]
-    return None if is_truncated(first) else first.get("reasoning")
 
 
 # --------------------------------------------------------------------------------------- trainer

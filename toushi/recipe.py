@@ -279,7 +279,12 @@ class GuidanceSection(Section):
         "version on dev prompts, judged both ways (None: on when models.judge is set; true needs a judge).",
     )
     dev_prompts: int = Field(
-        8, ge=1, description="Train prompts set aside (not analysed) for the acceptance gate."
+        8, ge=1, description="Train prompts set aside (not analysed) for the acceptance gate, drawn from each "
+        "scene in turn.",
+    )
+    accept_margin: float = Field(
+        0.0, ge=0.0, lt=0.5, description="The gate keeps a version only when the lower end of the 95% bootstrap "
+        "interval of its dev win rate (ties 0.5) is above 0.5 + accept_margin.",
     )
     max_dimensions: int = Field(8, ge=1, description="Most dimensions the rule memory holds.")
     seed_dimensions: int = Field(

@@ -37,13 +37,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: E402
 from trl import DistillationConfig  # noqa: E402
 
-from toushi.distill import (  # noqa: E402
-    TeacherPromptDistillationTrainer,
-    check_teacher,
-    pairs_reasoning,
-    slice_rows,
-    teacher_prompt_ids,
-)
+from toushi.datasets import pairs_reasoning  # noqa: E402
+from toushi.distill import TeacherPromptDistillationTrainer, check_teacher, slice_rows, teacher_prompt_ids  # noqa: E402
 from toushi.engines import is_truncated  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.pairs import conversation  # noqa: E402

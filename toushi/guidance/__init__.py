@@ -86,7 +86,7 @@ def _make_gate(ctx, pool, dev: list[dict]):
         outcomes = judge_outcomes(pool.get(judge), gate_store, judge.name, judge.sampling, r.run.lang, None,
                                   [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old),
                                   mode=r.eval.judge_mode)
-        return decide(outcomes)
+        return decide(outcomes, margin=r.guidance.accept_margin, n_boot=r.eval.bootstrap, seed=r.run.seed)
 
     return gate
 
@@ -114,7 +114,9 @@ def run_stage(ctx) -> dict:
     dev: list[dict] = []
     if gate_on:
         # dev prompts are set aside from the analysis so the gate does not reward memorised pairs
-        dev, pairs = pairs[: cfg.dev_prompts], pairs[cfg.dev_prompts:]
+        from toushi.guidance.gate import draw_dev
+
+        dev, pairs = draw_dev(pairs, cfg.dev_prompts, r.run.seed)
         if not pairs:
             raise ValueError(f"guidance: {len(dev)} train pairs, all taken as gate dev prompts; lower guidance.dev_prompts")
     if cfg.max_pairs:
