@@ -214,7 +214,7 @@ def test_eval_resumes_after_kill(tmp_path, tiny_model):
     import yaml
 
     run = tmp_path / "runs" / "killed"
-    posts = [f"Post {i}: {post}" for i in range(3) for post, _ in POSTS]  # 12 held-out prompts
+    posts = [f"Post {i}: {post}" for i in range(2) for post, _ in POSTS[:3]]  # 6 held-out prompts
     pairs = [{"id": f"id{i:02d}", "lang": "en", "scene": "life", "split": "heldout", "post": post, "prompt": post,
               "weak": [completion(WEAK[i % 4])], "strong": [completion(STRONG[i % 4])]} for i, post in enumerate(posts)]
     write_records(run / "pairs" / "records.jsonl", pairs)
@@ -226,7 +226,7 @@ def test_eval_resumes_after_kill(tmp_path, tiny_model):
         "run": {"name": run.name, "dir": str(run.parent), "lang": "en", "stages": ["eval"]},
         "models": {"student": student},
         "eval": {"systems": ["student", "sft"], "judge": False, "ladder": False, "bootstrap": 10, "batch_size": 1,
-                 "sampling": {"temperature": 0.0, "max_tokens": 24}},
+                 "sampling": {"temperature": 0.0, "max_tokens": 16}},
     }))
     toushi = [sys.executable, "-m", "toushi.cli", "run", str(recipe)]
     students = run / "eval" / "students" / "records.jsonl"

@@ -16,7 +16,7 @@ no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo|distill
 
 Outputs in ``runs/<run>/eval/``: ``records.jsonl`` (one record per system x prompt: answer, the post's labels
 and metrics), ``summary.json`` (everything the report draws), and caches that make a rerun do only what is
-missing: ``students/`` (student generations), ``nll/`` (per-answer NLL), ``judge/`` (judge calls), ``seeker/``
+missing: ``students/`` (student generations, saved batch by batch with their finish reasons), ``nll/`` (per-answer NLL), ``judge/`` (judge calls), ``seeker/``
 (seeker calls and the systems' replies in later turns).
 """
 
@@ -87,12 +87,11 @@ def user_conversation(prompt: str) -> list[dict]:
 
 def generate_students(
     spec: ModelSpec, adapters: dict[str, Path], todo: list[tuple[str, list[dict]]], sampling: Sampling, console,
-    save, batch_size: int = 32, open_engine=None,
+    save, batch_size: int = 128, open_engine=None,
 ) -> str:
     """Answer each ``(system, conversation)`` of ``todo`` (system "student": the base, else an adapter's name)
     in batches of ``batch_size``, handing each batch to ``save(start, completions)`` (``start``: its first
-    index in ``todo``) as it finishes, so a kill
-    loses at most one batch. Returns the engine used.
+    index in ``todo``) as it finishes, so a kill loses at most one batch. Returns the engine used.
 
     One engine serves the base and every adapter (``lora_name`` per request, so the adapters share decode
     steps): ``open_engine(spec)`` (the run's shared engine under `toushi run`), else a new one. If vLLM with

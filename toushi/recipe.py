@@ -545,7 +545,7 @@ class EvalSection(Section):
     )
     reference: str = Field("weak", description="System every other one is compared to by the judge.")
     batch_size: int = Field(
-        32, ge=1, description="Student answers per generation call; each batch is saved as it finishes (a kill "
+        128, ge=1, description="Student answers per generation call; each batch is saved as it finishes (a kill "
         "loses at most one batch, a rerun generates only what is missing).",
     )
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% CIs.")
