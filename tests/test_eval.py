@@ -249,9 +249,9 @@ def test_eval_resumes_after_kill(tmp_path, tiny_model):
     total = 2 * len(posts)
     assert 2 <= len(kept) < total, "the kill should land while answers were being generated"
 
-    rerun = subprocess.run(toushi, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"generating {total - len(kept)} answers" in rerun.stderr
+    from toushi.recipe import load_recipe
+
+    assert run_stages(load_recipe(recipe), STAGES) == {"eval": "ran"}  # the rerun, in this process
     store = StageStore(run, "eval")
     assert store.manifest()["counts"]["generated"] == total - len(kept)
     ids = [json.loads(line)["id"] for line in students.read_text().splitlines()]
@@ -260,3 +260,16 @@ def test_eval_resumes_after_kill(tmp_path, tiny_model):
     by = {(a["system"], a["prompt_id"]): a["text"] for a in store.records()}
     assert all(by[(k["system"], k["prompt_id"])] == k["text"] for k in kept)
     assert set(store.manifest()["counts"]["truncated"]) == {"student", "sft"}
+
+
+def test_judge_that_wrote_answers_is_flagged():
+    """No models.judge: the strong model judges, and strong is a system under test; a judge of its own is not."""
+    from toushi.evaluate import self_judged
+
+    models = {"weak": {"name": "qwen-small"}, "strong": {"name": "r1-distill"}, "student": {"name": "qwen-small"}}
+    r = Recipe.model_validate({"run": {"name": "x"}, "models": models})
+    systems = ["weak", "guided", "student", "sft", "strong"]
+    assert self_judged(r, r.models.strong, systems) == ["strong"]
+    assert self_judged(r, r.models.weak, systems) == ["weak", "guided", "student"]  # sft's adapter is its own
+    assert self_judged(r, Recipe.model_validate({"run": {"name": "x"}, "models": {
+        **models, "judge": {"name": "another-judge"}}}).models.judge, systems) == []
