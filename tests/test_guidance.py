@@ -322,7 +322,8 @@ def pairs_records(engine) -> list[dict]:
 
     posts = _posts(6)
     prompts = [render("support_task", "en", post=p["text"][:600], constraints=True) for p in posts]
-    s = Sampling(temperature=0.7, max_tokens=48, seed=0)
+    # one sentence each: an answer cut off at max_tokens is never a contrast, so these must finish
+    s = Sampling(temperature=0.7, max_tokens=48, seed=0, stop=["."])
     weak = engine.generate([[{"role": "user", "content": q}] for q in prompts], s)
     strong = engine.generate([[{"role": "system", "content": "You are a warm, careful listener. Name the feeling, "
                                                              "then offer one small practical step."},

@@ -110,7 +110,8 @@ def run_stage(ctx) -> dict:
         raise ValueError(f"guidance: no pairs records in {pairs_store.records_path}; run the pairs stage first")
     pairs, skipped = build_pairs(records, cfg.blind_labels, r.run.seed)
     if not pairs:
-        raise ValueError(f"guidance: no train pair with both answers in {pairs_store.records_path}")
+        raise ValueError(f"guidance: no train pair with both answers complete in {pairs_store.records_path} "
+                         f"({skipped} with an empty or truncated answer: raise the roles' sampling.max_tokens)")
     dev: list[dict] = []
     if gate_on:
         # dev prompts are set aside from the analysis so the gate does not reward memorised pairs
