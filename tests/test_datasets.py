@@ -126,7 +126,7 @@ def test_keep_think_puts_reasoning_in_target_only_when_asked():
 def test_context_distillation_has_no_guidance_in_prompts():
     pairs, guided = make_records()
     examples, counts = build_sft(pairs, guided, target="guided", context_distillation=True)
-    assert len(examples) == 16 - 3 - 1 and counts["dropped"] == {"guided_unterminated_think": 1}
+    assert len(examples) == 16 - 3 - 1 and counts["dropped"] == {"guided_truncated": 1}
     for e in examples:
         assert all(m["role"] != "system" for m in e["messages"])
         assert all(GUIDANCE not in m["content"] for m in e["messages"])
@@ -177,3 +177,70 @@ def test_load_from_run_and_empty_error(tmp_path):
         load_sft(empty)
     with pytest.raises(DatasetError, match="guided stage"):
         load_sft(empty, target="guided")
+
+
+def test_truncated_answers_are_never_targets(tiny_model):
+    """A real engine call cut off at max_tokens comes back flagged; records carrying such answers (and one
+    written before the flag existed: finish_reason "length" only) go through the real builders of every
+    target: SFT, DPO chosen, guidance contrasts, guided examples, distillation's strong reasoning."""
+    from toushi.datasets import pairs_reasoning
+    from toushi.engines import flag_counts, is_truncated, make_engine
+    from toushi.guidance import build_pairs
+    from toushi.guided import guided_systems
+    from toushi.recipe import ModelSpec, Sampling
+
+    with make_engine(ModelSpec(name=str(tiny_model), engine="hf", dtype="float32")) as engine:
+        (cut,), = engine.generate([[{"role": "user", "content": POSTS[0][0]}]], Sampling(temperature=0.0, max_tokens=3))
+    assert cut.finish_reason == "length" and "truncated" in cut.flags and cut.completion_tokens == 3
+    # the engine's own record, with a text that reads like a reply cut mid-sentence (the random-weight model's
+    # three tokens may decode to nothing: its text's own flags, such as "empty", go with it)
+    real = {**cut.to_dict(), "text": "That sounds really hard, and I", "reasoning": "They need", "flags": ["truncated"]}
+    old = {**completion("It hurts to be left out like that, and you"), "finish_reason": "length"}
+    assert is_truncated(real) and is_truncated(old) and not is_truncated(completion("Fine."))
+
+    pairs, guided = make_records()
+    by = {r["id"]: r for r in pairs}
+    by["p04"]["strong"] = [real]                 # train: a cut-off strong answer
+    by["p07"]["strong"] = [old]                  # train: the same, from before the flag
+    guided[5]["guided"] = [real]                 # train: a cut-off guided answer
+    by["p06"]["weak"] = [real]                   # train: a cut-off weak answer may stay a rejected one
+    cut_texts = {real["text"], old["text"]}
+
+    sft, counts = build_sft(pairs, guided, target="both")
+    assert not {e["messages"][-1]["content"] for e in sft} & cut_texts
+    # p04, p07 strong; p05 guided and p02's unterminated guided answer; all counted as truncated
+    assert counts["dropped"] == {"strong_markdown": 1, "strong_empty": 1, "strong_truncated": 2, "guided_truncated": 2}
+
+    dpo, counts = build_dpo(pairs, guided, ladder=True)
+    assert not {e["chosen"][0]["content"] for e in dpo} & cut_texts
+    assert counts["dropped"]["strong>weak_chosen_strong_truncated"] == 2
+    rejected = [e for e in dpo if e["rejected"][0]["content"] == real["text"]]
+    # p05's guided answer under strong; p06's weak answer under strong and under guided
+    assert [e["kind"] for e in rejected] == ["strong>guided", "strong>weak", "guided>weak"]
+
+    contrasts, skipped = build_pairs(pairs, blind=False, seed=0)
+    assert {"p04", "p06", "p07"}.isdisjoint(p["id"] for p in contrasts) and skipped == 4  # + p01's empty one
+    assert not {a["text"] for p in contrasts for a in p["answers"]} & cut_texts
+
+    train = [p for p in pairs if p["split"] == "train"]
+    systems = guided_systems(train, pairs, "Be kind.", k=3, lang="en")
+    used = {i for ex_ids, _ in systems for i in ex_ids}
+    assert used and used.isdisjoint({"p00", "p01", "p04", "p07"})  # flagged or cut-off strong answers
+    assert all(text not in system for _, system in systems for text in cut_texts)
+
+    assert pairs_reasoning(by["p04"]) is None and pairs_reasoning(by["p08"]) == "The poster is hurting; validate first."
+
+    # what the pairs and guided manifests count: the old record too, though its flags never said so
+    assert flag_counts([real, old, completion("Fine.")], "strong")["strong_truncated"] == 2
+
+
+def test_split_eval_keeps_each_post_on_one_side():
+    from toushi.training import split_eval
+
+    pairs, guided = make_records()
+    examples, _ = build_sft(pairs, guided, target="both")  # most posts give two examples: strong and guided
+    train, held = split_eval(examples, 0.3, seed=0)
+    assert held and len(train) + len(held) == len(examples)
+    assert not {e["prompt_id"] for e in train} & {e["prompt_id"] for e in held}
+    assert len({e["prompt_id"] for e in held}) == round(13 * 0.3)  # a share of the posts, not of the examples
+    assert split_eval(examples, 0.3, seed=0) == (train, held)

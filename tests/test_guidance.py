@@ -252,6 +252,25 @@ def test_gate_rejects_a_version_that_loses():
     always_a = both_orders(lambda p, a, b: "A", posts, new, old)
     assert always_a == [0.5] * 3 and decide(always_a)["accepted"] is False
     assert decide([None, None])["accepted"] is False and decide([None, None])["invalid"] == 2
+    # one win and seven ties: more wins than losses, but the win rate's interval reaches 0.5: rejected
+    one_win = decide([1.0] + [0.5] * 7)
+    assert one_win["wins"] == 1 and one_win["losses"] == 0 and one_win["accepted"] is False
+    assert one_win["win_rate"]["lo"] == 0.5
+    # a clear margin passes, and a recipe margin above it does not
+    assert decide([1.0] * 6 + [0.5] * 2)["accepted"] is True
+    assert decide([1.0] * 6 + [0.5] * 2, margin=0.45)["accepted"] is False
+
+
+def test_gate_dev_prompts_span_scenes():
+    from toushi.guidance.gate import draw_dev
+
+    pairs = [{"id": f"{s}{i}", "scene": s} for s in ("work", "family", "school") for i in range(5)]
+    dev, rest = draw_dev(pairs, 6, seed=0)
+    assert sorted(p["scene"] for p in dev) == ["family", "family", "school", "school", "work", "work"]
+    assert len(rest) == 9 and not {p["id"] for p in dev} & {p["id"] for p in rest}
+    assert [p["id"] for p in rest] == [p["id"] for p in pairs if p not in dev]  # the rest keep their order
+    assert draw_dev(pairs, 6, seed=0) == (dev, rest)  # seeded: the same dev set on a rerun
+    assert len(draw_dev(pairs, 40, seed=0)[0]) == 15
 
 
 def test_packing_fits_real_tokenizer(offline_model):
@@ -298,7 +317,8 @@ def pairs_records(engine) -> list[dict]:
 
     posts = _posts(6)
     prompts = [render("support_task", "en", post=p["text"][:600], constraints=True) for p in posts]
-    s = Sampling(temperature=0.7, max_tokens=48, seed=0)
+    # one sentence each: an answer cut off at max_tokens is never a contrast, so these must finish
+    s = Sampling(temperature=0.7, max_tokens=48, seed=0, stop=["."])
     weak = engine.generate([[{"role": "user", "content": q}] for q in prompts], s)
     strong = engine.generate([[{"role": "system", "content": "You are a warm, careful listener. Name the feeling, "
                                                              "then offer one small practical step."},

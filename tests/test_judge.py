@@ -348,3 +348,61 @@ def test_logprob_mode_aggregates_graded_preferences(tmp_path):
     # no logprobs at all (an endpoint that does not return them): the call is invalid, not a tie
     calls = run_judge(ScriptedJudge(), tasks, StageStore(tmp_path, "k"), DIMS, SAMPLING, "scripted", mode="logprob")
     assert not any(c["valid"] for c in calls) and aggregate(tasks, calls, DIMS)[0]["outcome"] is None
+
+
+def test_invalid_verdict_retried_and_reparsed(tmp_path, monkeypatch):
+    """An unreadable verdict is asked again once, with a fresh seed; both raw answers are cached, and a later
+    parser that can read them turns the cached calls valid without asking the judge again."""
+    import toushi.judge
+
+    class Stubborn(ScriptedJudge):
+        """Answers in a format the parser does not know: chatter first, then "Final answer: X wins"."""
+
+        def __init__(self):
+            super().__init__()
+            self.seeds = {"first": set(), "retry": set()}
+
+        def generate(self, conversations, sampling, structured=None, logprobs=None):
+            outs = []
+            for conv in conversations:
+                self.calls += 1
+                retry = len(conv) > 1
+                self.seeds["retry" if retry else "first"].add(sampling.seed)
+                a, _ = self._replies(conv[0]["content"])
+                outs.append([Out(f"Final answer: {'A' if 'Losing your job' in a else 'B'} wins" if retry
+                                 else "Both replies have their merits.")])
+            return outs
+
+    tasks = tasks_for([GOOD, GOOD + " Truly."])
+    store = StageStore(tmp_path, "judge")
+    judge = Stubborn()
+    calls = run_judge(judge, tasks, store, DIMS, SAMPLING, "scripted")
+    assert judge.calls == 8  # 4 calls, each retried once: no more
+    assert judge.seeds["first"] == {SAMPLING.seed} and SAMPLING.seed not in judge.seeds["retry"]
+    assert len(judge.seeds["retry"]) == 1  # a fresh seed, the same for every retry (reproducible)
+    assert not any(c["valid"] for c in calls)
+    assert all(c["raw"] == "Both replies have their merits." and c["retry_raw"].startswith("Final answer")
+               for c in calls)
+    assert all(p["outcome"] is None for p in aggregate(tasks, calls, DIMS))
+
+    # a rerun with the same parser asks nothing and still finds them invalid
+    class Silent:
+        def generate(self, *args, **kwargs):
+            raise AssertionError("the judge was asked again")
+
+    assert pending_calls(tasks, store, DIMS, SAMPLING, "scripted") == 0
+    assert not any(c["valid"] for c in run_judge(Silent(), tasks, store, DIMS, SAMPLING, "scripted"))
+
+    # the parser learns the format: the cached raw answers are read again, no call made
+    old_parse = toushi.judge.parse_verdict
+
+    def fixed(output, dimensions):
+        m = re.fullmatch(r"Final answer: (A|B) wins", output.strip())
+        if m:
+            return {"verdict": m.group(1), "dims": {d["name"]: m.group(1) for d in dimensions}}
+        return old_parse(output, dimensions)
+
+    monkeypatch.setattr(toushi.judge, "parse_verdict", fixed)
+    calls = run_judge(Silent(), tasks, store, DIMS, SAMPLING, "scripted")
+    assert all(c["valid"] for c in calls)
+    assert [p["outcome"] for p in aggregate(tasks, calls, DIMS)] == [1.0, 1.0]  # GOOD wins in both orders

@@ -11,7 +11,7 @@ import matplotlib.image
 import pytest
 from typer.testing import CliRunner
 
-from toushi.evaluate import answer_metrics, summarise
+from toushi.evaluate import answer_metrics, summarise, truncation
 from toushi.judge import PairTask, aggregate, rubric, win_rates
 from toushi.report import ReportError, build_report
 from toushi.simulate import seeker_summary
@@ -48,7 +48,8 @@ def make_run(root: Path, with_extras: bool = True) -> Path:
             text = answer(s, i)
             records.append({"id": f"{s}-{i}", "system": s, "prompt_id": f"p{i}", "lang": "en", "post": post,
                             "scene": "pet loss", "emotion": EMOTIONS[i], "intent": None,
-                            "text": text, "metrics": {**answer_metrics(post, text), "embed_sim": 0.5 + i / 20}})
+                            "text": text, "metrics": {**answer_metrics(post, text), "embed_sim": 0.5 + i / 20},
+                            "truncated": s == "strong" and i == 0})  # one strong answer ran out of tokens
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     nll = [{"system": s, "prompt_id": f"p{i}", "nll_sum": 20.0 + i + k, "tokens": 10, "nll": (20.0 + i + k) / 10}
@@ -76,6 +77,7 @@ def make_run(root: Path, with_extras: bool = True) -> Path:
              "calls": len(calls), "invalid_calls": 2, "retried_calls": 2,
              "systems": win_rates(pairs, DIMS, n_boot=50), "pairs": pairs,
              "ladder_calls": len(ladder_calls), "ladder_invalid_calls": 0,
+             "self_judged": ["strong"],  # the strong model judged (no models.judge)
              "ladder_pairs": aggregate(ladder_tasks, ladder_calls, DIMS)}
     items = [{"system": s, "prompt_id": f"p{i}", "before": 40, "after": 40 + d, "delta": d, "valid": True,
               "feelings": [40 + d], "whys": ["scripted"], "transcript": None}
@@ -85,7 +87,8 @@ def make_run(root: Path, with_extras: bool = True) -> Path:
               "items": items}
     summary = summarise(records, nll, judge, n_boot=50, seed=0, seeker=seeker)
     summary.update(run="demo", lang="en", n_prompts=6, prompt_ids=[f"p{i}" for i in range(6)],
-                   notes=["grpo: no adapter, skipped"], student_model="smollm2-135m-instruct")
+                   notes=["grpo: no adapter, skipped"], student_model="smollm2-135m-instruct",
+                   truncation=truncation(records))
     (run / "eval" / "summary.json").write_text(json.dumps(summary))
     if with_extras:
         (run / "guidance").mkdir()
@@ -134,6 +137,11 @@ def test_report_renders_every_part_and_images_exist(tmp_path):
         assert f"<h4>{s}</h4>" in html
     assert "length-controlled win rate vs weak" in text and "held-out NLL" in text
     assert "grpo: no adapter, skipped" in text
+    # each system's truncation rate, and a judge that judged its own answers is named
+    row = re.search(r"<td>truncated answers \(cut off at max_tokens\) ↓</td>(.*?)</tr>", html, re.S)
+    assert row and re.findall(r"<td[^>]*>([^<]*)</td>", row.group(1)) == [
+        "17% (1/6)" if s == "strong" else "0% (0/6)" for s in SYSTEMS]
+    assert "also wrote the answers of strong; it is judging itself" in text
     # answers are escaped, never executed
     assert "<script>" not in html and "&lt;script&gt;" in html
     # the table holds CIs: "mean [lo, hi]"

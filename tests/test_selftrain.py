@@ -164,7 +164,10 @@ class ScriptedJudge:
     conversation with the next scripted verdict, counting requests."""
 
     def __init__(self, verdicts):
-        self.verdicts, self.requests = list(verdicts), 0
+        self.verdicts, self.requests, self.closed = list(verdicts), 0, 0
+
+    def close(self):
+        self.closed += 1
 
     def generate(self, conversations, sampling, lora_name=None, structured=None, logprobs=None):
         from toushi.engines import Completion
@@ -180,11 +183,12 @@ class ScriptedJudge:
 
 
 def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offline_model, monkeypatch):
-    import toushi.selftrain
+    import toushi.engines
 
     judge = ScriptedJudge(["Score: 9", "Score: 4", "I cannot rate this."])
     loaded = []
-    monkeypatch.setattr(toushi.selftrain, "make_engine", lambda spec: loaded.append(spec.name) or judge)
+    # the judge comes from the run's engine pool, which builds engines with toushi.engines.make_engine
+    monkeypatch.setattr(toushi.engines, "make_engine", lambda spec: loaded.append(spec.name) or judge)
     run_dir = write_run(tmp_path / "runs" / "judged")
     recipe_path = write_recipe(tmp_path / "judged.yaml", run_dir, confidence="judge", judge_tau=0.5,
                                tau=0.0)  # tau 0 would reject everything: it is not used with the judge
@@ -207,13 +211,14 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     assert rec["trained"] and rec["train_examples"] == 11 + rec["kept"]
     cache = [json.loads(x) for x in (run_dir / "selftrain" / "judge_cache" / "records.jsonl").read_text().splitlines()]
     assert len(cache) == len(judged)
+    assert loaded == ["remote-judge"] and judge.closed == 1  # freed before the round trained, not left open
     # an interrupted round is redone with the same seed: the same answers, every verdict from the cache
     (run_dir / "selftrain" / "rounds.jsonl").write_text("")
     (run_dir / "selftrain" / "manifest.json").unlink()
     assert run(recipe_path) == {"selftrain": "ran"}
     assert judge.requests == len(judged) and rounds(run_dir)[0]["kept"] == rec["kept"]
     # every round done (only the manifest lost): the judge is not even loaded
-    assert loaded == ["remote-judge", "remote-judge"]
+    assert loaded == ["remote-judge", "remote-judge"] and judge.closed == 2
     (run_dir / "selftrain" / "manifest.json").unlink()
     assert run(recipe_path) == {"selftrain": "ran"}
     assert loaded == ["remote-judge", "remote-judge"] and manifest(run_dir)["counts"]["kept"] == rec["kept"]

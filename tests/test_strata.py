@@ -114,6 +114,9 @@ def test_ladder_order_and_rung_verdicts():
     assert verdict({"mean": -3.0, "lo": -5.0, "hi": -1.0, "n": 9}, 0.0) == HURT
     assert verdict({"mean": 0.6, "lo": 0.4, "hi": 0.8, "n": 9}, 0.5) == UNCLEAR
     assert verdict({"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 1}, 0.5) == TOO_FEW
+    # an interval that clears the line on fewer posts than eval.strata.min_posts says so, not "helped"
+    assert verdict({"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 3}, 0.5, min_posts=5) == TOO_FEW
+    assert verdict({"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 5}, 0.5, min_posts=5) == HELPED
     assert verdict({"mean": None, "lo": None, "hi": None, "n": 0}, 0.5) is None
 
     posts = [f"p{i}" for i in range(8)]
@@ -138,5 +141,7 @@ def test_ladder_order_and_rung_verdicts():
     assert by["strong"]["seeker"]["verdict"] == HURT and by["strong"]["seeker"]["posts"] == 7
     assert by["strong"]["seeker"]["unpaired"] == 1
     # without judge or seeker data a step still appears, with nothing to say
+    few = compare(ladder_systems, pairs, items, n_boot=200, seed=0, min_posts=9)
+    assert {st["judge"]["verdict"] for st in few["steps"]} == {st["seeker"]["verdict"] for st in few["steps"]} == {TOO_FEW}
     bare = compare(ladder_systems)
     assert [st["judge"] for st in bare["steps"]] == [None] * 3 and bare["steps"][0]["seeker"] is None

@@ -51,11 +51,12 @@ def test_empty_think_block():
 def test_completion_flags():
     kw = dict(finish_reason="length", prompt_tokens=3, completion_tokens=5, latency_s=0.1, model="m")
     cut = make_completion("still thinking", opened_think=True, **kw)
-    assert cut.flags == ["empty", "unterminated_think"] and cut.text == ""
+    assert cut.flags == ["empty", "unterminated_think", "truncated"] and cut.text == ""
+    # an answer that stopped at max_tokens is truncated even with its think block closed
     md = make_completion("</think>**You are not alone.**\n- breathe", opened_think=True, **kw)
-    assert md.flags == ["markdown"] and md.reasoning is None
+    assert md.flags == ["truncated", "markdown"] and md.reasoning is None
     # reasoning a server already split off (reasoning_content) is kept, the answer is not re-split
-    srv = make_completion("Plain answer.", reasoning="why", opened_think=True, **kw)
+    srv = make_completion("Plain answer.", reasoning="why", opened_think=True, **{**kw, "finish_reason": "stop"})
     assert (srv.text, srv.reasoning, srv.flags) == ("Plain answer.", "why", [])
 
 

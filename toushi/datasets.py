@@ -1,9 +1,10 @@
 """Training sets from a run's records: SFT ``messages`` and DPO ``prompt/chosen/rejected``.
 
 Both are TRL's conversational formats, so the student's own chat template renders them at training
-time. Held-out prompts never reach a training set (eval answers them). A target answer flagged as
-empty, unterminated reasoning or markdown (when the recipe forbids it) is dropped and counted, so the
-manifest says why a set is smaller than the number of prompts.
+time. Held-out prompts never reach a training set (eval answers them). A target answer that is empty,
+truncated (stopped at max_tokens, or reasoning that never closed: ``engines.is_truncated``) or markdown
+(when the recipe forbids it) is dropped and counted, so the manifest says why a set is smaller than the
+number of prompts. A truncated answer may still be a DPO rejected answer.
 
 Context distillation: guided answers were written with the guidance as system prompt; the SFT example
 keeps the answer but drops the guidance, so the student learns to answer that way without being told.
@@ -15,6 +16,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from toushi.engines import is_truncated
 from toushi.store import StageStore, stable_id
 
 THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
@@ -30,8 +32,8 @@ def _flag_reason(completion: dict, drop_markdown: bool) -> str | None:
     text = (completion.get("text") or "").strip()
     if "empty" in flags or not text:
         return "empty"
-    if "unterminated_think" in flags:
-        return "unterminated_think"
+    if is_truncated(completion):
+        return "truncated"
     if drop_markdown and "markdown" in flags:
         return "markdown"
     return None
@@ -43,6 +45,14 @@ def target_text(completion: dict, keep_think: bool = False) -> str:
     if keep_think and completion.get("reasoning"):
         return f"<think>\n{completion['reasoning'].strip()}\n</think>\n\n{text}"
     return text
+
+
+def pairs_reasoning(rec: dict) -> str | None:
+    """The strong model's own reasoning for a pairs record, as distillation's strong teacher reads it before
+    the answer (``distill.strong_reasoning: pairs``); None (an empty think block) when that answer was
+    truncated: a thought cut off mid-way is no prompt to score an answer after."""
+    first = (rec.get("strong") or [{}])[0]
+    return None if is_truncated(first) else first.get("reasoning")
 
 
 def _usable(completions: list[dict], drop_markdown: bool, dropped: Counter, role: str) -> list[dict]:
@@ -65,7 +75,7 @@ def build_sft(
     keep_think: bool = False,
     drop_markdown: bool = True,
 ) -> tuple[list[dict], dict]:
-    """SFT examples ``{"id", "source", "messages"}`` and counts (prompts, heldout_excluded, dropped)."""
+    """SFT examples ``{"id", "prompt_id", "source", "messages"}`` and counts (prompts, heldout_excluded, dropped)."""
     if target not in ("strong", "guided", "both"):
         raise DatasetError(f"sft.target: expected strong, guided or both, got {target!r}")
     dropped: Counter = Counter()
@@ -81,7 +91,8 @@ def build_sft(
                     {"role": "user", "content": rec["prompt"]},
                     {"role": "assistant", "content": target_text(c, keep_think)},
                 ]
-                examples.append({"id": stable_id(rec["id"], "strong", i), "source": "strong", "messages": messages})
+                examples.append({"id": stable_id(rec["id"], "strong", i), "prompt_id": rec["id"], "source": "strong",
+                                 "messages": messages})
     if target in ("guided", "both"):
         for rec in guided:
             if rec.get("split") != "train":
@@ -95,7 +106,8 @@ def build_sft(
                     {"role": "user", "content": rec["prompt"]},
                     {"role": "assistant", "content": target_text(c, keep_think=False)},
                 ]
-                examples.append({"id": stable_id(rec["id"], "guided", i), "source": "guided", "messages": messages})
+                examples.append({"id": stable_id(rec["id"], "guided", i), "prompt_id": rec["id"], "source": "guided",
+                                 "messages": messages})
     counts = {
         "prompts": len(pairs) if target != "guided" else len(guided),
         "heldout_excluded": heldout,
@@ -108,6 +120,7 @@ def build_sft(
 def _pair(rec_id: str, kind: str, i: int, prompt: str, chosen: str, rejected: str) -> dict:
     return {
         "id": stable_id(rec_id, kind, i),
+        "prompt_id": rec_id,
         "kind": kind,
         "prompt": [{"role": "user", "content": prompt}],
         "chosen": [{"role": "assistant", "content": chosen}],

@@ -16,7 +16,7 @@ no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo|distill
 
 Outputs in ``runs/<run>/eval/``: ``records.jsonl`` (one record per system x prompt: answer, the post's labels
 and metrics), ``summary.json`` (everything the report draws), and caches that make a rerun do only what is
-missing: ``students/`` (student generations), ``nll/`` (per-answer NLL), ``judge/`` (judge calls), ``seeker/``
+missing: ``students/`` (student generations, saved batch by batch with their finish reasons), ``nll/`` (per-answer NLL), ``judge/`` (judge calls), ``seeker/``
 (seeker calls and the systems' replies in later turns).
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from toushi import metrics as M
-from toushi.engines import cache_model
+from toushi.engines import cache_model, is_truncated
 from toushi.engines.adapters import ADAPTER_STAGES, run_adapters
 from toushi.ladder import compare as ladder_compare
 from toushi.ladder import steps as ladder_steps
@@ -76,37 +76,42 @@ def user_conversation(prompt: str) -> list[dict]:
 
 
 def generate_students(
-    spec: ModelSpec, adapters: dict[str, Path], convs: list[list[dict]], sampling: Sampling, console,
-    base: bool = True, open_engine=None,
-) -> tuple[dict[str, list[str]], str]:
-    """Answers of the base student (when ``base``) and each adapter: name -> texts. Returns (answers,
-    engine used).
+    spec: ModelSpec, adapters: dict[str, Path], todo: list[tuple[str, list[dict]]], sampling: Sampling, console,
+    save, batch_size: int = 128, open_engine=None,
+) -> str:
+    """Answer each ``(system, conversation)`` of ``todo`` (system "student": the base, else an adapter's name)
+    in batches of ``batch_size``, handing each batch to ``save(start, completions)`` (``start``: its first
+    index in ``todo``) as it finishes, so a kill loses at most one batch. Returns the engine used.
 
-    One engine serves the base and every adapter (``lora_name`` per request): ``open_engine(spec)`` (the
-    run's shared engine under `toushi run`), else a new one. If vLLM with LoRA fails (LoRA support varies
-    on CPU builds), fall back to the transformers engine with PEFT and say so.
+    One engine serves the base and every adapter (``lora_name`` per request, so the adapters share decode
+    steps): ``open_engine(spec)`` (the run's shared engine under `toushi run`), else a new one. If vLLM with
+    LoRA fails (LoRA support varies on CPU builds), the rest goes to the transformers engine with PEFT.
     """
     from toushi.engines import make_engine
 
-    def run(s: ModelSpec, opener=open_engine or make_engine) -> dict[str, list[str]]:
-        # every system in one call (an adapter per request): the adapters share one pass of decode steps
-        # instead of one pass each (on a CPU the base student gets a batch of its own: see the vLLM engine)
-        systems = (["student"] if base else []) + list(adapters)
-        names = [None if n == "student" else n for n in systems for _ in convs]
+    done = 0
+
+    def run(s: ModelSpec, opener=open_engine or make_engine) -> None:
+        nonlocal done
         with opener(s) as engine:
-            outs = engine.generate([c for _ in systems for c in convs], sampling, lora_name=names)
-        texts = [o[0].text for o in outs]
-        return {n: texts[i * len(convs) : (i + 1) * len(convs)] for i, n in enumerate(systems)}
+            while done < len(todo):
+                batch = todo[done : done + batch_size]
+                outs = engine.generate([c for _, c in batch], sampling,
+                                       lora_name=[None if n == "student" else n for n, _ in batch])
+                save(done, [o[0] for o in outs])
+                done += len(batch)
 
     lora = {"enable_lora": bool(adapters), "lora_adapters": dict(adapters)}
     try:
-        return run(spec.model_copy(update=lora)), spec.engine
+        run(spec.model_copy(update=lora))
+        return spec.engine
     except Exception as e:  # noqa: BLE001 - any vLLM LoRA failure gets the fallback, with the reason shown
         if not adapters or spec.engine != "vllm":
             raise
         console.print(f"[yellow]eval: vLLM with LoRA failed ({type(e).__name__}: {e}); "
                       "falling back to the transformers engine with PEFT[/yellow]")
-    return run(spec.model_copy(update={**lora, "engine": "hf"}), make_engine), "hf+peft (vLLM LoRA failed)"
+    run(spec.model_copy(update={**lora, "engine": "hf"}), make_engine)
+    return "hf+peft (vLLM LoRA failed)"
 
 
 def _load_student(spec: ModelSpec, adapters: dict[str, Path]):
@@ -263,6 +268,17 @@ def summarise(answers: list[dict], nll: list[dict], judge: dict | None, n_boot: 
             "judge": judge, "seeker": seeker, "ladder": ladder_block, "strata": strata}
 
 
+def truncation(records: list[dict]) -> dict:
+    """Per system: answers, how many were truncated (stopped at max_tokens or inside their reasoning) and the
+    rate. A truncated answer is judged as it is, so a system that runs out of tokens shows it here."""
+    out: dict[str, dict] = {}
+    for rec in records:
+        v = out.setdefault(rec["system"], {"answers": 0, "truncated": 0})
+        v["answers"] += 1
+        v["truncated"] += bool(rec.get("truncated"))
+    return {s: {**v, "rate": round(v["truncated"] / v["answers"], 4)} for s, v in out.items()}
+
+
 # --------------------------------------------------------------------------------------- stage
 
 
@@ -277,13 +293,16 @@ def run_stage(ctx: StageContext) -> dict:
     ids = [p["id"] for p in prompts]
     convs = [user_conversation(p["prompt"]) for p in prompts]
     answers: dict[str, list[str | None]] = {}
+    completions: dict[str, list[dict | None]] = {}  # the answers' completion records: finish_reason, flags
     for role in ("weak", "strong"):
         if role in cfg.systems:
             answers[role] = [first_text(p.get(role)) for p in prompts]
+            completions[role] = [(p.get(role) or [None])[0] for p in prompts]
     if "guided" in cfg.systems:
         guided = {g["id"]: g for g in ctx.stage("guided").records(ids)}
         if guided:
             answers["guided"] = [first_text(guided[i].get("guided")) if i in guided else None for i in ids]
+            completions["guided"] = [((guided.get(i) or {}).get("guided") or [None])[0] for i in ids]
         else:
             notes.append("guided: no guided stage output, skipped")
 
@@ -299,25 +318,32 @@ def run_stage(ctx: StageContext) -> dict:
     sstore = StageStore(ctx.store.dir, "students")
     fps = {n: adapter_fingerprint(p) for n, p in adapters.items()} | {"student": "base"}
     sampling = cfg.sampling.model_copy(update={"n": 1})
+    generated = 0
     if students:
         key = {n: [stable_id("gen", cache_model(spec), fps[n], sampling.model_dump(mode="json"), c) for c in convs]
                for n in students}
         have = sstore.ids()
-        missing = [n for n in students if any(k not in have for k in key[n])]
-        if missing:
+        todo = [(n, i) for n in students for i in range(len(convs)) if key[n][i] not in have]
+        if todo:
+            missing = sorted({n for n, _ in todo}, key=students.index)
             use = {n: adapters[n] for n in missing if n in adapters}
-            console.print(f"eval: generating {len(prompts)} answers for {', '.join(missing)}")
-            gen, engine_used = generate_students(spec, use, convs, sampling, console, base="student" in missing,
-                                                  open_engine=ctx.engine)
+            console.print(f"eval: generating {len(todo)} answers for {', '.join(missing)}")
+            with sstore.writer(batch_size=cfg.batch_size) as w:
+                def save(start, got):
+                    for (n, i), comp in zip(todo[start:], got):
+                        w.write({"id": key[n][i], "system": n, "prompt_id": ids[i], "text": comp.text,
+                                 "finish_reason": comp.finish_reason, "flags": comp.flags})
+                    w.flush()
+
+                engine_used = generate_students(spec, use, [(n, convs[i]) for n, i in todo], sampling, console,
+                                                save, cfg.batch_size, open_engine=ctx.engine)
+            generated = len(todo)
             if engine_used != spec.engine:
                 notes.append(f"students generated with {engine_used}")
-            with sstore.writer() as w:
-                for n in missing:
-                    for k, pid, text in zip(key[n], ids, gen[n]):
-                        w.write({"id": k, "system": n, "prompt_id": pid, "text": text})
-        cached = {rec["id"]: rec["text"] for rec in sstore.records()}
+        cached = {rec["id"]: rec for rec in sstore.records()}
         for n in students:
-            answers[n] = [cached[k] for k in key[n]]
+            answers[n] = [cached[k]["text"] for k in key[n]]
+            completions[n] = [cached[k] for k in key[n]]
 
     # ---- per-answer records with rule metrics (+ embedding similarity to the strong answer)
     strong = answers.get("strong") or [first_text(p.get("strong")) for p in prompts]
@@ -344,8 +370,10 @@ def run_stage(ctx: StageContext) -> dict:
                 continue
             m = answer_metrics(p["post"], t)
             m["embed_sim"] = sims[s][i] if s in sims else None
+            comp = (completions.get(s) or [None] * len(prompts))[i] or {}
             records.append({"id": stable_id(s, p["id"]), "system": s, "prompt_id": p["id"], "lang": p.get("lang"),
-                            **{k: p.get(k) for k in LABELS}, "post": p["post"], "text": t, "metrics": m})
+                            **{k: p.get(k) for k in LABELS}, "post": p["post"], "text": t, "metrics": m,
+                            "finish_reason": comp.get("finish_reason"), "truncated": is_truncated(comp)})
     # Per-answer metrics are cheap: rewrite the file whole, so it always matches this summary.
     atomic_write_text(ctx.store.records_path,
                       "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
@@ -377,7 +405,7 @@ def run_stage(ctx: StageContext) -> dict:
 
     notes += small_cells(summary["strata"])
     summary.update(run=r.run.name, lang=r.run.lang, n_prompts=len(prompts), prompt_ids=ids, notes=notes,
-                   student_model=spec.name if spec else None)
+                   student_model=spec.name if spec else None, truncation=truncation(records))
     atomic_write_text(ctx.store.path("summary.json"), json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     from toushi.tracking import log_eval_summary
 
@@ -387,7 +415,8 @@ def run_stage(ctx: StageContext) -> dict:
     for n in notes:
         console.print(f"[dim]eval: {n}[/dim]")
     counts = {"prompts": len(prompts), "systems": len(summary["systems"]), "answers": len(records),
-              "nll": len(nll_records)}
+              "nll": len(nll_records), "generated": generated,
+              "truncated": {s: v["truncated"] for s, v in summary["truncation"].items()}}
     if judge_block:
         counts.update(judge_calls=judge_block["calls"], judge_invalid_calls=judge_block["invalid_calls"],
                       ladder_judge_calls=judge_block["ladder_calls"])
@@ -410,6 +439,11 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
         notes.append(f"judge: reference system {ref!r} has no answers, skipped")
         return None
     dims = judge_dimensions(r.run.lang, ctx.run_dir)
+    own = self_judged(r, spec, list(answers))
+    if own:
+        notes.append(f"judge: {spec.name} also wrote the answers of {', '.join(own)}: it judges its own answers"
+                     + ("" if r.models.judge else " (models.judge is not set, so the strong model judges)"))
+
     def pair_tasks(system: str, reference: str, need_dims: bool = True) -> list[PairTask]:
         return [PairTask(prompt_id=p["id"], lang=r.run.lang, post=p["post"], system=system, text=answers[system][i],
                          reference=reference, ref_text=answers[reference][i], need_dims=need_dims)
@@ -437,6 +471,7 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
     pairs = aggregate(tasks, calls, dims)
     return {
         "model": spec.name, "mode": mode, "reference": ref, "dimensions": [d["name"] for d in dims],
+        "self_judged": own,
         "calls": len(calls), "invalid_calls": sum(1 for c in calls if not c["valid"]),
         "retried_calls": sum(1 for c in calls if c.get("retry_raw") is not None),
         "systems": win_rates(pairs, dims, n_boot=cfg.bootstrap, seed=r.run.seed),
@@ -444,6 +479,14 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
         "ladder_calls": len(ladder_calls), "ladder_invalid_calls": sum(1 for c in ladder_calls if not c["valid"]),
         "ladder_pairs": aggregate(ladder_tasks, ladder_calls, dims),
     }
+
+
+def self_judged(recipe, judge: ModelSpec, systems: list[str]) -> list[str]:
+    """The systems whose answers the judge's own model wrote (weak, guided: the weak model; strong; the base
+    student): a judge that is also under test favours itself, and the report must say so."""
+    m = recipe.models
+    wrote = {"weak": m.weak, "guided": m.weak, "strong": m.strong, "student": m.student}
+    return [s for s in systems if wrote.get(s) is not None and wrote[s].name == judge.name]
 
 
 def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: dict[str, Path], notes: list[str],

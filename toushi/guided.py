@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import cache_model
+from toushi.engines import cache_model, flag_counts, is_truncated
 from toushi.guidance import load_guidance
 from toushi.runner import StageContext
 from toushi.store import atomic_write_text, stable_id
@@ -65,7 +65,7 @@ def guided_systems(recs: list[dict], pairs: list[dict], guidance: str, k: int, l
     the k most similar train posts of ``pairs`` (the distill stage's guided teacher reads the same prompt)."""
     # examples come only from train posts with a usable strong answer, so eval never sees its own answers
     pool = [p for p in pairs if p.get("split") == "train" and p["strong"] and p["strong"][0]["text"]
-            and not p["strong"][0]["flags"]]
+            and not p["strong"][0]["flags"] and not is_truncated(p["strong"][0])]
     picks = retrieve([p["post"] for p in recs], [p["id"] for p in pool], [p["post"] for p in pool], k)
     by_id = {p["id"]: p for p in pool}
     out = []
@@ -125,9 +125,5 @@ def run_stage(ctx: StageContext) -> dict:
                     })
                 w.flush()
                 bar.update(task, advance=len(chunk))
-    flags: dict[str, int] = {}
-    for g in ctx.store.records():
-        for c in g["guided"]:
-            for f in c["flags"]:
-                flags[f"guided_{f}"] = flags.get(f"guided_{f}", 0) + 1
+    flags = flag_counts((c for g in ctx.store.records() for c in g["guided"]), "guided")
     return {**counts, "records": len(ctx.store.ids()), **flags}

@@ -10,8 +10,9 @@
 * Format: the judge answers one JSON object (a verdict per dimension and an overall one), decoded under
   that JSON schema wherever the engine can constrain it; the line format ("verdict: A") is still read
   from judges that cannot be constrained.
-* Parse failures: one retry asking for the bare answer, then the call is recorded as invalid (never
-  silently turned into a tie) and counted.
+* Parse failures: one retry asking for the bare answer, with a fresh seed, then the call is recorded as
+  invalid (never silently turned into a tie) and counted. Every call's raw output is cached and its verdict
+  is parsed again on every read (``settle``), so a parser fix re-reads earlier calls without asking again.
 * Modes: ``generate`` reads the overall verdict from the JSON; ``logprob`` (AlpacaEval 2's weighted
   preference) also asks for the overall verdict as one constrained choice token and reads the graded
   preference P(A) + P(tie)/2 from the probabilities of A, B and tie; the two orders are then averaged.
@@ -275,6 +276,24 @@ def pending_calls(
     return sum(1 for c in plan_calls(tasks, dimensions, sampling, judge_model, mode) if c["id"] not in done)
 
 
+RETRY_SEED_OFFSET = 7919  # the retry's seed: the call's own plus this (any other number than the call's)
+
+
+def settle(call: dict, dimensions: Sequence[dict]) -> dict:
+    """A call record with its verdict read from its cached raw outputs: ``raw`` (the JSON answer), else
+    ``retry_raw`` (the one retry), and ``probs`` (the choice token's, logprob mode). ``valid``, ``verdict``,
+    ``dims`` and ``preference`` are derived, never trusted from the cache."""
+    parsed = None
+    for text in (call.get("raw"), call.get("retry_raw")):
+        if text is not None and parsed is None:
+            parsed = parse_verdict(text, dimensions)
+    pr = call.get("probs")
+    valid = (parsed is not None or call.get("prompt") is None) and (call.get("mode") != "logprob" or pr is not None)
+    verdict = max(CHOICES, key=lambda k: pr[k]) if pr is not None else parsed["verdict"] if parsed else None
+    return {**call, "valid": valid, "verdict": verdict if valid else None, "dims": parsed["dims"] if parsed else None,
+            "preference": round(pr["A"] + pr["tie"] / 2, 6) if pr and valid else None}
+
+
 def run_judge(
     engine,
     tasks: Sequence[PairTask],
@@ -303,6 +322,8 @@ def run_judge(
     json_sampling = sampling.model_copy(update={"max_tokens": max(sampling.max_tokens, json_budget(dimensions))})
     # one token decides; a second lets "tie" finish where it takes two
     choice_sampling = sampling.model_copy(update={"max_tokens": 2})
+    # an unreadable verdict is asked again once, with a fresh seed (a sampled judge does not repeat itself)
+    retry_sampling = json_sampling.model_copy(update={"seed": (sampling.seed or 0) + RETRY_SEED_OFFSET})
     with store.writer(batch_size=batch_size) as w:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -322,9 +343,8 @@ def run_judge(
                                 {"role": "user", "content": build_retry(lang_of[batch[i]["pair_id"]], dimensions)}]
                     for i in retry_idx
                 ]
-                for i, outs in zip(retry_idx, engine.generate(retry_convs, json_sampling, structured=schema)):
+                for i, outs in zip(retry_idx, engine.generate(retry_convs, retry_sampling, structured=schema)):
                     retried[i] = outs[0].text
-                    parsed[i] = parse_verdict(outs[0].text, dimensions)
             probs: list[dict | None] = [None] * len(batch)
             if mode == "logprob":
                 choice_convs = [[{"role": "user", "content": c["choice_prompt"]}] for c in batch]
@@ -332,19 +352,13 @@ def run_judge(
                                        logprobs=TOP_LOGPROBS)
                 probs = [choice_probabilities(o[0].logprobs) for o in outs]
             for i, c in enumerate(batch):
-                p, pr = parsed[i], probs[i]
-                valid = (p is not None or c["prompt"] is None) and (mode == "generate" or pr is not None)
-                verdict = p["verdict"] if p else None
-                if pr is not None:
-                    verdict = max(CHOICES, key=lambda k: pr[k])
-                w.write({**c, "judge_model": judge_model, "mode": mode, "raw": first[i],
-                         "retry_raw": retried.get(i), "valid": valid, "verdict": verdict if valid else None,
-                         "dims": p["dims"] if p else None, "probs": pr,
-                         "preference": round(pr["A"] + pr["tie"] / 2, 6) if pr and valid else None})
+                w.write(settle({**c, "judge_model": judge_model, "mode": mode, "raw": first[i],
+                                "retry_raw": retried.get(i), "probs": probs[i]}, dimensions))
             w.flush()
             if progress:
                 progress(len(batch))
-    by_id = {r["id"]: r for r in store.records()}
+    # verdicts are read again from the cached raw outputs: a parser fix applies to every earlier call
+    by_id = {r["id"]: settle(r, dimensions) for r in store.records()}
     # A cached call may have been made for another pair with the same prompt: label it with ours.
     return [{**by_id[c["id"]], "pair_id": c["pair_id"], "order": c["order"]} for c in calls]
 

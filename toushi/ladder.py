@@ -9,7 +9,8 @@ rung and the previous present rung:
   the same post; the shared "before" cancels, so this is the difference in "after"), its interval against 0.
 
 A step "helped" when the interval lies above the no-change value, "hurt" when it lies below, and otherwise
-made "no clear change" (with fewer than two posts there is no interval: "too few posts").
+made "no clear change"; with fewer posts than ``eval.strata.min_posts`` (and never under two) it says "too few
+posts" instead, whatever the interval: two or three posts cannot tell helped from hurt.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def steps(systems: Sequence[str]) -> list[tuple[str, str]]:
     return list(zip(r, r[1:]))
 
 
-def verdict(ci: dict | None, null: float) -> str | None:
-    """helped / hurt / no clear change from an interval against the no-change value (None: no data)."""
+def verdict(ci: dict | None, null: float, min_posts: int = 2) -> str | None:
+    """helped / hurt / no clear change from an interval against the no-change value (None: no data; too few
+    posts under ``min_posts``)."""
     if not ci or ci.get("mean") is None:
         return None
-    if ci["n"] < 2:
+    if ci["n"] < max(2, min_posts):
         return TOO_FEW
     if ci["lo"] > null:
         return HELPED
@@ -66,7 +68,7 @@ def compare(
         if ps:
             outcomes = [p["outcome"] for p in ps if p["valid"]]
             ci = bootstrap_ci(outcomes, n_boot=n_boot, seed=seed)
-            judge = {"ci": ci, "verdict": verdict(ci, 0.5), "few": len(outcomes) < min_posts,
+            judge = {"ci": ci, "verdict": verdict(ci, 0.5, min_posts), "few": len(outcomes) < min_posts,
                      "wins": sum(o > 0.5 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
                      "losses": sum(o < 0.5 for o in outcomes), "invalid": len(ps) - len(outcomes)}
         seeker = None
@@ -77,7 +79,7 @@ def compare(
                      if (cur, p) in delta and (prev, p) in delta]
             if posts:
                 ci = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
-                seeker = {"ci": ci, "verdict": verdict(ci, 0.0), "few": len(diffs) < min_posts, "posts": len(diffs),
+                seeker = {"ci": ci, "verdict": verdict(ci, 0.0, min_posts), "few": len(diffs) < min_posts, "posts": len(diffs),
                           "unpaired": len(posts) - len(diffs)}
         out.append({"from": prev, "to": cur, "judge": judge, "seeker": seeker})
     return {"rungs": rungs(systems), "steps": out}

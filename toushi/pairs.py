@@ -18,7 +18,7 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import Completion, cache_model
+from toushi.engines import Completion, cache_model, flag_counts
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, stable_id
@@ -96,13 +96,9 @@ def run_stage(ctx: StageContext) -> dict:
 
     written = _write_records(ctx, posts, prompts, pair_key, wanted, caches, setups)
     counts.update(pairs=len(ctx.store.ids()), written=written, failed=len(failed))
-    flags: dict[str, int] = {}
-    for rec in ctx.store.records():
-        for role in ROLES:
-            for c in rec[role]:
-                for f in c["flags"]:
-                    flags[f"{role}_{f}"] = flags.get(f"{role}_{f}", 0) + 1
-    counts.update(flags)
+    records = ctx.store.records()
+    for role in ROLES:
+        counts.update(flag_counts((c for rec in records for c in rec[role]), role))
     if failed:
         raise PairsIncomplete(
             f"pairs: {len(failed)} of {len(prompts)} prompts failed (see {ctx.store.errors_path}); "

@@ -315,7 +315,12 @@ class GuidanceSection(Section):
         "version on dev prompts, judged both ways (None: on when models.judge is set; true needs a judge).",
     )
     dev_prompts: int = Field(
-        8, ge=1, description="Train prompts set aside (not analysed) for the acceptance gate."
+        8, ge=1, description="Train prompts set aside (not analysed) for the acceptance gate, drawn from each "
+        "scene in turn.",
+    )
+    accept_margin: float = Field(
+        0.0, ge=0.0, lt=0.5, description="The gate keeps a version only when the lower end of the 95% bootstrap "
+        "interval of its dev win rate (ties 0.5) is above 0.5 + accept_margin.",
     )
     max_dimensions: int = Field(8, ge=1, description="Most dimensions the rule memory holds.")
     seed_dimensions: int = Field(
@@ -586,6 +591,10 @@ class EvalSection(Section):
         "of the A/B/tie choice token (AlpacaEval 2 style; needs an engine that returns logprobs).",
     )
     reference: str = Field("weak", description="System every other one is compared to by the judge.")
+    batch_size: int = Field(
+        128, ge=1, description="Student answers per generation call; each batch is saved as it finishes (a kill "
+        "loses at most one batch, a rerun generates only what is missing).",
+    )
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for 95% CIs.")
     embeddings: bool = Field(False, description="Embedding similarity to the strong answer (MiniLM).")
     max_prompts: int | None = Field(None, ge=1, description="Cap on held-out prompts evaluated.")

@@ -304,6 +304,11 @@ def build_report(run_dir: Path, out_dir: Path | None = None, examples: int = EXA
         if nll:
             metric_table.append({"label": "held-out NLL of strong answers", "better": False,
                                  "cells": [fmt_ci(nll.get(s), "{:.3f}") for s in systems]})
+        trunc = summary.get("truncation") or {}
+        if trunc:
+            metric_table.append({"label": "truncated answers (cut off at max_tokens)", "better": False, "cells": [
+                f"{trunc[s]['rate']:.0%} ({trunc[s]['truncated']}/{trunc[s]['answers']})" if s in trunc else "–"
+                for s in systems]})
         if judge:
             for key, label in (("win_rate", f"win rate vs {judge['reference']}"),
                                ("lc_win_rate", f"length-controlled win rate vs {judge['reference']}")):

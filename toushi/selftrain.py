@@ -11,7 +11,8 @@ Each round r = 1..rounds:
    shapes what is sampled, not how sure the model is of it), the end-of-turn token included, since choosing
    to stop is part of the answer; or (``confidence: judge``) the judge's 1-10 rubric score
    (``rewards.JudgeScorer``, cached in ``judge_cache/`` so a redone round asks again for nothing), asked
-   only for answers that passed every other check;
+   only for answers that passed every other check, on the run's engine pool, which frees the judge before the
+   round trains;
 3. keep an answer when its format reward is 1 (plain text, the post's language, no ``<think>``), it ended
    before ``max_new_tokens`` (unless ``keep_truncated``) and its confidence is above ``tau`` (log-prob) or
    ``judge_tau`` (judge score mapped to [-1, 1]); an unparseable verdict rejects (``judge_invalid``);
@@ -33,10 +34,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from toushi.datasets import load_sft
-from toushi.engines import make_engine
 from toushi.engines.adapters import complete_adapter
 from toushi.evaluate import adapter_fingerprint
 from toushi.models import resolve_model
@@ -144,10 +145,17 @@ def judge_spec(recipe: Recipe):
     return spec
 
 
-def make_judge(spec, cache_dir: Path) -> JudgeScorer:
-    """The rubric scorer with its engine loaded; verdicts cached in cache_dir/judge_cache."""
-    return JudgeScorer(make_engine(spec), Sampling(temperature=0.0, max_tokens=16),
-                       StageStore(cache_dir, "judge_cache"), spec.name)
+@contextmanager
+def judging(ctx: StageContext, spec):
+    """The rubric scorer on the run's engine for ``spec`` (verdicts cached in judge_cache/), for one round's
+    judging. On leaving, the engine is freed: training follows in this process and needs the memory."""
+    engine = ctx.engine(spec)
+    try:
+        yield JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), StageStore(ctx.store.dir, "judge_cache"),
+                          spec.name)
+    finally:
+        engine.close()  # an engine of its own (no run pool) is freed here; a pool's view frees nothing...
+        ctx.free_engines()  # ...so the pool lets go of it
 
 
 # --------------------------------------------------------------------------------------- one round
@@ -199,10 +207,9 @@ def stable_id_int(*parts) -> int:
 
 
 def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list[dict], sft_examples: list[dict],
-              adapter_in: Path | None, console, judge: JudgeScorer | None = None,
-              tracking: dict | None = None) -> dict:
-    """Round r: sample from base + adapter_in, filter (asking ``judge`` when given), train on the SFT set +
-    kept; the round's record."""
+              adapter_in: Path | None, console, judge=None, tracking: dict | None = None) -> dict:
+    """Round r: sample from base + adapter_in, filter (asking the scorer of the ``judge()`` context when
+    given), train on the SFT set + kept; the round's record."""
     import torch
 
     cfg = recipe.selftrain
@@ -225,7 +232,9 @@ def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list
         todo = [(p["post"], a) for p, answers in zip(prompts, sampled) for a in answers
                 if not verdict(a, p["post"], cfg.keep_truncated)]
         console.print(f"selftrain round {r}: judging {len(todo)} answers")
-        for (_, a), score in zip(todo, judge.raw_scores([post for post, _ in todo], [a["text"] for _, a in todo])):
+        with judge() as scorer:
+            scores = scorer.raw_scores([post for post, _ in todo], [a["text"] for _, a in todo])
+        for (_, a), score in zip(todo, scores):
             a["judge_score"] = score
     tau, judge_tau = (None, cfg.judge_tau) if judge is not None else (cfg.tau, None)
     samples, kept = [], []
@@ -321,12 +330,11 @@ def run_stage(ctx: StageContext) -> dict:
     # a round that kept nothing passes its input on, so the last round's output is the current student
     adapter = (Path(done[-1]["adapter_out"]) if done[-1]["adapter_out"] else None) if done else start
 
-    scorer = None
     tracking = start_tracking(recipe, "selftrain", store.dir, True) if len(done) < cfg.rounds else None
     for r in range(len(done) + 1, cfg.rounds + 1):
-        if judge is not None and scorer is None:  # loaded only when a round is left to judge
-            scorer = make_judge(judge, store.dir)
-        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console, scorer, tracking)
+        # the judge is loaded only when a round is left to judge, and freed before that round trains
+        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console,
+                        (lambda: judging(ctx, judge)) if judge is not None else None, tracking)
         with RecordWriter(rounds_path, batch_size=1) as w:
             w.write(rec)
         done.append(rec)

@@ -174,15 +174,18 @@ def trainer_kwargs(
 
 
 def split_eval(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval): a seeded shuffle, at least one eval example when fraction > 0 and there are >= 2."""
+    """(train, eval) split by post: every example of one post (``prompt_id``; its own ``id`` when it has
+    none) goes to the same side, so the eval loss never scores a post the model trained on. A seeded
+    shuffle of the posts; at least one eval post when fraction > 0 and there are >= 2 posts."""
     import random
 
-    if fraction <= 0 or len(examples) < 2:
+    posts = list(dict.fromkeys(e.get("prompt_id", e["id"]) for e in examples))
+    if fraction <= 0 or len(posts) < 2:
         return examples, []
-    shuffled = examples[:]
-    random.Random(seed).shuffle(shuffled)
-    n_eval = max(1, round(len(examples) * fraction))
-    return shuffled[n_eval:], shuffled[:n_eval]
+    random.Random(seed).shuffle(posts)
+    held = set(posts[: max(1, round(len(posts) * fraction))])
+    return ([e for e in examples if e.get("prompt_id", e["id"]) not in held],
+            [e for e in examples if e.get("prompt_id", e["id"]) in held])
 
 
 # Settings that change how often a run logs or saves, not what it learns: a resume may change them.

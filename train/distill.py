@@ -36,7 +36,9 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from trl import DistillationConfig  # noqa: E402
 
+from toushi.datasets import pairs_reasoning  # noqa: E402
 from toushi.distill import TeacherPromptDistillationTrainer, slice_rows, teacher_prompt_ids  # noqa: E402
+from toushi.engines import is_truncated  # noqa: E402
 from toushi.engines.adapters import complete_adapter  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.pairs import conversation  # noqa: E402
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         # the strong model reads the prompt as the pairs stage asked it (its system prompt file, if any)
         system = (render_file(teacher_spec.system_prompt_file, lang=recipe.run.lang)
                   if teacher_spec.system_prompt_file else None)
-        thought = {p["id"]: (p.get("strong") or [{}])[0].get("reasoning") for p in train}
+        thought = {p["id"]: pairs_reasoning(p) for p in train}
         teacher_ids = [
             teacher_prompt_ids(teacher_tok, conversation(p["prompt"], system), think=teacher_spec.reasoning,
                                reasoning=thought[p["id"]] if cfg.strong_reasoning == "pairs" else None)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = [{"id": p["id"], "prompt": [{"role": "user", "content": p["prompt"]}], "teacher_prompt_ids": ids}
                 for p, ids in zip(train, teacher_ids)]
     counts = {"prompts": len(pairs), "heldout_excluded": len(pairs) - len(train), "train_examples": len(examples),
+              "strong_truncated": sum(is_truncated((p.get("strong") or [{}])[0]) for p in train),
               "teacher": cfg.teacher, "teacher_model": teacher_spec.name,
               "teacher_prompt_tokens_mean": round(sum(map(len, teacher_ids)) / len(teacher_ids), 1)}
     print(f"[toushi] distill data: {counts}", flush=True)

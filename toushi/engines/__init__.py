@@ -37,7 +37,7 @@ class Completion:
     completion_tokens: int
     latency_s: float
     model: str
-    # "empty", "unterminated_think", "think_budget_hit", "markdown", "unstructured"
+    # "empty", "unterminated_think", "think_budget_hit", "truncated" (see is_truncated), "markdown", "unstructured"
     flags: list[str] = field(default_factory=list)
     # with logprobs=k: per generated token, the k most likely tokens (decoded text -> logprob); under a
     # constraint the engines report them after the constraint's mask, so they sum to ~1 over allowed tokens
@@ -83,6 +83,8 @@ def make_completion(
         flags.append("unterminated_think")
     if budget_hit:
         flags.append("think_budget_hit")
+    if finish_reason == "length" or split.unterminated:
+        flags.append("truncated")
     if has_markdown(split.answer):
         flags.append("markdown")
     return Completion(
@@ -96,6 +98,26 @@ def make_completion(
         flags=flags,
         logprobs=logprobs,
     )
+
+
+def is_truncated(completion: dict) -> bool:
+    """Whether a completion (as stored in records) was cut off: it stopped at ``max_tokens``, or its think
+    block never closed. Such an answer is never a training target, a chosen answer, a guidance example or
+    a distillation prompt; it may still be a rejected one. Reads ``finish_reason`` too, so records written
+    before the "truncated" flag existed are judged the same way."""
+    flags = completion.get("flags") or ()
+    return "truncated" in flags or "unterminated_think" in flags or completion.get("finish_reason") == "length"
+
+
+def flag_counts(completions, role: str) -> dict[str, int]:
+    """A stage manifest's counts of its completions' flags, ``{role}_{flag}``; ``{role}_truncated`` is
+    always there (0 included), so a manifest says how many answers were cut off."""
+    out = {f"{role}_truncated": 0}
+    for c in completions:
+        for f in set(c.get("flags") or ()) - {"truncated"}:
+            out[f"{role}_{f}"] = out.get(f"{role}_{f}", 0) + 1
+        out[f"{role}_truncated"] += is_truncated(c)
+    return out
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from toushi.engines import cache_model
+from toushi.engines import cache_model, is_truncated
 from toushi.engines.pool import EnginePool
 from toushi.guidance.render import load_guidance, read_guidance_file, system_prompt, to_json, to_markdown
 from toushi.judge import rubric
@@ -29,14 +29,15 @@ __all__ = ["build_pairs", "load_guidance", "run_stage"]
 def build_pairs(records: list[dict], blind: bool, seed: int) -> tuple[list[dict], int]:
     """Pairs records (train split) -> analysis pairs with short labels (p1, p2, ...) and the two answers
     in a stable random order (blind) or as weak then strong (named). Returns (pairs, skipped) where
-    skipped counts records with an empty weak or strong answer."""
+    skipped counts records with an empty or truncated weak or strong answer (a cut-off answer is no worked
+    example, and a contrast with one is about length, not skill)."""
     pairs, skipped = [], 0
     for rec in records:
         if rec.get("split", "train") != "train":
             continue
-        weak = ((rec.get("weak") or [{}])[0].get("text") or "").strip()
-        strong = ((rec.get("strong") or [{}])[0].get("text") or "").strip()
-        if not weak or not strong:
+        first = [(rec.get(role) or [{}])[0] for role in ("weak", "strong")]
+        weak, strong = ((c.get("text") or "").strip() for c in first)
+        if not weak or not strong or any(is_truncated(c) for c in first):
             skipped += 1
             continue
         label = f"p{len(pairs) + 1}"
@@ -85,7 +86,7 @@ def _make_gate(ctx, pool, dev: list[dict]):
         outcomes = judge_outcomes(pool.get(judge), gate_store, judge.name, judge.sampling, r.run.lang, None,
                                   [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old),
                                   mode=r.eval.judge_mode)
-        return decide(outcomes)
+        return decide(outcomes, margin=r.guidance.accept_margin, n_boot=r.eval.bootstrap, seed=r.run.seed)
 
     return gate
 
@@ -109,11 +110,14 @@ def run_stage(ctx) -> dict:
         raise ValueError(f"guidance: no pairs records in {pairs_store.records_path}; run the pairs stage first")
     pairs, skipped = build_pairs(records, cfg.blind_labels, r.run.seed)
     if not pairs:
-        raise ValueError(f"guidance: no train pair with both answers in {pairs_store.records_path}")
+        raise ValueError(f"guidance: no train pair with both answers complete in {pairs_store.records_path} "
+                         f"({skipped} with an empty or truncated answer: raise the roles' sampling.max_tokens)")
     dev: list[dict] = []
     if gate_on:
         # dev prompts are set aside from the analysis so the gate does not reward memorised pairs
-        dev, pairs = pairs[: cfg.dev_prompts], pairs[cfg.dev_prompts:]
+        from toushi.guidance.gate import draw_dev
+
+        dev, pairs = draw_dev(pairs, cfg.dev_prompts, r.run.seed)
         if not pairs:
             raise ValueError(f"guidance: {len(dev)} train pairs, all taken as gate dev prompts; lower guidance.dev_prompts")
     if cfg.max_pairs:
