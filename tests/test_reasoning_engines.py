@@ -61,7 +61,7 @@ def test_thinking_budget_closes_think_and_answers(engines, path):
         assert c.completion_tokens > BUDGET
     if path != "server":  # the same sample with no budget thinks to max_tokens and has no answer
         (c,) = engines(path, None).generate(CONVS[:1], SAMPLING)[0]
-        assert c.flags == ["empty", "unterminated_think"] and c.text == "" and c.finish_reason == "length"
+        assert c.flags == ["empty", "unterminated_think", "truncated"] and c.text == "" and c.finish_reason == "length"
 
 
 @pytest.mark.parametrize("path", ["vllm", "server", "hf"])
