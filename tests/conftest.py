@@ -144,11 +144,12 @@ def lora_adapter(offline_model, tmp_path_factory) -> Path:
     return make_lora_adapter(offline_model, tmp_path_factory.mktemp("lora") / "tiny-lora", r=32, std=0.05)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_engine(offline_model):
-    """One real offline vLLM engine on the offline model (no LoRA), shared by every test that only calls it
-    (judge, seeker, guidance sessions, the server-vs-offline comparison): an engine start costs 12 s or more
-    on this CPU. Tests that count engine starts or need LoRA build their own."""
+    """A real offline vLLM engine on the offline model (no LoRA), shared by a module's tests that only call it
+    (judge, seeker, guidance sessions, the server-vs-offline comparison). One per module, not per session: an
+    in-process engine's close tears down vLLM's process-wide parallel state, which breaks any other in-process
+    engine still open (seen: "pipeline model parallel group is not initialized")."""
     from toushi.engines import make_engine
 
     with make_engine(cpu_vllm_spec(str(offline_model))) as engine:

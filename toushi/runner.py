@@ -246,10 +246,9 @@ def plan(recipe: Recipe, stages: list[Stage]) -> list[tuple[str, str | None]]:
         stage = by_name[name]
         store = StageStore(recipe.run_dir, name)
         fp, upstream = fingerprint(recipe, stage, by_name)
-        reason = None
-        if not store.is_complete(fp):
-            reason = why_rerun(store.manifest(), recipe.section_hash(*stage.sections), upstream)
-        elif hit := [i for i in stage.inputs if i in rerun]:
+        reason = why_rerun(store.manifest(), fp, recipe.section_hash(*stage.sections), upstream,
+                           present_outputs(recipe.run_dir, stage))
+        if reason is None and (hit := [i for i in stage.inputs if i in rerun]):
             reason = f"reads {', '.join(hit)}, which reruns"
         if reason:
             rerun.add(name)
