@@ -156,22 +156,55 @@ def vllm_engine(offline_model):
         yield engine
 
 
+# The session server is `toushi serve`'s own code path (toushi.serve.make_server): the offline model as the
+# student, the run's "sft" adapter (the rank-32 test adapter), an API key and request limits. A server start
+# costs most of a minute here, so this one server is every test's: the openai engine, the key and route table,
+# the adapter by name, structured outputs, judges and chat. Clients pass SERVER_KEY_ENV as their api_key_env.
+SERVER_MODEL = "smollm2-135m-instruct"
+SERVER_KEY_ENV, SERVER_KEY = "TOUSHI_TEST_SERVE_KEY", "sk-toushi-test-7f3a"
+os.environ[SERVER_KEY_ENV] = SERVER_KEY
+
+
+def server_recipe(root: Path, port: int, adapter: Path):
+    """The session server's recipe: student = the offline model served with the run's sft adapter, key from
+    SERVER_KEY_ENV, limits n 2 / 64 tokens / 5 logprobs; weak and strong are openai clients of it."""
+    import shutil
+
+    from toushi.recipe import Recipe
+
+    shutil.copytree(adapter, root / "runs" / "served" / "sft" / "adapter")
+    client = {"name": SERVER_MODEL, "engine": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
+              "api_key_env": SERVER_KEY_ENV, "max_retries": 0, "concurrency": 2, "timeout_s": 120}
+    return Recipe.model_validate({
+        "run": {"name": "served", "dir": str(root / "runs"), "stages": ["corpus", "pairs"]},
+        "models": {
+            "student": cpu_vllm_spec(SERVER_MODEL).model_dump(mode="json"),
+            "weak": {**client, "sampling": {"temperature": 0.9, "max_tokens": 16, "seed": 0}},
+            "strong": {**client, "system_prompt_file": "toushi/templates/en/strong_system.j2",
+                       "sampling": {"temperature": 0.0, "max_tokens": 16}},
+        },
+        "pairs": {"batch_size": 1},
+        "serve": {"port": port, "api_key_env": SERVER_KEY_ENV, "limits": {"n": 2, "max_tokens": 64, "logprobs": 5}},
+    })
+
+
 @pytest.fixture(scope="session")
 def _session_server(request, tmp_path_factory):
-    """The session server's process, launched when the session starts if any selected test uses it: its start
-    (most of a minute, mostly imports on one core) then overlaps the first tests instead of stalling the test
-    that first asks for it."""
-    from toushi.engines.server import VLLMServer
+    """The session server's recipe and process, launched when the session starts if any selected test uses it:
+    its start (most of a minute, mostly imports on one core) then overlaps the first tests instead of stalling
+    the test that first asks for it."""
+    from toushi.serve import make_server
 
-    if not any("vllm_server" in item.fixturenames for item in request.session.items):
+    if not any({"vllm_server", "served"} & set(item.fixturenames) for item in request.session.items):
         yield None
         return
     request.getfixturevalue("offline_model")
-    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    server = VLLMServer(cpu_vllm_spec("smollm2-135m-instruct"), port=free_port(), log_path=log)
+    root = tmp_path_factory.mktemp("served")
+    recipe = server_recipe(root, free_port(), request.getfixturevalue("lora_adapter"))
+    server = make_server(recipe, log_path=root / "server.log")
     server.launch()
     try:
-        yield server
+        yield recipe, server
     finally:
         server.stop()
 
@@ -182,13 +215,18 @@ def _prestart(_session_server):
 
 
 @pytest.fixture(scope="session")
-def vllm_server(_session_server):
-    """Base URL (``http://127.0.0.1:<port>/v1``) of a real vLLM OpenAI-compatible server serving the offline
-    model under the name ``smollm2-135m-instruct`` (no API key, no adapters). Started once per session,
-    stopped at the end. Use it with a ModelSpec such as
-    ``ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server)``."""
-    _session_server.wait_healthy()
-    return _session_server.base_url
+def served(_session_server):
+    """(recipe, VLLMServer) of the session server (see server_recipe), healthy."""
+    _session_server[1].wait_healthy()
+    return _session_server
+
+
+@pytest.fixture(scope="session")
+def vllm_server(served):
+    """Base URL (``http://127.0.0.1:<port>/v1``) of the session server: the offline model under the name
+    ``smollm2-135m-instruct`` (and its adapter as ``sft``), key in $SERVER_KEY_ENV. Use it with a ModelSpec such
+    as ``ModelSpec(name=SERVER_MODEL, engine="openai", base_url=vllm_server, api_key_env=SERVER_KEY_ENV)``."""
+    return served[1].base_url
 
 
 def write_corpus(run_dir: Path, posts: list[str]) -> None:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import cpu_vllm_spec
+from tests.conftest import SERVER_KEY_ENV, SERVER_MODEL, cpu_vllm_spec
 from toushi.engines import Completion, make_engine
 from toushi.engines.adapters import AdapterError, max_lora_rank
 from toushi.recipe import ModelSpec, Sampling
@@ -187,7 +187,7 @@ def test_hf_structured_outputs(offline_model):
 
 
 def test_openai_structured_outputs_on_vllm_server(vllm_server):
-    engine = make_engine(ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server))
+    engine = make_engine(ModelSpec(name=SERVER_MODEL, engine="openai", base_url=vllm_server, api_key_env=SERVER_KEY_ENV))
     check_structured(engine)
     assert engine.structured_refused is None  # vLLM's server takes response_format and structured_outputs
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_datasets import HELDOUT, POSTS
 
+from tests.conftest import SERVER_KEY_ENV, SERVER_MODEL
 from toushi.store import StageStore
 
 
@@ -115,7 +116,7 @@ def test_judge_reward_against_real_server_is_parsed_and_cached(vllm_server, tmp_
     from toushi.recipe import ModelSpec, Sampling
     from toushi.rewards import JudgeScorer, build_rewards, parse_score
 
-    spec = ModelSpec(name="smollm2-135m-instruct", engine="openai", base_url=vllm_server)
+    spec = ModelSpec(name=SERVER_MODEL, engine="openai", base_url=vllm_server, api_key_env=SERVER_KEY_ENV)
     engine = CountingEngine(make_engine(spec))
     cache = StageStore(tmp_path, "judge_cache")
     scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=8), cache, spec.name)

@@ -1,24 +1,31 @@
 """The multi-node path on one machine: `toushi serve --replicas 2` starts two `toushi serve` workers (each its
 own vLLM server, tiny model, 0.25 GiB KV cache), prints their base_url list, the openai engine spreads a batch
-over both, and Ctrl-C stops every worker and server."""
+over both, fails over when one is killed and resumes when every endpoint was down, and Ctrl-C stops every
+worker and server. (The endpoint pool's choice and back-off without servers: tests/test_endpoints.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
+import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, cpu_vllm_spec, free_port
+from tests.conftest import REPO, SERVER_KEY, SERVER_KEY_ENV, cpu_vllm_spec, free_port, write_corpus
 from toushi.engines import GenerationError, make_engine
-from toushi.recipe import ModelSpec, Sampling
+from toushi.pairs import PairsIncomplete, run_stage
+from toushi.recipe import ModelSpec, Recipe, Sampling
 from toushi.replicas import ReplicaError, gpu_slices
+from toushi.runner import StageContext
+from toushi.store import StageStore
 
 
 def test_gpu_slices_give_each_replica_its_own_gpus():
@@ -56,13 +63,57 @@ def read_urls(proc: subprocess.Popen, timeout_s: float) -> list[str]:
     return urls
 
 
-def test_serve_replicas_two_workers_share_a_batch_and_stop_together(tmp_path, tiny_model):
+POSTS = [
+    "I failed my exam and my parents will be so disappointed.",
+    "My best friend moved away and I feel so alone.",
+    "I got laid off today after eight years.",
+    "My dog is sick and I can't afford the vet.",
+]
+
+
+def kill_server_of(launcher: subprocess.Popen, port: int) -> None:
+    """SIGKILL the vLLM server (its whole process group: API server and engine core) of the replica on ``port``,
+    which is what a crashed node looks like to clients; its `toushi serve` worker then exits by itself."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        cmd = child.cmdline()
+        if "vllm.entrypoints.openai.api_server" in cmd and cmd[cmd.index("--port") + 1] == str(port):
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)
+            return
+    raise AssertionError(f"no vLLM server on port {port} under the launcher")
+
+
+def pairs_ctx(run_dir, urls: list[str], max_retries: int) -> StageContext:
+    client = {"name": "tiny-random", "engine": "openai", "base_url": urls, "api_key_env": SERVER_KEY_ENV,
+              "concurrency": 1, "max_retries": max_retries, "timeout_s": 60,
+              "sampling": {"temperature": 0.0, "max_tokens": 8, "seed": 0}}
+    recipe = Recipe.model_validate({
+        "run": {"name": run_dir.name, "dir": str(run_dir.parent), "stages": ["corpus", "pairs"]},
+        "models": {"weak": client, "strong": {**client, "sampling": {"temperature": 0.7, "max_tokens": 8}}},
+        "pairs": {"batch_size": 2},
+    })
+    write_corpus(recipe.run_dir, POSTS)
+    return StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
+
+
+def cache_ids(ctx: StageContext, role: str) -> list[str]:
+    path = StageStore(ctx.store.dir, f"{role}_cache").records_path
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_replicas_share_a_batch_fail_over_resume_and_stop_together(tmp_path, tiny_model):
+    """Two keyed replicas of one recipe (each its own vLLM server) are the two nodes of every multi-endpoint
+    case, so they start once: (1) the openai engine spreads a batch over both; (2) pairs over both, one
+    SIGKILLed after the first batch is on disk: the live one takes its requests, every record once, the dead
+    one counted in the manifest, a rerun writes nothing; (3) pairs whose only endpoint is down: the stage fails
+    with every error recorded (the key in none), then resumes against the live node (the URL is in no cache
+    key) and generates only what is missing; (4) Ctrl-C stops every worker and server."""
     port = two_free_ports()
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "run": {"name": "rep", "dir": str(tmp_path / "runs")},
         "models": {"student": cpu_vllm_spec("tiny-random", max_model_len=512).model_dump(mode="json")},
-        "serve": {"port": port},
+        "serve": {"port": port, "api_key_env": SERVER_KEY_ENV},
     }))
     proc = subprocess.Popen([sys.executable, "-m", "toushi.cli", "serve", str(recipe), "--replicas", "2"],
                             cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
@@ -70,8 +121,12 @@ def test_serve_replicas_two_workers_share_a_batch_and_stop_together(tmp_path, ti
         urls = read_urls(proc, timeout_s=600)
         assert urls == [f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port + 1}/v1"], (
             proc.poll(), [p.read_text()[-2000:] for p in (tmp_path / "runs" / "rep" / "serve").glob("*.log")])
+        live, doomed = urls
+        assert httpx.get(f"{live}/models").status_code == 401  # the workers carry the recipe's key
 
-        spec = ModelSpec(name="tiny-random", engine="openai", base_url=urls, concurrency=2, max_retries=0)
+        # (1) one batch over both replicas
+        spec = ModelSpec(name="tiny-random", engine="openai", base_url=urls, api_key_env=SERVER_KEY_ENV,
+                         concurrency=2, max_retries=0)
         convs = [[{"role": "user", "content": f"Message {i}: I feel alone tonight."}] for i in range(8)]
         with make_engine(spec) as engine:
             results = engine.generate(convs, Sampling(temperature=0.0, max_tokens=8))
@@ -79,6 +134,58 @@ def test_serve_replicas_two_workers_share_a_batch_and_stop_together(tmp_path, ti
         assert all(len(r) == 1 and r[0].completion_tokens > 0 for r in results)
         assert sum(s["ok"] for s in stats.values()) == 8 and all(s["errors"] == 0 for s in stats.values())
         assert all(s["ok"] >= 2 for s in stats.values())  # the first four alone fill both replicas
+
+        # (2) one of two endpoints killed mid pairs-stage
+        ctx = pairs_ctx(tmp_path / "runs" / "failover", urls, max_retries=2)
+        done = threading.Event()
+
+        def kill_after_first_batch() -> None:
+            while not done.is_set():
+                if len(cache_ids(ctx, "weak")) >= 2:
+                    kill_server_of(proc, port + 1)
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_after_first_batch, daemon=True)
+        killer.start()
+        try:
+            counts = run_stage(ctx)  # no PairsIncomplete: the live server took the dead one's requests
+        finally:
+            done.set()
+            killer.join()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(doomed.removesuffix("/v1") + "/health", timeout=2.0)  # the kill landed
+        assert counts["pairs"] == len(POSTS) and counts["failed"] == 0 and not ctx.store.errors()
+        ids = [json.loads(line)["id"] for line in ctx.store.records_path.read_text().splitlines()]
+        assert sorted(ids) == [f"p{i}" for i in range(len(POSTS))]  # every prompt exactly once
+        for role in ("weak", "strong"):
+            assert len(cache_ids(ctx, role)) == len(set(cache_ids(ctx, role))) == len(POSTS)
+        endpoints = ctx.store.manifest()["endpoints"]
+        for role in ("weak", "strong"):
+            assert sum(s["ok"] for s in endpoints[role].values()) == len(POSTS)  # no double answers
+            assert endpoints[role][live]["errors"] == 0
+        weak = endpoints["weak"]
+        assert weak[doomed]["ok"] >= 1  # it answered its share of the first batch before it died
+        assert weak[doomed]["errors"] >= 1 and weak[doomed]["times_taken_out"] >= 1
+        assert set(weak[doomed]["error_types"]) <= {"APIConnectionError", "InternalServerError"}
+        assert endpoints["strong"][doomed]["ok"] == 0  # dead from the start of the strong role
+        before = ctx.store.records_path.read_text()
+        again = run_stage(ctx)
+        assert again["weak_generated"] == 0 and again["strong_generated"] == 0 and again["written"] == 0
+        assert ctx.store.records_path.read_text() == before
+
+        # (3) every endpoint down: the stage fails and says why; back up, it resumes
+        ctx = pairs_ctx(tmp_path / "runs" / "down", [doomed], max_retries=0)
+        with pytest.raises(PairsIncomplete, match=f"{len(POSTS)} of {len(POSTS)} prompts failed"):
+            run_stage(ctx)
+        assert not ctx.store.records_path.exists() or ctx.store.records() == []
+        errors = ctx.store.errors()
+        assert {e["role"] for e in errors} == {"weak", "strong"} and "APIConnectionError" in errors[-1]["error"]
+        assert SERVER_KEY not in ctx.store.errors_path.read_text()
+        back = pairs_ctx(tmp_path / "runs" / "down", [live], max_retries=0)
+        counts = run_stage(back)
+        assert counts["weak_generated"] == counts["strong_generated"] == counts["pairs"] == len(POSTS)
+        assert counts["failed"] == 0 and len(back.store.records()) == len(POSTS)
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the launcher
         rc = proc.wait(timeout=120)

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from test_datasets import write_run
 
+from tests.conftest import SERVER_KEY_ENV, SERVER_MODEL
+
 
 def write_recipe(path: Path, run_dir: Path, **selftrain) -> Path:
     base = {
@@ -231,7 +233,8 @@ def test_judge_confidence_against_real_server(vllm_server, tmp_path, offline_mod
     recipe_path = write_recipe(tmp_path / "served.yaml", run_dir, confidence="judge", judge_tau=-1.0,
                                max_prompts=2, max_new_tokens=12)
     data = yaml.safe_load(recipe_path.read_text())
-    data["models"]["judge"] = {"name": "smollm2-135m-instruct", "engine": "openai", "base_url": vllm_server}
+    data["models"]["judge"] = {"name": SERVER_MODEL, "engine": "openai", "base_url": vllm_server,
+                              "api_key_env": SERVER_KEY_ENV}
     recipe_path.write_text(yaml.safe_dump(data))
     assert run(recipe_path) == {"selftrain": "ran"}
     (rec,) = rounds(run_dir)

@@ -1,9 +1,9 @@
-"""Serving and inference on real vLLM servers: the openai engine against offline vLLM, an API-keyed server
-with the run's LoRA adapter, a server killed mid pairs-stage, resumable ``toushi generate``, and chat.
+"""Serving and inference on real vLLM servers: the openai engine against offline vLLM, the API-keyed server
+with the run's LoRA adapter (every route behind the key), resumable ``toushi generate``, and chat.
 
-Server starts cost about a minute each on this CPU, so there is one besides the session ``vllm_server``:
-a keyed + LoRA server (``served``) shared by the key, route, adapter and kill tests (after the kill the session
-server, same model and settings, stands in for the restarted one).
+All of them use the session server (tests/conftest.py: ``toushi serve``'s code path with a key, the sft adapter
+and request limits): a server start costs most of a minute here. Servers killed mid-stage are in
+tests/test_replicas.py, over the two replicas of ``toushi serve --replicas 2``.
 """
 
 from __future__ import annotations
@@ -13,33 +13,29 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import REPO, cpu_vllm_spec, free_port, write_corpus
+from tests.conftest import REPO, SERVER_KEY, SERVER_KEY_ENV, SERVER_MODEL, cpu_vllm_spec
 from toushi.chat import ChatSession, chat_loop, default_model, make_client
 from toushi.cli import app
 from toushi.engines import GenerationError, make_engine
 from toushi.generate import generate_from_recipe
-from toushi.pairs import PairsIncomplete, run_stage
 from toushi.recipe import ModelSpec, Recipe, Sampling
-from toushi.runner import StageContext
 from toushi.serve import describe, make_server, serve_spec
-from toushi.store import StageStore, read_jsonl
+from toushi.store import read_jsonl
 
-MODEL = "smollm2-135m-instruct"
+MODEL = SERVER_MODEL
 CONVS = [
     [{"role": "user", "content": "I failed my driving test again and I feel stupid."}],
     [{"role": "system", "content": "You are a kind friend."}, {"role": "user", "content": "My cat died today."}],
     [{"role": "user", "content": "Nobody came to my birthday party."}],
 ]
 GREEDY = Sampling(temperature=0.0, max_tokens=24, n=1, seed=0)
-KEY_ENV, KEY = "TOUSHI_TEST_SERVE_KEY", "sk-toushi-test-7f3a"
+KEY_ENV, KEY = SERVER_KEY_ENV, SERVER_KEY
 
 
 def texts(results) -> list[str]:
@@ -50,7 +46,7 @@ def texts(results) -> list[str]:
 
 
 def test_openai_engine_on_vllm_server_matches_offline_vllm(vllm_server, vllm_engine):
-    spec = ModelSpec(name=MODEL, engine="openai", base_url=vllm_server, concurrency=3)
+    spec = ModelSpec(name=MODEL, engine="openai", base_url=vllm_server, api_key_env=KEY_ENV, concurrency=3)
     with make_engine(spec) as engine:
         served = engine.generate(CONVS, GREEDY)
     offline = vllm_engine.generate(CONVS, GREEDY)  # the same server settings (tests/conftest.cpu_vllm_spec)
@@ -114,33 +110,6 @@ def test_serve_registers_run_adapters_for_the_student_only_and_guards_public_bin
 
 
 # ------------------------------------------------------------------------- (2) API key + LoRA by name
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, lora_adapter):
-    """A recipe whose student is served by ``toushi serve``'s code path: API key from KEY_ENV and the
-    run's sft adapter (the rank-32 test adapter); weak and strong are openai clients of that server."""
-    root = tmp_path_factory.mktemp("served")
-    shutil.copytree(lora_adapter, root / "runs" / "served" / "sft" / "adapter")
-    port = free_port()
-    client = {"name": MODEL, "engine": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": KEY_ENV,
-              "max_retries": 0, "concurrency": 2, "timeout_s": 120}
-    recipe = Recipe.model_validate({
-        "run": {"name": "served", "dir": str(root / "runs"), "stages": ["corpus", "pairs"]},
-        "models": {
-            "student": cpu_vllm_spec(MODEL).model_dump(mode="json"),
-            "weak": {**client, "sampling": {"temperature": 0.9, "max_tokens": 16, "seed": 0}},
-            "strong": {**client, "system_prompt_file": "toushi/templates/en/strong_system.j2",
-                       "sampling": {"temperature": 0.0, "max_tokens": 16}},
-        },
-        "pairs": {"batch_size": 1},
-        "serve": {"port": port, "api_key_env": KEY_ENV, "limits": {"n": 2, "max_tokens": 64, "logprobs": 5}},
-    })
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(KEY_ENV, KEY)
-        server = make_server(recipe, log_path=root / "server.log")
-        with server:
-            yield recipe, server
 
 
 def test_keyed_server_rejects_missing_key_and_routes_the_adapter_by_name(served, lora_adapter):
@@ -223,66 +192,6 @@ def test_serve_every_route_needs_the_key(served):
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 2, ok.text
     uncapped = httpx.post(f"{root}/v1/chat/completions", headers=right, json=chat, timeout=120)
     assert uncapped.status_code == 200 and uncapped.json()["usage"]["completion_tokens"] <= 64
-
-
-# ------------------------------------------------------------------------- (3) server killed mid pairs
-
-
-POSTS = [
-    "I failed my exam and my parents will be so disappointed.",
-    "My best friend moved away and I feel so alone.",
-    "I got laid off today after eight years.",
-    "My dog is sick and I can't afford the vet.",
-]
-
-
-def kill_after_first_flush(cache: Path, server, done: threading.Event) -> None:
-    """Kill the server (SIGKILL, like a crash) as soon as the first weak batch is on disk."""
-    while not done.is_set():
-        if cache.exists() and cache.read_text(encoding="utf-8").count("\n") >= 1:
-            server.kill()
-            return
-        time.sleep(0.01)
-
-
-def test_pairs_survive_a_server_killed_mid_stage(served, vllm_server):
-    recipe, server = served
-    ctx = StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
-    write_corpus(recipe.run_dir, POSTS)
-    weak_cache = StageStore(ctx.store.dir, "weak_cache").records_path
-    done = threading.Event()
-    killer = threading.Thread(target=kill_after_first_flush, args=(weak_cache, server, done), daemon=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(KEY_ENV, KEY)
-        killer.start()
-        try:
-            with pytest.raises(PairsIncomplete, match="4 of 4 prompts failed"):
-                run_stage(ctx)
-        finally:
-            done.set()
-            killer.join()
-        assert server.proc.poll() is not None, "the server was never killed"
-        cached_before = len(weak_cache.read_text().splitlines())
-        assert 1 <= cached_before < len(POSTS), "the kill should land mid-stage"
-        assert not ctx.store.records_path.exists() or ctx.store.records() == []
-        errors = ctx.store.errors()
-        assert {e["role"] for e in errors} == {"weak", "strong"} and "APIConnectionError" in errors[-1]["error"]
-        assert KEY not in ctx.store.errors_path.read_text()
-
-        # the endpoint comes back: the session's server of the same model and settings stands in for a restart
-        # of this one (another server start would cost most of a minute); the new URL is in no cache key
-        back = recipe.model_copy(deep=True)
-        back.models.weak.base_url = back.models.strong.base_url = vllm_server
-        counts = run_stage(StageContext(recipe=back, store=ctx.store))
-    assert counts["weak_generated"] == len(POSTS) - cached_before and counts["strong_generated"] == len(POSTS)
-    assert counts["pairs"] == len(POSTS) and counts["failed"] == 0
-    ids = [json.loads(line)["id"] for line in ctx.store.records_path.read_text().splitlines()]
-    assert sorted(ids) == [f"p{i}" for i in range(len(POSTS))]  # every prompt, no duplicates
-    for role in ("weak", "strong"):
-        cache = StageStore(ctx.store.dir, f"{role}_cache").records_path
-        keys = [json.loads(line)["id"] for line in cache.read_text().splitlines()]
-        assert len(keys) == len(set(keys)) == len(POSTS)
-    assert all(r["weak"][0]["text"] and r["strong"][0]["text"] for r in ctx.store.records())
 
 
 # ------------------------------------------------------------------------- (4) toushi generate resumes
@@ -378,7 +287,7 @@ def test_generate_reads_csv_json_and_datasets_dirs(tmp_path):
 
 
 def test_chat_streams_keeps_history_and_resets(vllm_server):
-    client = make_client(vllm_server, None)
+    client = make_client(vllm_server, KEY_ENV)
     session = ChatSession(client, default_model(client), system="You are a kind friend.", temperature=0.0,
                           max_tokens=16)
     assert session.model == MODEL
