@@ -188,37 +188,156 @@ def server_recipe(root: Path, port: int, adapter: Path):
     })
 
 
-@pytest.fixture(scope="session")
-def _session_server(request, tmp_path_factory):
-    """The session server's recipe and process, launched when the session starts if any selected test uses it:
-    its start (most of a minute, mostly imports on one core) then overlaps the first tests instead of stalling
-    the test that first asks for it."""
+# ---- servers started in the background. Each takes most of a minute to start (three processes importing vLLM,
+# mostly on one core) while the suite leaves the second core idle much of the time (CPU/wall was 1.16), so when
+# the session starts, the servers its selected tests use are started one after another in a background thread,
+# and a test waits only for what is not up yet. One at a time: their imports then take the idle core rather than
+# the foreground tests' cores.
+
+
+class Background:
+    """One server started by the background thread: ``get()`` waits for it and returns what ``start`` gave."""
+
+    def __init__(self, fixture: str, name: str, start):
+        import threading
+
+        self.fixture, self.name, self.start, self.done = fixture, name, start, threading.Event()
+        self.value, self.error, self.stop = None, None, None
+
+    def get(self, timeout_s: float = 1200.0):
+        if not self.done.wait(timeout_s):
+            raise RuntimeError(f"background {self.name} not up after {timeout_s:.0f} s")
+        if self.error is not None:
+            raise RuntimeError(f"background {self.name} failed to start: {self.error}") from self.error
+        return self.value
+
+
+def _start_session_server(root: Path, adapter: Path, bg: Background):
     from toushi.serve import make_server
 
-    if not any({"vllm_server", "served"} & set(item.fixturenames) for item in request.session.items):
-        yield None
-        return
-    request.getfixturevalue("offline_model")
-    root = tmp_path_factory.mktemp("served")
-    recipe = server_recipe(root, free_port(), request.getfixturevalue("lora_adapter"))
+    recipe = server_recipe(root, free_port(), adapter)
     server = make_server(recipe, log_path=root / "server.log")
+    bg.stop = server.stop
     server.launch()
-    try:
-        yield recipe, server
-    finally:
-        server.stop()
+    server.wait_healthy()
+    return recipe, server
+
+
+R1_TWIN = "r1-distill-qwen-7b-twin"
+
+
+def _start_r1_server(root: Path, bg: Background):
+    from toushi.engines.server import VLLMServer
+
+    server = VLLMServer(cpu_vllm_spec(R1_TWIN, reasoning=True), port=free_port(), log_path=root / "server.log")
+    bg.stop = server.stop
+    server.launch()
+    server.wait_healthy()
+    return server
+
+
+def _start_replicas(root: Path, bg: Background):
+    """`toushi serve --replicas 2` (keyed, tiny model) as a user starts it; returns (launcher, base URLs)."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    port = free_ports(2)
+    recipe = root / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "run": {"name": "rep", "dir": str(root / "runs")},
+        "models": {"student": cpu_vllm_spec("tiny-random", max_model_len=512).model_dump(mode="json")},
+        "serve": {"port": port, "api_key_env": SERVER_KEY_ENV},
+    }))
+    proc = subprocess.Popen([sys.executable, "-m", "toushi.cli", "serve", str(recipe), "--replicas", "2"],
+                            cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+
+    def stop():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+
+    bg.stop = stop
+    urls: list[str] = []
+    for line in proc.stdout:  # the `  - http://...` lines the launcher prints once every replica is healthy
+        if line.startswith("  - http"):
+            urls.append(line.strip()[2:])
+        if len(urls) == 2:
+            break
+    logs = [p.read_text()[-2000:] for p in (root / "runs" / "rep" / "serve").glob("*.log")]
+    assert urls == [f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port + 1}/v1"], (proc.poll(), logs)
+    return proc, urls
+
+
+def free_ports(n: int) -> int:
+    """A port p with p+1 .. p+n-1 also free (replicas take consecutive ports)."""
+    import socket
+
+    for _ in range(50):
+        p = free_port()
+        try:
+            for i in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + i))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _prestart(_session_server):
-    """Autouse only to launch the session server early (see _session_server)."""
+def _background(request, tmp_path_factory):
+    """Start, in one background thread, the servers the selected tests use, in the order the tests first need
+    them: the session server (fixture ``served``), the R1 twin's reasoning server (``r1_server``), two replicas
+    (``replicas``). Their inputs (models, twins, adapter) are made here first, in this thread."""
+    import threading
+
+    first_use: dict[str, int] = {}
+    for i, item in enumerate(request.session.items):
+        for name in {"served", "r1_server", "replicas"} & set(item.fixturenames):
+            first_use.setdefault(name, i)
+    used = set(first_use)
+    wanted: dict[str, Background] = {}
+    if "served" in used:
+        request.getfixturevalue("offline_model")
+        adapter = request.getfixturevalue("lora_adapter")
+        root = tmp_path_factory.mktemp("served")
+        wanted["served"] = Background("served", "session server", lambda bg: _start_session_server(root, adapter, bg))
+    if "r1_server" in used:
+        request.getfixturevalue("twins")
+        root_r1 = tmp_path_factory.mktemp("r1_server")
+        wanted["r1_server"] = Background("r1_server", "R1 twin server", lambda bg: _start_r1_server(root_r1, bg))
+    if "replicas" in used:
+        request.getfixturevalue("tiny_model")
+        root_rep = tmp_path_factory.mktemp("replicas")
+        wanted["replicas"] = Background("replicas", "replicas", lambda bg: _start_replicas(root_rep, bg))
+
+    def run() -> None:
+        for bg in sorted(wanted.values(), key=lambda bg: first_use[bg.fixture]):
+            try:
+                bg.value = bg.start(bg)
+            except BaseException as e:  # the test that waits for it says so
+                bg.error = e
+            finally:
+                bg.done.set()
+
+    thread = threading.Thread(target=run, name="background-servers", daemon=True)
+    thread.start()
+    try:
+        yield wanted
+    finally:
+        for bg in wanted.values():
+            bg.done.wait(timeout=600)  # a start in progress finishes (or fails) before it is stopped
+            if bg.stop is not None:
+                bg.stop()
 
 
 @pytest.fixture(scope="session")
-def served(_session_server):
+def served(_background):
     """(recipe, VLLMServer) of the session server (see server_recipe), healthy."""
-    _session_server[1].wait_healthy()
-    return _session_server
+    return _background["served"].get()
 
 
 @pytest.fixture(scope="session")
@@ -227,6 +346,20 @@ def vllm_server(served):
     ``smollm2-135m-instruct`` (and its adapter as ``sft``), key in $SERVER_KEY_ENV. Use it with a ModelSpec such
     as ``ModelSpec(name=SERVER_MODEL, engine="openai", base_url=vllm_server, api_key_env=SERVER_KEY_ENV)``."""
     return served[1].base_url
+
+
+@pytest.fixture(scope="session")
+def r1_server(_background) -> Background:
+    """The R1-Distill-Qwen-7B twin behind a vLLM server with the deepseek_r1 reasoning parser (no key): a handle
+    whose ``get()`` waits for the VLLMServer, so a test that may not need it does not wait for it."""
+    return _background["r1_server"]
+
+
+@pytest.fixture(scope="session")
+def replicas(_background) -> Background:
+    """`toushi serve --replicas 2` of the tiny model, keyed with $SERVER_KEY_ENV: a handle whose ``get()`` gives
+    (launcher process, [base URL of each replica]). One test owns it: it kills replicas and stops the launcher."""
+    return _background["replicas"]
 
 
 def write_corpus(run_dir: Path, posts: list[str]) -> None:

