@@ -292,45 +292,56 @@ def _write_pairs_recipe(tmp_path: Path) -> Path:
     return p
 
 
-def _alive(procs: dict[int, int]) -> dict[int, int]:
+def alive(procs: dict[int, int]) -> dict[int, int]:
+    """Those of ``procs`` (pid -> start time) still running: a reused pid is another process."""
     return {pid: st for pid, st in procs.items() if proc_start(pid) == st}
+
+
+def start_run(recipe: Path, log: Path, **env: str) -> subprocess.Popen:
+    """A real `toushi run RECIPE` in a session of its own (a kill of its group takes what it started along),
+    its stderr in ``log``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOGGING_LEVEL": "WARNING", **env}
+    return subprocess.Popen([sys.executable, "-m", "toushi.cli", "run", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
+
+
+def note_descendants(pid: int, seen: dict[int, int]) -> None:
+    """Add the processes below ``pid`` now to ``seen`` (pid -> start time)."""
+    for sub in descendants(pid):
+        st = proc_start(sub)
+        if st is not None:
+            seen[sub] = st
 
 
 def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
     recipe = _write_pairs_recipe(tmp_path)
-    toushi = [sys.executable, "-m", "toushi.cli"]
+    cache = tmp_path / "runs" / "orphan" / "pairs" / "weak_cache" / "records.jsonl"
     # vLLM's own process layout (an engine-core process and its worker), as on a GPU: on a CPU toushi keeps the
     # engine in its process unless this is set, and then a SIGKILL takes the engine with it by itself
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    cache = tmp_path / "runs" / "orphan" / "pairs" / "weak_cache" / "records.jsonl"
-    proc = subprocess.Popen([*toushi, "run", str(recipe)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "first.log", "wb"), start_new_session=True)
+    proc = start_run(recipe, tmp_path / "first.log", VLLM_ENABLE_V1_MULTIPROCESSING="1")
     seen: dict[int, int] = {}
     try:
         deadline = time.time() + 300
         # wait until the engine is generating: some batches of weak answers are on disk
         while time.time() < deadline and proc.poll() is None:
-            for pid in descendants(proc.pid):
-                st = proc_start(pid)
-                if st is not None:
-                    seen[pid] = st
+            note_descendants(proc.pid, seen)
             if cache.exists() and len(cache.read_text().splitlines()) >= 3:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert cache.exists(), "the engine never produced a batch"
-        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in _alive(seen)}
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in alive(seen)}
         assert any(n.startswith("VLLM::EngineCor") for n in names), names  # comm is cut at 15 chars
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 30
-        while time.time() < deadline and _alive(seen):
+        while time.time() < deadline and alive(seen):
             time.sleep(0.5)
-        assert not _alive(seen), f"left running 30 s after SIGKILL: {_alive(seen)}"
+        assert not alive(seen), f"left running 30 s after SIGKILL: {alive(seen)}"
     finally:  # never leave a run or an engine behind, even when the test fails
         if proc.poll() is None:
             proc.kill()
-        for pid in _alive(seen):
+        for pid in alive(seen):
             os.kill(pid, signal.SIGKILL)
 
     # the killed run's engine output went to the stage's log, not to the terminal (quiet)

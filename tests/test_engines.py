@@ -254,3 +254,18 @@ def test_hf_engine_adapters_per_conversation(offline_model, lora_adapter):
     assert [c[0].text for c in adapted] != [c[0].text for c in base]
     assert [c[0].text for c in mixed] == [adapted[0][0].text, base[1][0].text, base[0][0].text]
     assert [c[0].model for c in mixed] == ["tiny", "smollm2-135m-instruct", "smollm2-135m-instruct"]
+
+
+def test_hf_engine_stops_at_a_stop_string(tiny_model):
+    """A stop string ends generation there (not only the text after it): the random model's sampled words
+    end at the first space, in the tokens generated, and the matcher is built once for every call."""
+    spec = ModelSpec(name=str(tiny_model), engine="hf", dtype="float32")
+    free = Sampling(temperature=1.0, max_tokens=12, seed=0)
+    with make_engine(spec) as hf:
+        (long,), = hf.generate(CONVS[:1], free)
+        stopped = [hf.generate(CONVS[:1], free.model_copy(update={"stop": [" "]}))[0][0] for _ in range(2)]
+        assert len(hf._stoppers) == 1
+    assert long.finish_reason == "length" and long.completion_tokens == 12 and " " in long.text.strip()
+    for c in stopped:  # same seed: the same words, up to the first space
+        assert c.finish_reason == "stop" and c.completion_tokens < 12 and " " not in c.text
+        assert long.text.startswith(c.text)

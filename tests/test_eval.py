@@ -207,11 +207,10 @@ def test_eval_resumes_after_kill(tmp_path, tiny_model):
     batches written before the kill are kept, and the rerun generates only the answers that are missing."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     import yaml
+    from test_caching import start_run
 
     run = tmp_path / "runs" / "killed"
     posts = [f"Post {i}: {post}" for i in range(2) for post, _ in POSTS[:3]]  # 6 held-out prompts
@@ -228,10 +227,8 @@ def test_eval_resumes_after_kill(tmp_path, tiny_model):
         "eval": {"systems": ["student", "sft"], "judge": False, "ladder": False, "bootstrap": 10, "batch_size": 1,
                  "sampling": {"temperature": 0.0, "max_tokens": 16}},
     }))
-    toushi = [sys.executable, "-m", "toushi.cli", "run", str(recipe)]
     students = run / "eval" / "students" / "records.jsonl"
-    proc = subprocess.Popen(toushi, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "wb"),
-                            start_new_session=True)
+    proc = start_run(recipe, tmp_path / "first.log")
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:

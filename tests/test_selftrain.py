@@ -1,5 +1,5 @@
 """Self-training on CPU: one round end to end through `toushi run` on SmolLM2-135M (3 prompts x 2 samples
-of at most 24 tokens, 2 SFT steps), the tau filter, and resume by round.
+of at most 64 tokens, ended at a blank line, 2 SFT steps), the tau filter, and resume by round.
 
 The run's pairs (+ guided) records come from test_datasets.write_run; there is no SFT adapter, so
 round 1 samples from the base model with a fresh LoRA.
@@ -19,9 +19,10 @@ from tests.conftest import SERVER_KEY_ENV, SERVER_MODEL
 
 def write_recipe(path: Path, run_dir: Path, **selftrain) -> Path:
     base = {
-        "rounds": 1, "samples_per_prompt": 2, "max_prompts": 3, "max_new_tokens": 24, "temperature": 0.8,
-        # cut-off answers are all this token budget allows; keeping them is what makes a round train here
-        "keep_truncated": True, "tau": -100.0,
+        "rounds": 1, "samples_per_prompt": 2, "max_prompts": 3, "temperature": 0.8, "tau": -100.0,
+        # SmolLM2 seldom ends a turn by itself this soon; a paragraph's end is an end, and most answers reach it
+        # within 64 tokens (a cut-off answer is never kept, so a round with none finished would not train)
+        "max_new_tokens": 64, "stop": ["\n\n"],
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 256, "learning_rate": 1e-3,
                   "logging_steps": 1, "save_steps": 100, "lr_scheduler_type": "constant"},
@@ -80,9 +81,15 @@ def test_round_recorded_with_counts(selftrained):
     samples = [json.loads(x) for x in (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6
     for s in samples:
-        assert s["confidence"] < 0 and 0 < s["tokens"] <= 24
+        assert s["confidence"] < 0 and 0 < s["tokens"] <= 64
         assert s["kept"] == (s["rejected"] == [])
         assert "confidence" not in s["rejected"]  # tau = -100 lets every confidence through
+        # a cut-off answer is never kept; a finished one ended before the budget, cut before the blank line
+        assert ("truncated" in s["rejected"]) == (not s["finished"])
+        assert "\n\n" not in s["text"]
+    assert rec["rejected_by"]["truncated"] == sum(not s["finished"] for s in samples)
+    kept = [s for s in samples if s["kept"]]
+    assert kept and all(s["finished"] for s in kept)
     assert rec["kept"] == sum(s["kept"] for s in samples) > 0
     assert rec["rejected_by"]["format"] == sum("format" in s["rejected"] for s in samples)
     assert rec["mean_confidence"] == pytest.approx(sum(s["confidence"] for s in samples) / 6, abs=1e-3)
@@ -149,16 +156,38 @@ def test_verdict_by_logprob_or_judge():
 
     post = "I failed my driving test again today."
     a = {"text": "That sounds really discouraging.", "confidence": -0.8, "finished": True}
-    assert verdict(a, post, False, tau=-1.0) == []
-    assert verdict(a, post, False, tau=-0.5) == ["confidence"]
-    assert verdict({**a, "finished": False}, post, False, tau=-1.0) == ["truncated"]
-    assert verdict({**a, "finished": False}, post, True, tau=-1.0) == []
-    assert verdict({**a, "text": "**Hang in there.**"}, post, False) == ["format"]
+    assert verdict(a, post, tau=-1.0) == []
+    assert verdict(a, post, tau=-0.5) == ["confidence"]
+    assert verdict({**a, "finished": False}, post, tau=-1.0) == ["truncated"]
+    assert verdict({**a, "finished": False, "judge_score": 10}, post, judge_tau=0.5) == ["truncated"]
+    assert verdict({**a, "text": "**Hang in there.**"}, post) == ["format"]
     # judge scores 1-10 map to [-1, 1]; judge_tau 0.5 needs 8 or more, and log-prob is not consulted
-    assert verdict({**a, "judge_score": 8}, post, False, judge_tau=0.5) == []
-    assert verdict({**a, "judge_score": 7}, post, False, judge_tau=0.5) == ["judge"]
-    assert verdict({**a, "judge_score": None}, post, False, judge_tau=0.5) == ["judge_invalid"]
-    assert verdict(a, post, False, judge_tau=0.5) == []  # not judged (yet): only the cheap checks
+    assert verdict({**a, "judge_score": 8}, post, judge_tau=0.5) == []
+    assert verdict({**a, "judge_score": 7}, post, judge_tau=0.5) == ["judge"]
+    assert verdict({**a, "judge_score": None}, post, judge_tau=0.5) == ["judge_invalid"]
+    assert verdict(a, post, judge_tau=0.5) == []  # not judged (yet): only the cheap checks
+
+
+def test_answer_ends_at_end_of_turn_or_stop_string(offline_model):
+    from transformers import AutoTokenizer
+
+    from toushi.selftrain import answer_end
+
+    tok = AutoTokenizer.from_pretrained(offline_model)
+    eos, lead = {tok.eos_token_id}, "assistant\n"
+    ids = tok.encode("That hurts.\n\nAlso, try this.", add_special_tokens=False)
+    # a blank line ends the answer: the text stops before it, the tokens at the one that completed it
+    text, tokens, finished = answer_end(tok, ids, eos, ["\n\n"], lead)
+    assert (text, finished) == ("That hurts.", True)
+    assert "\n\n" in tok.decode(ids[:tokens]) and "\n\n" not in tok.decode(ids[: tokens - 1])
+    # no stop string: the same tokens ran to the budget (not finished) or to the end-of-turn token (finished)
+    assert answer_end(tok, ids, eos, [], lead) == ("That hurts.\n\nAlso, try this.", len(ids), False)
+    assert answer_end(tok, ids + [tok.eos_token_id, tok.eos_token_id], eos, [], lead)[1:] == (len(ids) + 1, True)
+    # generate() also stops on a blank line that began in the prompt ("assistant\n" + "\n..."): the answer was
+    # cut after its first token, whatever padding (the end-of-turn token here) follows
+    first = tok.encode("\nI", add_special_tokens=False)
+    assert tok.decode(first[:1]).startswith("\n")
+    assert answer_end(tok, first[:1] + [tok.eos_token_id] * 3, eos, ["\n\n"], lead)[1:] == (1, False)
 
 
 class ScriptedJudge:
@@ -192,7 +221,8 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     # the judge comes from the run's engine pool, which builds engines with toushi.engines.make_engine
     monkeypatch.setattr(toushi.engines, "make_engine", lambda spec: loaded.append(spec.name) or judge)
     run_dir = write_run(tmp_path / "runs" / "judged")
-    recipe_path = write_recipe(tmp_path / "judged.yaml", run_dir, confidence="judge", judge_tau=0.5,
+    # 4 prompts: enough finished answers for the judge to give each scripted verdict at least once
+    recipe_path = write_recipe(tmp_path / "judged.yaml", run_dir, confidence="judge", judge_tau=0.5, max_prompts=4,
                                tau=0.0)  # tau 0 would reject everything: it is not used with the judge
     data = yaml.safe_load(recipe_path.read_text())
     data["models"]["judge"] = {"name": "remote-judge", "engine": "openai", "base_url": "http://127.0.0.1:9/v1"}
@@ -201,8 +231,10 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     (rec,) = rounds(run_dir)
     samples = [json.loads(x) for x in (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
     judged = [s for s in samples if "judge_score" in s]
-    # only answers that passed the cheap checks were sent to the judge, each once
-    assert judge.requests == rec["judged"] == len(judged) == sum("format" not in s["rejected"] for s in samples) > 0
+    assert len(judged) >= 3
+    # only answers that passed the cheap checks (format, finished) were sent to the judge, each once
+    cheap = {"format", "truncated"}
+    assert judge.requests == rec["judged"] == len(judged) == sum(not cheap & set(s["rejected"]) for s in samples) > 0
     scripted = {0: 9, 1: 4, 2: None}
     assert [s["judge_score"] for s in judged] == [scripted[i % 3] for i in range(len(judged))]
     for s in judged:
@@ -231,7 +263,7 @@ def test_judge_confidence_against_real_server(vllm_server, tmp_path, offline_mod
 
     run_dir = write_run(tmp_path / "runs" / "served")
     recipe_path = write_recipe(tmp_path / "served.yaml", run_dir, confidence="judge", judge_tau=-1.0,
-                               max_prompts=2, max_new_tokens=12)
+                               max_prompts=2)
     data = yaml.safe_load(recipe_path.read_text())
     data["models"]["judge"] = {"name": SERVER_MODEL, "engine": "openai", "base_url": vllm_server,
                               "api_key_env": SERVER_KEY_ENV}

@@ -513,10 +513,14 @@ class SelfTrainSection(Section):
         description="With confidence: judge, keep an answer only if its judge score, mapped from 1..10 to "
         "[-1, 1] as (s - 5.5) / 4.5, is above this (0.5: a score of 8 or more). Unparseable verdicts reject.",
     )
-    max_new_tokens: int = Field(256, ge=1, description="Most new tokens per sampled answer.")
+    max_new_tokens: int = Field(
+        256, ge=1, description="Most new tokens per sampled answer; an answer cut off here is never kept."
+    )
     temperature: float = Field(0.8, gt=0.0, description="Sampling temperature of the student's answers.")
-    keep_truncated: bool = Field(
-        False, description="Also keep answers cut off at max_new_tokens (default: only answers that ended)."
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop strings that also end an answer (cut before the string): e.g. a blank line for a "
+        "small student that rarely ends a turn by itself within max_new_tokens.",
     )
     lora: LoraSpec = Field(
         default_factory=LoraSpec,

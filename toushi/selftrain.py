@@ -14,8 +14,9 @@ Each round r = 1..rounds:
    only for answers that passed every other check, on the run's engine pool, which frees the judge before the
    round trains;
 3. keep an answer when its format reward is 1 (plain text, the post's language, no ``<think>``), it ended
-   before ``max_new_tokens`` (unless ``keep_truncated``) and its confidence is above ``tau`` (log-prob) or
-   ``judge_tau`` (judge score mapped to [-1, 1]); an unparseable verdict rejects (``judge_invalid``);
+   before ``max_new_tokens`` (at the end-of-turn token, or at a ``stop`` string: cut before it; a cut-off
+   answer is never kept) and its confidence is above ``tau`` (log-prob) or ``judge_tau`` (judge score mapped
+   to [-1, 1]); an unparseable verdict rejects (``judge_invalid``);
 4. continue training the current adapter with TRL's SFTTrainer, in this process, on the SFT set
    (``toushi.datasets.load_sft``, as the sft stage builds it) plus this round's kept answers. A round that
    keeps nothing does not train: the adapter carries over unchanged.
@@ -73,9 +74,38 @@ class SelfTrainError(RuntimeError):
 # --------------------------------------------------------------------------------------- sampling
 
 
+def answer_end(tok, ids: list[int], eos: set[int], stop: list[str], lead: str) -> tuple[str, int, bool]:
+    """Where one sampled row's answer ends: (its text, its tokens, the one that ended it included, whether
+    it finished). An end-of-turn token ends it; so does a stop string, the text cut before it; an answer that
+    ran to the token budget is not finished. ``lead`` is the end of the prompt: generate() also stops on a stop
+    string that began there (a first token "\n..." after the template's "assistant\n"), and such an answer was
+    cut, not finished."""
+    end = next((j for j, t in enumerate(ids) if t in eos), None)
+    body = ids if end is None else ids[:end]
+    text = lead + tok.decode(body, skip_special_tokens=True)
+    # the first stop string that ends inside the answer (one wholly inside the prompt did not stop anything)
+    hits = [(text.find(s, max(0, len(lead) - len(s) + 1)), s) for s in stop]
+    at, s = min(((i, s) for i, s in hits if i >= 0), default=(-1, ""))
+    if at < 0:
+        return text[len(lead) :].strip(), len(ids) if end is None else end + 1, end is not None
+    if at < len(lead):
+        return text[len(lead) :].strip(), len(body), False  # tokens after the cut are padding
+    # the fewest tokens whose text holds the stop string: the one that completed it is the answer's last
+    lo, hi = 1, len(body)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if s in tok.decode(body[:mid], skip_special_tokens=True):  # this stop lies wholly in the answer
+            hi = mid
+        else:
+            lo = mid + 1
+    return text[len(lead) : at].strip(), lo, True
+
+
 def sample_answers(model, tok, convs: list[list[dict]], n: int, max_new_tokens: int, temperature: float,
-                   batch_size: int) -> list[list[dict]]:
-    """n sampled answers per conversation: [{"text", "confidence", "finished", "tokens"}] each."""
+                   batch_size: int, stop: list[str]) -> list[list[dict]]:
+    """n sampled answers per conversation: [{"text", "confidence", "finished", "tokens"}] each. An answer
+    ends at the end-of-turn token or at a stop string (cut before it); one that reached max_new_tokens first is
+    not finished."""
     import torch
 
     eos = {tok.eos_token_id}
@@ -83,6 +113,7 @@ def sample_answers(model, tok, convs: list[list[dict]], n: int, max_new_tokens: 
     eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
     eos.discard(None)
     tok.padding_side = "left"  # prompts of different lengths end where generation starts
+    longest = max((len(s) for s in stop), default=1)
     out: list[list[dict]] = []
     model.eval()
     for start in range(0, len(convs), batch_size):
@@ -93,21 +124,21 @@ def sample_answers(model, tok, convs: list[list[dict]], n: int, max_new_tokens: 
             gen = model.generate(
                 **enc, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
                 num_return_sequences=n, output_logits=True, return_dict_in_generate=True,
-                pad_token_id=tok.pad_token_id,
+                pad_token_id=tok.pad_token_id, **(dict(stop_strings=stop, tokenizer=tok) if stop else {}),
             )
             # raw logits, renormalised: log p(token) under the untempered model
             logp = model.compute_transition_scores(gen.sequences, gen.logits, normalize_logits=True)
         new = gen.sequences[:, enc["input_ids"].shape[1] :]
-        for i in range(len(batch)):
+        for i, prompt in enumerate(texts):
+            lead = prompt[-longest:]
             answers = []
             for row in range(i * n, (i + 1) * n):  # num_return_sequences keeps each prompt's samples together
                 ids = new[row].tolist()
-                end = next((j for j, t in enumerate(ids) if t in eos), None)
-                scored = len(ids) if end is None else end + 1  # tokens after the end are padding
-                answers.append({
-                    "text": tok.decode(ids[:end], skip_special_tokens=True).strip(),
+                text, scored, finished = answer_end(tok, ids, eos, stop, lead)
+                answers.append({  # tokens after the end are padding: not scored
+                    "text": text,
                     "confidence": round(float(logp[row, :scored].mean()), 4),
-                    "finished": end is not None,
+                    "finished": finished,
                     "tokens": scored,
                 })
             out.append(answers)
@@ -117,14 +148,15 @@ def sample_answers(model, tok, convs: list[list[dict]], n: int, max_new_tokens: 
 REJECT_REASONS = ("format", "truncated", "confidence", "judge", "judge_invalid")
 
 
-def verdict(answer: dict, post: str, keep_truncated: bool, tau: float | None = None,
+def verdict(answer: dict, post: str, tau: float | None = None,
             judge_tau: float | None = None) -> list[str]:
     """Why an answer is rejected (empty list: kept). ``tau`` checks the log-prob confidence; ``judge_tau``
-    checks ``answer["judge_score"]`` (1-10 or None) when the answer has one; None skips either check."""
+    checks ``answer["judge_score"]`` (1-10 or None) when the answer has one; None skips either check. An answer
+    cut off at the token budget is always rejected: it is never a training target."""
     reasons = []
     if format_reward(answer["text"], post) != 1.0:
         reasons.append("format")
-    if not answer["finished"] and not keep_truncated:
+    if not answer["finished"]:
         reasons.append("truncated")
     if tau is not None and not answer["confidence"] > tau:
         reasons.append("confidence")
@@ -227,10 +259,10 @@ def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list
     convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
     console.print(f"selftrain round {r}: sampling {cfg.samples_per_prompt} answers x {len(prompts)} prompts")
     sampled = sample_answers(model, tok, convs, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature,
-                             recipe.models.student.hf_batch_size)
+                             recipe.models.student.hf_batch_size, cfg.stop)
     if judge is not None:  # judge only what passes the cheap checks
         todo = [(p["post"], a) for p, answers in zip(prompts, sampled) for a in answers
-                if not verdict(a, p["post"], cfg.keep_truncated)]
+                if not verdict(a, p["post"])]
         console.print(f"selftrain round {r}: judging {len(todo)} answers")
         with judge() as scorer:
             scores = scorer.raw_scores([post for post, _ in todo], [a["text"] for _, a in todo])
@@ -240,7 +272,7 @@ def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list
     samples, kept = [], []
     for p, answers in zip(prompts, sampled):
         for k, a in enumerate(answers):
-            reasons = verdict(a, p["post"], cfg.keep_truncated, tau=tau, judge_tau=judge_tau)
+            reasons = verdict(a, p["post"], tau=tau, judge_tau=judge_tau)
             sid = stable_id(key, r, p["id"], k)
             samples.append({"id": sid, "prompt_id": p["id"], "k": k, **a, "kept": not reasons, "rejected": reasons})
             if not reasons:
