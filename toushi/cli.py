@@ -77,6 +77,10 @@ def run(
     ] = "toy",
 ):
     """Run the recipe's stages in order (finished, unchanged stages are skipped)."""
+    from contextlib import nullcontext
+
+    from toushi.engines.server import ServerError
+    from toushi.rehearse import serve_openai_roles
     from toushi.runlock import RunLocked
     from toushi.runner import run_stages
     from toushi.stages import STAGES
@@ -85,11 +89,13 @@ def run(
     r = load(recipe, set_)
     if rehearse:
         r = rehearsal(r, rehearse_width, set_)
-    err.print(f"[bold]recipe[/bold] {recipe} → {r.run_dir}")
-    err.print(r.to_yaml(), markup=False, highlight=False)
     try:
-        run_stages(r, STAGES, set(force or []), quiet=not verbose)
-    except (ValueError, StoreError, OSError, RunLocked) as e:
+        # a rehearsal serves the twin of a role the recipe reaches over HTTP, for the run
+        with serve_openai_roles(r, r.run_dir / "servers") if rehearse else nullcontext(r) as r:
+            err.print(f"[bold]recipe[/bold] {recipe} → {r.run_dir}")
+            err.print(r.to_yaml(), markup=False, highlight=False)
+            run_stages(r, STAGES, set(force or []), quiet=not verbose)
+    except (ValueError, StoreError, OSError, RunLocked, ServerError) as e:
         _fail(str(e))
     out.print(f"run complete: {r.run_dir}")
 

@@ -17,17 +17,26 @@ Field by field, what is changed and why (every other field is the recipe's):
 - ``run.name`` + ``-rehearsal``: a rehearsal never writes into (or skips stages of) the real run.
 - ``models.*.name``: a hub model with a twin becomes its twin (``toushi models make-twin`` builds it once);
   any other model (a cached toushi model, a local directory) is kept. A hub model with no twin is an error.
+- a role the recipe reaches over HTTP (``engine: openai``): at toy width its twin is served for the run by a
+  local vLLM server (:func:`serve_openai_roles`, the same OpenAI-compatible path, ``reasoning_content`` and
+  all), and the role's ``base_url`` points at it (``api_key_env`` and ``served_model`` dropped: the server is
+  this machine's, without a key). The port is picked per run, so a rerun of such a rehearsal reruns the
+  stages that read the role.
 - vLLM roles, toy width: ``enforce_eager`` (CPU), ``dtype: auto`` (the twins are fp32; auto is bf16 where this
   CPU computes it natively), ``max_model_len`` at most CONTEXT and ``kv_cache_gb`` KV_CACHE_GB (the twins' KV
   cache is about 1 KB a token; an explicit size lets two engines stay loaded side by side on a CPU).
   At real width the engine settings are the recipe's.
 - every ``sampling.max_tokens`` at most ANSWER_TOKENS (free text) or JSON_TOKENS (calls whose answer is parsed:
-  tagging, guidance, the seeker); ``thinking_budget`` at most THINKING_BUDGET. Random weights never close their
-  think block, so every reasoning call rehearses the budget forcing ``</think>`` and the answer after it.
-- free-text answers that become targets or are compared (pairs, guided, eval's student answers) stop at STOP.
-  Random weights never emit an end token: without a stop every answer would be cut at max_tokens, and a cut
-  answer is never a target (no SFT, DPO or guidance pair). A stop that fires inside a reasoning model's think
-  block leaves that answer cut (flagged ``unterminated_think``), as it would on a real model.
+  tagging, guidance, the seeker; the judge sizes its own); ``thinking_budget`` at most THINKING_BUDGET. Random
+  weights never close a think block, so every reasoning call rehearses the budget forcing ``</think>`` and the
+  answer after it; a budget of 1 forces it at once (R1's prompt ends ``<think>\n``, which vLLM counts as the
+  first token of reasoning), so R1's answers carry no reasoning of their own: random reasoning proves nothing
+  more, and it keeps the stop below out of the think block.
+- free-text answers that become targets or are compared (pairs, guided, eval's student answers) stop at STOP,
+  the letter e: random weights never emit an end token, so without a stop every answer would be cut at
+  max_tokens, and a cut answer is never a target (no SFT, DPO or guidance pair). Random tokens hold an e every
+  few tokens and rarely start with one, so answers end within ANSWER_TOKENS and are seldom empty. Role
+  samplings get no stop: the judge reads its verdicts with them, and a stop would cut the JSON.
 - corpus: at most POSTS posts (``per_scene`` 1, scene-balanced), HELDOUT_FRACTION of them held out (eval
   needs some); ``guidance``: batches and context to match, ``dev_prompts`` 1, at most SEED_DIMENSIONS seeded
   dimension (random weights fill every string of an analysis answer to its bound, and each seeded dimension
@@ -48,17 +57,20 @@ Field by field, what is changed and why (every other field is the recipe's):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Literal
 
 from toushi.recipe import ModelSpec, Recipe, RecipeError, Sampling, TrainSpec, apply_overrides
 
 SUFFIX = "-rehearsal"
-POSTS = 6
+POSTS = 6  # with HELDOUT_FRACTION: 4 train posts and 2 held out from the shipped data
 HELDOUT_FRACTION = 0.5
-CONTEXT = 4096
+CONTEXT = 4096  # the longest rehearsal prompt (a guidance analysis) is under 1,000 tokens
 KV_CACHE_GB = 0.25
 ANSWER_TOKENS = 32
-JSON_TOKENS = 256
+JSON_TOKENS = 256  # the longest constrained answer random weights write (strings at their bounds) is ~190 tokens
 THINKING_BUDGET = 1
 STOP = ["e"]
 STEPS = 1
@@ -148,10 +160,46 @@ def _model(spec: ModelSpec, role: str, width: Width) -> ModelSpec:
                           f"{', '.join(t.hub_id for t in TWINS.values())}) and is not a local model")
     if spec.thinking_budget is not None:
         update["thinking_budget"] = min(spec.thinking_budget, THINKING_BUDGET)
-    if spec.engine == "vllm" and width == "toy":
+    if spec.engine in ("vllm", "openai") and width == "toy":  # an openai role's twin is served by vLLM here
         update.update(enforce_eager=True, dtype="auto", max_model_len=min(spec.max_model_len or CONTEXT, CONTEXT),
                       kv_cache_gb=KV_CACHE_GB)
     return spec.model_copy(update=update)
+
+
+ROLES = ("weak", "strong", "student", "judge")
+
+
+@contextmanager
+def serve_openai_roles(recipe: Recipe, log_dir: Path) -> Iterator[Recipe]:
+    """The rehearsal with each ``engine: openai`` role's twin served by a local vLLM server for as long as the
+    block runs (one server per model, shared by its roles); the recipe is the same one with every such role's
+    ``base_url`` pointing at its server. A recipe without such roles comes back as it is."""
+    import socket
+
+    from toushi.engines.server import VLLMServer
+
+    served = {role: spec for role in ROLES if (spec := getattr(recipe.models, role)) and spec.engine == "openai"}
+    if not served:
+        yield recipe
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    r = recipe.model_copy(deep=True)
+    with ExitStack() as stack:
+        servers: dict[str, VLLMServer] = {}
+        for role, spec in served.items():
+            if spec.name not in servers:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                local = spec.model_copy(update={"engine": "vllm", "base_url": None, "served_model": None,
+                                                "api_key_env": None})
+                servers[spec.name] = VLLMServer(local, port=port, log_path=log_dir / f"server-{role}.log").launch()
+                stack.callback(servers[spec.name].stop)
+        for role, spec in served.items():
+            servers[spec.name].wait_healthy()  # the servers start side by side
+            setattr(r.models, role, spec.model_copy(update={"base_url": servers[spec.name].base_url,
+                                                            "served_model": None, "api_key_env": None}))
+        yield r
 
 
 def _tokens(sampling: Sampling, most: int) -> Sampling:
