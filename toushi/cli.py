@@ -67,31 +67,70 @@ def run(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show engine and library output (default: each stage's engine.log).")
     ] = False,
+    rehearse: Annotated[
+        bool, typer.Option("--rehearse", help="Dress rehearsal: the recipe on its hub models' twins, every size "
+                           "scaled down (toushi/rehearse.py), in runs/<name>-rehearsal; `toushi check` first.")
+    ] = False,
+    rehearse_width: Annotated[
+        str, typer.Option(help="With --rehearse: twins at toy width (CPU) or at the hub models' real width (a GPU: "
+                          "memory and step times).")
+    ] = "toy",
 ):
     """Run the recipe's stages in order (finished, unchanged stages are skipped)."""
+    from contextlib import nullcontext
+
+    from toushi.engines.server import ServerError
+    from toushi.rehearse import serve_openai_roles
     from toushi.runlock import RunLocked
     from toushi.runner import run_stages
     from toushi.stages import STAGES
     from toushi.store import StoreError
 
     r = load(recipe, set_)
-    err.print(f"[bold]recipe[/bold] {recipe} → {r.run_dir}")
-    err.print(r.to_yaml(), markup=False, highlight=False)
+    if rehearse:
+        r = rehearsal(r, rehearse_width, set_)
     try:
-        run_stages(r, STAGES, set(force or []), quiet=not verbose)
-    except (ValueError, StoreError, OSError, RunLocked) as e:
+        # a rehearsal serves the twin of a role the recipe reaches over HTTP, for the run
+        with serve_openai_roles(r, r.run_dir / "servers") if rehearse else nullcontext(r) as r:
+            err.print(f"[bold]recipe[/bold] {recipe} → {r.run_dir}")
+            err.print(r.to_yaml(), markup=False, highlight=False)
+            run_stages(r, STAGES, set(force or []), quiet=not verbose)
+    except (ValueError, StoreError, OSError, RunLocked, ServerError) as e:
         _fail(str(e))
     out.print(f"run complete: {r.run_dir}")
+
+
+def rehearsal(r, width: str, overrides: list[str] | None):
+    """The rehearsal of a loaded recipe (--set applied again over it), after its pre-flight check passed."""
+    from toushi.models import ModelError
+    from toushi.recipe import RecipeError
+    from toushi.rehearse import rehearse
+
+    if width not in ("toy", "real"):
+        _fail(f"--rehearse-width {width!r}: toy or real")
+    try:
+        r = rehearse(r, width, overrides)
+    except (RecipeError, ModelError) as e:
+        _fail(str(e))
+    err.print(f"[bold]rehearsal[/bold] on the models' twins ({width} width), every size scaled down; pre-flight:")
+    if not preflight(r):
+        _fail("pre-flight: a model pair cannot work (above); the real run would fail the same way")
+    return r
 
 
 @app.command()
 def check(recipe: Path, set_: SetOpt = None):
     """Pre-flight: every model pair of the recipe that must agree token for token, and what toushi does about
     each difference (exit 2 when a pair cannot work)."""
+    if not preflight(load(recipe, set_)):
+        raise typer.Exit(2)
+
+
+def preflight(r) -> bool:
+    """Print the pre-flight check of a recipe's model pairs; whether every pair can work."""
     from toushi.models import ModelError
     from toushi.preflight import check_recipe
 
-    r = load(recipe, set_)
     try:
         pairs = check_recipe(r)
     except (ModelError, OSError, ValueError) as e:
@@ -112,8 +151,7 @@ def check(recipe: Path, set_: SetOpt = None):
             out.print(f"toushi will: {action}", markup=False, highlight=False)
         if pair.refused:
             out.print(f"toushi refuses: {pair.refused}", markup=False, highlight=False)
-    if any(not p.ok for p in pairs):
-        raise typer.Exit(2)
+    return all(p.ok for p in pairs)
 
 
 @app.command()
@@ -167,6 +205,8 @@ def models_make_tiny(force: bool = False):
 def models_make_twin(
     name: Annotated[str, typer.Argument(help="qwen2.5-1.5b-instruct, r1-distill-qwen-7b or r1-distill-qwen-1.5b")],
     force: bool = False,
+    real_width: Annotated[bool, typer.Option(help="At the hub model's real width and depth (bf16, for a GPU; "
+                                                  "cached as <name>-twin-real-width).")] = False,
 ):
     """Write a hub model's twin: its real tokenizer, template, vocabulary and architecture, at toy size with
     random weights."""
@@ -174,7 +214,7 @@ def models_make_twin(
     from toushi.twins import make_twin
 
     try:
-        out.print(str(make_twin(name, force=force)))
+        out.print(str(make_twin(name, force=force, real_width=real_width)))
     except ModelError as e:
         _fail(str(e))
 

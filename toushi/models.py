@@ -79,12 +79,13 @@ def resolve_model(ref: str | os.PathLike) -> str:
             cmd = "make-tiny" if ref == TINY else f"fetch {ref}"
             raise ModelError(f"model {ref!r} is not in the cache {models_dir()}: run `toushi models {cmd}`")
         return str(cached_path(ref))
-    from toushi.twins import SUFFIX, TWINS, twin_named
+    from toushi.twins import REAL_WIDTH_SUFFIX, SUFFIX, TWINS, twin_named
 
     if (twin := twin_named(ref)) is not None:
         if not is_cached(ref):
+            flag = " --real-width" if ref.endswith(REAL_WIDTH_SUFFIX) else ""
             raise ModelError(
-                f"model {ref!r} is not in the cache {models_dir()}: run `toushi models make-twin {twin.name}`")
+                f"model {ref!r} is not in the cache {models_dir()}: run `toushi models make-twin {twin.name}{flag}`")
         return str(cached_path(ref))
     p = Path(ref).expanduser()
     if p.exists():

