@@ -203,6 +203,7 @@ class Background:
 
         self.fixture, self.name, self.start, self.done = fixture, name, start, threading.Event()
         self.value, self.error, self.stop = None, None, None
+        self.proc = None  # its top process, a child of this one
 
     def get(self, timeout_s: float = 1200.0):
         if not self.done.wait(timeout_s):
@@ -219,6 +220,7 @@ def _start_session_server(root: Path, adapter: Path, bg: Background):
     server = make_server(recipe, log_path=root / "server.log")
     bg.stop = server.stop
     server.launch()
+    bg.proc = server.proc
     server.wait_healthy()
     return recipe, server
 
@@ -232,6 +234,7 @@ def _start_r1_server(root: Path, bg: Background):
     server = VLLMServer(cpu_vllm_spec(R1_TWIN, reasoning=True), port=free_port(), log_path=root / "server.log")
     bg.stop = server.stop
     server.launch()
+    bg.proc = server.proc
     server.wait_healthy()
     return server
 
@@ -259,7 +262,7 @@ def _start_replicas(root: Path, bg: Background):
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)
 
-    bg.stop = stop
+    bg.stop, bg.proc = stop, proc
     urls: list[str] = []
     for line in proc.stdout:  # the `  - http://...` lines the launcher prints once every replica is healthy
         if line.startswith("  - http"):

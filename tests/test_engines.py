@@ -31,22 +31,18 @@ def vllm_greedy(vllm_engine):
     return vllm_engine.generate(CONVS, GREEDY)
 
 
-def test_cpu_engine_runs_in_this_process_on_every_core(vllm_engine, _session_server):
+def test_cpu_engine_runs_in_this_process_on_every_core(vllm_engine):
     """On a CPU the offline engine runs in this process: no engine-core or worker process to start (12 s
     instead of 31 s measured here) or to outlive toushi. On a few cores its model threads use them all (vLLM
     would keep one for a scheduler: 1.75x the output tok/s measured on 2 cores)."""
     import os
-    from pathlib import Path
 
+    import psutil
     import torch
 
-    from toushi.lifetime import descendants
-
-    servers = set()  # the session's vLLM server (a process of its own by design) is not this engine's
-    if _session_server is not None and _session_server.proc is not None:
-        servers = {_session_server.proc.pid, *descendants(_session_server.proc.pid)}
-    vllm_procs = [p for p in set(descendants(os.getpid())) - servers
-                  if Path(f"/proc/{p}/comm").read_text().startswith("VLLM")]
+    # an engine of this process would spawn its engine core as a child of this process; the session's background
+    # servers (processes of their own by design) have theirs further down, under their API server processes
+    vllm_procs = [c for c in psutil.Process().children() if c.name().startswith("VLLM")]
     assert not vllm_procs, "vLLM started engine processes"
     cores = len(os.sched_getaffinity(0))
     if cores <= 4 and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
