@@ -49,8 +49,8 @@ Field by field, what is changed and why (every other field is the recipe's):
   batch, length, precision and accelerate config are the recipe's, so memory is the real run's for these
   sequences (short: random answers stop early).
 - selftrain: one round, SAMPLES answers on at most POSTS prompts; answers are kept whatever their log-prob
-  (``tau`` TAU; a random model's mean log-prob is about -ln(vocabulary) = -12) and when cut (``keep_truncated``),
-  so the round trains.
+  (``tau`` TAU; a random model's mean log-prob is about -ln(vocabulary) = -12); they end at STOP like the
+  pairs' answers (a random model never ends a turn, and a cut answer is never kept), so the round trains.
 - eval: at most POSTS held-out prompts, BOOTSTRAP resamples, the simulated seeker on at most POSTS posts for
   one turn.
 """
@@ -128,7 +128,7 @@ def rehearse(recipe: Recipe, width: Width = "toy", overrides: list[str] | None =
     r.distill.max_completion_length = min(r.distill.max_completion_length, ANSWER_TOKENS)
     s = r.selftrain
     s.rounds, s.samples_per_prompt, s.max_prompts = 1, SAMPLES, min(s.max_prompts or POSTS, POSTS)
-    s.max_new_tokens, s.tau, s.judge_tau, s.keep_truncated = min(s.max_new_tokens, ANSWER_TOKENS), TAU, -1.0, True
+    s.max_new_tokens, s.tau, s.judge_tau, s.stop = min(s.max_new_tokens, ANSWER_TOKENS), TAU, -1.0, STOP
 
     e = r.eval
     e.max_prompts, e.bootstrap = min(e.max_prompts or POSTS, POSTS), BOOTSTRAP
