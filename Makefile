@@ -41,7 +41,8 @@ test: model browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	@$(BIN)/python scripts/test_budget.py --top 10
 
-# Also the tests that are long by nature: the whole demo recipe end to end, the two-engine data-parallel server.
+# Also the tests that are long by nature: the whole demo recipe end to end, the two-engine data-parallel server,
+# and the R1 -> Qwen rehearsal end to end (over its 4-minute target for now).
 test-all: model browser
 	$(BIN)/python -m pytest --run-slow $(PYTEST_ARGS)
 	@$(BIN)/python scripts/test_budget.py --top 10
