@@ -114,6 +114,12 @@ def sample_answers(model, tok, convs: list[list[dict]], n: int, max_new_tokens: 
     eos.discard(None)
     tok.padding_side = "left"  # prompts of different lengths end where generation starts
     longest = max((len(s) for s in stop), default=1)
+    # built once, not per batch: generate(stop_strings=...) rebuilds this from the whole vocabulary on each call
+    stopping = {}
+    if stop:
+        from transformers import StopStringCriteria
+
+        stopping = {"stopping_criteria": [StopStringCriteria(tokenizer=tok, stop_strings=stop)]}
     out: list[list[dict]] = []
     model.eval()
     for start in range(0, len(convs), batch_size):
@@ -124,7 +130,7 @@ def sample_answers(model, tok, convs: list[list[dict]], n: int, max_new_tokens: 
             gen = model.generate(
                 **enc, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
                 num_return_sequences=n, output_logits=True, return_dict_in_generate=True,
-                pad_token_id=tok.pad_token_id, **(dict(stop_strings=stop, tokenizer=tok) if stop else {}),
+                pad_token_id=tok.pad_token_id, **stopping,
             )
             # raw logits, renormalised: log p(token) under the untempered model
             logp = model.compute_transition_scores(gen.sequences, gen.logits, normalize_logits=True)
