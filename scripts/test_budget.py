@@ -9,6 +9,10 @@ Not a timed test: it prints, and exits 1 only when --budget-min is given and the
 change that makes the suite slower is seen by whoever runs it (`make test` prints it after every run). The CPU
 column barely moves when the machine is busy; wall time is what CI waits for. State the CPU kind with any number
 you record (`lscpu`): the AVX2-only kind takes about 2.5x the AVX512-BF16 kind's time.
+
+The servers and scenarios the suite runs in its background thread (tests/conftest.py) are listed apart, with
+their wall time only: it overlaps the tests'. Their processes' CPU is counted in whichever test was running
+when the background thread waited for them, so next to them a test's CPU column says little.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no test-time record at {args.record}: run pytest first", file=sys.stderr)
         return 2
     times: dict[str, dict[str, float]] = json.loads(args.record.read_text())
+    background = {k.split("::", 1)[1]: times.pop(k)["wall_s"] for k in list(times) if k.startswith("background::")}
     files: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for nodeid, t in times.items():
         f = files[nodeid.split("::", 1)[0]]
@@ -57,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nby file (wall s / CPU s / tests):")
     for name, (w, c, n) in sorted(files.items(), key=lambda kv: -kv[1][0]):
         print(f"  {w:7.1f} {c:7.1f} {n:4d}  {name}")
+    if background:
+        print("\nin the background thread, overlapping the tests (wall s):")
+        for name, w in sorted(background.items(), key=lambda kv: -kv[1]):
+            print(f"  {w:7.1f}  {name}")
     if args.budget_min is not None and wall > args.budget_min * 60:
         print(f"\nover budget: {wall / 60:.1f} min > {args.budget_min:g} min", file=sys.stderr)
         return 1

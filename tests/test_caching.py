@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from test_train import adapter_weights, manifest, train_in_process, write_recipe
 
 from toushi.lifetime import descendants, proc_start
 from toushi.paths import repo_root
-from toushi.recipe import load_recipe
+from toushi.recipe import load_recipe, save_recipe
 from toushi.runner import Stage, plan, run_stages
 from toushi.stages import STAGES
-from toushi.store import StageStore, read_jsonl
+from toushi.store import StageStore, read_jsonl, repair_jsonl
 
 TINY_SFT = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "train": {"max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2, "max_length": 128,
@@ -69,8 +70,8 @@ def test_changed_answers_retrain_from_scratch(tmp_path, tiny_model):
 
 
 def test_changed_hparam_retrains(tmp_path, tiny_model):
-    """Through `toushi run` (runner -> accelerate launch -> train/sft.py): a new learning rate reruns the
-    stage, and the script starts fresh instead of resuming the finished checkpoint. An edited input is seen by
+    """Through `toushi run` (runner -> accelerate launch -> train/sft.py) once; then a new learning rate reruns
+    the stage, and the script starts fresh instead of resuming the finished checkpoint. An edited input is seen by
     content (runner.plan asks why_rerun, the one place `toushi run` asks too), and undoing the edit undoes it."""
     run_dir = write_run(tmp_path / "runs" / "r")
     recipe_path = write_recipe(tmp_path / "r.yaml", run_dir, "tiny-random", sft=TINY_SFT)
@@ -89,10 +90,12 @@ def test_changed_hparam_retrains(tmp_path, tiny_model):
     pairs.records_path.write_text(original)
     assert plan(load_recipe(recipe_path, sft_only), STAGES) == [("sft", None)]
 
+    # a new learning rate: the runner would rerun sft, and the script, asked to resume as the runner asks,
+    # starts fresh. Trained in this process: the launch path is proven above, a second launch adds nothing.
     changed = load_recipe(recipe_path, [*sft_only, "sft.train.learning_rate=0.05"])
-    assert run_stages(changed, STAGES) == {"sft": "ran"}
+    assert plan(changed, STAGES) == [("sft", "changed: recipe settings")]
+    train_in_process("sft", save_recipe(changed, tmp_path / "changed"), "--resume")
     m = manifest(run_dir, "sft")
-    assert m["rerun_reason"] == "changed: recipe settings"
     assert m["resumed_from"] is None
     assert m["fresh"] == "checkpoints were made with other settings (train.learning_rate)", m["fresh"]
     assert m["training"]["steps"] == 2
@@ -297,12 +300,38 @@ def alive(procs: dict[int, int]) -> dict[int, int]:
     return {pid: st for pid, st in procs.items() if proc_start(pid) == st}
 
 
-def start_run(recipe: Path, log: Path, **env: str) -> subprocess.Popen:
+_RUNS: list[subprocess.Popen] = []  # every run started, so a session that ends early can stop them (stop_runs)
+_RUNS_LOCK = threading.Lock()
+_STOPPED = threading.Event()
+
+
+def start_run(recipe: Path, log: Path, base_env: dict[str, str] | None = None, **env: str) -> subprocess.Popen:
     """A real `toushi run RECIPE` in a session of its own (a kill of its group takes what it started along),
-    its stderr in ``log``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOGGING_LEVEL": "WARNING", **env}
-    return subprocess.Popen([sys.executable, "-m", "toushi.cli", "run", str(recipe)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
+    its stderr in ``log``; in ``base_env`` (default: this process's environment now) plus ``env``."""
+    env = {**(os.environ if base_env is None else base_env), "PYTHONUNBUFFERED": "1",
+           "VLLM_LOGGING_LEVEL": "WARNING", **env}
+    with _RUNS_LOCK:
+        if _STOPPED.is_set():
+            raise RuntimeError("the test session is ending: no new run")
+        proc = subprocess.Popen([sys.executable, "-m", "toushi.cli", "run", str(recipe)], env=env, cwd=repo_root(),
+                                stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
+        _RUNS.append(proc)
+    return proc
+
+
+def run_to_the_end(recipe: Path, log: Path, env: dict[str, str]) -> None:
+    """A real `toushi run RECIPE` (see start_run), waited for; it must succeed."""
+    rc = start_run(recipe, log, env).wait()
+    assert rc == 0, f"`toushi run {recipe}` exited {rc}:\n" + log.read_text(errors="replace")[-3000:]
+
+
+def stop_runs() -> None:
+    """Kill every run start_run started that is still going (with what it started), and start no more."""
+    with _RUNS_LOCK:
+        _STOPPED.set()
+        for proc in _RUNS:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def note_descendants(pid: int, seen: dict[int, int]) -> None:
@@ -313,15 +342,18 @@ def note_descendants(pid: int, seen: dict[int, int]) -> None:
             seen[sub] = st
 
 
-def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
+def kill_run_with_engine(tmp_path: Path, env: dict[str, str]) -> None:
+    """The orphan-engine scenario, run in the background thread (tests/conftest.py): SIGKILL a real `toushi
+    run` while a vLLM engine with its own processes generates; nothing it started may survive. Raises on what
+    it finds wrong."""
     recipe = _write_pairs_recipe(tmp_path)
     cache = tmp_path / "runs" / "orphan" / "pairs" / "weak_cache" / "records.jsonl"
     # vLLM's own process layout (an engine-core process and its worker), as on a GPU: on a CPU toushi keeps the
     # engine in its process unless this is set, and then a SIGKILL takes the engine with it by itself
-    proc = start_run(recipe, tmp_path / "first.log", VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    proc = start_run(recipe, tmp_path / "first.log", env, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     seen: dict[int, int] = {}
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600  # generous: it shares the CPU with the foreground tests
         # wait until the engine is generating: some batches of weak answers are on disk
         while time.time() < deadline and proc.poll() is None:
             note_descendants(proc.pid, seen)
@@ -349,14 +381,14 @@ def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
     assert "EngineCore" in (run_dir / "pairs" / "engine.log").read_text()
     assert "EngineCore" not in (tmp_path / "first.log").read_text()
 
-    # the rerun completes: every prompt answered exactly once, nothing lost, nothing duplicated. It runs in this
-    # process (the engine too, as toushi does on a CPU): the kill above is what needed a process of its own.
-    assert run_stages(load_recipe(recipe), STAGES) == {"corpus": "skipped", "pairs": "ran"}
-    prompts = {r["id"] for r in StageStore(run_dir, "corpus").records()}
-    for path in (cache, run_dir / "pairs" / "strong_cache" / "records.jsonl", run_dir / "pairs" / "records.jsonl"):
-        ids = [r["id"] for r in read_jsonl(path)]
-        assert len(ids) == len(set(ids)) == len(prompts), path
-    assert {r["id"] for r in StageStore(run_dir, "pairs").records()} == prompts
-    counts = StageStore(run_dir, "pairs").manifest()["counts"]
-    assert counts["failed"] == 0 and counts["pairs"] == len(prompts)
-    assert counts["weak_generated"] < len(prompts)  # the batches written before the kill were kept
+    # what the killed run wrote is there for a rerun, as the rerun reads it (a torn last line dropped): the
+    # batches seen before the kill, no prompt twice. That a rerun continues from such records and generates
+    # nothing twice is test_chaos's (kills in pairs, sft and eval, each rerun to the end): rerunning here would
+    # load vLLM again for nothing this test adds.
+    repair_jsonl(cache)
+    ids = [r["id"] for r in read_jsonl(cache)]
+    assert len(ids) >= 2 and len(ids) == len(set(ids)), ids  # 3 lines seen: at least 2 whole
+
+
+def test_no_orphan_engine_after_sigkill(orphan_run):
+    orphan_run.get()  # the scenario above, run in the background; it raised if anything was left running

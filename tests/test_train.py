@@ -64,14 +64,11 @@ def adapter_weights(adapter_dir: Path) -> dict:
 # ------------------------------------------------------------------------ SmolLM2: SFT then DPO
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, offline_model):
-    """`toushi run` with stages [sft, dpo] on SmolLM2: both launched through accelerate by the runner."""
-    from toushi.recipe import load_recipe
-    from toushi.runner import run_stages
-    from toushi.stages import STAGES
+def train_sft_then_dpo(root: Path, env: dict) -> Path:
+    """`toushi run` with stages [sft, dpo] on SmolLM2, both launched through accelerate by the runner. A job of
+    the suite's background thread (tests/conftest.py): a process of its own, while other tests run."""
+    from test_caching import run_to_the_end
 
-    root = tmp_path_factory.mktemp("train")
     run_dir = write_run(root / "runs" / "smol")
     train = {"per_device_train_batch_size": 4, "max_length": 256, "logging_steps": 1, "save_steps": 100,
              "lr_scheduler_type": "constant", "eval_fraction": 0.1}
@@ -81,10 +78,13 @@ def trained_run(tmp_path_factory, offline_model):
         dpo={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "beta": 0.1,
              "train": {**train, "max_steps": 4, "learning_rate": 5e-4}},
     )
-    recipe = load_recipe(recipe_path)
-    outcome = run_stages(recipe, STAGES)
-    assert outcome == {"sft": "ran", "dpo": "ran"}
-    return run_dir, offline_model
+    run_to_the_end(recipe_path, root / "run.log", env)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(sft_dpo_job, offline_model):
+    return sft_dpo_job.get(), offline_model
 
 
 def test_sft_loss_falls_and_manifest_has_counts(trained_run):
@@ -134,7 +134,7 @@ def test_sft_adapter_is_plain_lora_and_changes_outputs(trained_run):
 def test_dpo_loss_falls_and_adapter_saved(trained_run):
     run_dir, _ = trained_run
     m = manifest(run_dir, "dpo")
-    assert m["status"] == "complete"
+    assert m["status"] == "complete" and m["training"]["steps"] == 4
     assert m["data"]["by_kind"] == {"strong>weak": 11}
     t = m["training"]
     assert abs(t["first_loss"] - math.log(2)) < 0.02  # policy == reference at step 1

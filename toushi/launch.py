@@ -58,8 +58,11 @@ def run_training_stage(ctx: StageContext, script: str) -> dict:
     try:
         for line in proc.stdout:
             sys.stderr.write(line)  # the stage's engine.log when quiet, else the terminal
-            if ctx.quiet and (line.startswith("[toushi]") or line.startswith("{'loss'")):
-                ctx.console.print(line.rstrip(), markup=False, highlight=False)
+            # the trainer's loss dict often lands on the line tqdm's bar (or the spaces clearing it) began
+            text = line.strip()
+            loss = text.find("{'loss'")
+            if ctx.quiet and (text.startswith("[toushi]") or loss >= 0):
+                ctx.console.print(text[max(loss, 0):], markup=False, highlight=False)
         rc = proc.wait()
     except BaseException:
         proc.terminate()  # Ctrl-C: do not leave training processes behind
