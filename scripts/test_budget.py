@@ -10,9 +10,8 @@ change that makes the suite slower is seen by whoever runs it (`make test` print
 column barely moves when the machine is busy; wall time is what CI waits for. State the CPU kind with any number
 you record (`lscpu`): the AVX2-only kind takes about 2.5x the AVX512-BF16 kind's time.
 
-The servers and scenarios the suite runs in its background thread (tests/conftest.py) are listed apart, with
-their wall time only: it overlaps the tests'. Their processes' CPU is counted in whichever test was running
-when the background thread waited for them, so next to them a test's CPU column says little.
+The servers the suite starts in its background thread (tests/conftest.py) are listed apart, with their start's
+wall time only: it overlaps the tests'.
 """
 
 from __future__ import annotations

@@ -56,9 +56,6 @@ def _write_times() -> None:
 
 
 def pytest_collection_modifyitems(config, items):
-    # tests whose work runs in the background thread (see _background) go last: the longer the foreground has
-    # other tests to run, the less it waits for them
-    items.sort(key=lambda item: bool(set(JOBS) & set(item.fixturenames)))
     for marker, flag in (("gpu", "--run-gpu"), ("slow", "--run-slow")):
         if config.getoption(flag):
             continue
@@ -167,7 +164,7 @@ SERVER_MODEL = "smollm2-135m-instruct"
 SERVER_KEY_ENV, SERVER_KEY = "TOUSHI_TEST_SERVE_KEY", "sk-toushi-test-7f3a"
 os.environ[SERVER_KEY_ENV] = SERVER_KEY
 
-# The environment as the session starts. What the background thread starts (servers, runs) gets this, not
+# The environment as the session starts. What the background thread starts gets this where it can, not
 # os.environ at that moment: a foreground test may have monkeypatched TOUSHI_HOME or HF_HOME meanwhile.
 SESSION_ENV = dict(os.environ)
 
@@ -195,28 +192,17 @@ def server_recipe(root: Path, port: int, adapter: Path):
     })
 
 
-# ---- work started in the background. A server takes most of a minute to start (three processes importing
-# vLLM, mostly on one core), and the kill tests mostly wait on `toushi run` processes importing torch and
-# transformers on one core, while the suite leaves the second core idle much of the time (CPU/wall was 0.95 on a
-# 2-core AVX2 CPU). So when the session starts, the servers and the kill scenarios its selected tests use are
-# started one after another in a background thread, and a test waits only for what is not done yet. One at a
-# time: their imports then take the idle core rather than the foreground tests' cores. The scenarios (JOBS:
-# the kill tests, and the `toushi run`s that train with SmolLM2 for the distill, GRPO and SFT/DPO tests) are
-# functions of their test modules that run subprocesses only (nothing of toushi's runs in this process beside
-# the foreground tests) and raise on what they find wrong; their tests run last and check what they returned.
-# fixture -> (test module, function(root, env) -> what the fixture's get() gives)
-JOBS = {
-    "orphan_run": ("test_caching", "kill_run_with_engine"),
-    "chaos_run": ("test_chaos", "kill_and_rerun"),
-    "distill_job": ("test_distill", "distill_with_guided_teacher"),
-    "grpo_job": ("test_grpo", "train_grpo"),
-    "sft_dpo_job": ("test_train", "train_sft_then_dpo"),
-}
+# ---- servers started in the background. Each takes most of a minute to start (three processes importing vLLM,
+# mostly on one core) while the suite leaves the second core idle much of the time (CPU/wall was 1.16), so when
+# the session starts, the servers its selected tests use are started one after another in a background thread,
+# and a test waits only for what is not up yet. One at a time: their imports then take the idle core rather than
+# the foreground tests' cores. Only server starts: work that computes (training, generation) run beside the
+# foreground tests was tried and made the suite slower on a 2-core AVX2 CPU, because two OpenMP thread pools
+# then share two cores (the foreground's vLLM tests took 2-6x as long).
 
 
 class Background:
-    """One server or scenario started by the background thread: ``get()`` waits for it and returns what
-    ``start`` gave (or raises what it raised)."""
+    """One server started by the background thread: ``get()`` waits for it and returns what ``start`` gave."""
 
     def __init__(self, fixture: str, name: str, start):
         import threading
@@ -229,7 +215,7 @@ class Background:
         if not self.done.wait(timeout_s):
             raise RuntimeError(f"background {self.name} not up after {timeout_s:.0f} s")
         if self.error is not None:
-            raise RuntimeError(f"background {self.name} failed: {self.error}") from self.error
+            raise RuntimeError(f"background {self.name} failed to start: {self.error}") from self.error
         return self.value
 
 
@@ -312,15 +298,14 @@ def free_ports(n: int) -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def _background(request, tmp_path_factory):
-    """Start, in one background thread, the servers and scenarios the selected tests use, in the order the tests
-    first need them: the session server (fixture ``served``), the R1 twin's reasoning server (``r1_server``),
-    two replicas (``replicas``), the JOBS. Their inputs (models, twins, adapter) are made here first."""
-    import functools
+    """Start, in one background thread, the servers the selected tests use, in the order the tests first need
+    them: the session server (fixture ``served``), the R1 twin's reasoning server (``r1_server``), two replicas
+    (``replicas``). Their inputs (models, twins, adapter) are made here first, in this thread."""
     import threading
 
     first_use: dict[str, int] = {}
     for i, item in enumerate(request.session.items):
-        for name in ({"served", "r1_server", "replicas"} | set(JOBS)) & set(item.fixturenames):
+        for name in {"served", "r1_server", "replicas"} & set(item.fixturenames):
             first_use.setdefault(name, i)
     used = set(first_use)
     wanted: dict[str, Background] = {}
@@ -337,10 +322,6 @@ def _background(request, tmp_path_factory):
         request.getfixturevalue("tiny_model")
         root_rep = tmp_path_factory.mktemp("replicas")
         wanted["replicas"] = Background("replicas", "replicas", lambda bg: _start_replicas(root_rep, bg))
-    if used & set(JOBS):
-        request.getfixturevalue("tiny_model")  # and the offline model
-    for job in sorted(used & set(JOBS)):
-        wanted[job] = Background(job, job, functools.partial(_job, job, tmp_path_factory.mktemp(job)))
 
     def run() -> None:
         import time
@@ -361,52 +342,10 @@ def _background(request, tmp_path_factory):
     try:
         yield wanted
     finally:
-        if any(not wanted[job].done.is_set() for job in set(JOBS) & set(wanted)):  # the session ends early: a scenario
-            from test_caching import stop_runs  # still running is not waited for, its runs are killed
-
-            stop_runs()
         for bg in wanted.values():
             bg.done.wait(timeout=600)  # a start in progress finishes (or fails) before it is stopped
             if bg.stop is not None:
                 bg.stop()
-
-
-def _job(name: str, root: Path, bg: Background):
-    import importlib
-
-    module, function = JOBS[name]  # the scenario lives beside its test
-    return getattr(importlib.import_module(module), function)(root, SESSION_ENV)
-
-
-@pytest.fixture(scope="session")
-def chaos_run(_background) -> Background:
-    """test_chaos's scenario (kills and reruns of a real `toushi run`): ``get()`` gives what it returns."""
-    return _background["chaos_run"]
-
-
-@pytest.fixture(scope="session")
-def orphan_run(_background) -> Background:
-    """test_caching's orphan-engine scenario (SIGKILL of a `toushi run` whose vLLM engine has its own
-    processes): ``get()`` returns once it passed."""
-    return _background["orphan_run"]
-
-
-@pytest.fixture(scope="session")
-def distill_job(_background) -> Background:
-    """test_distill's `toushi run` of the distill stage (SmolLM2, guided teacher): ``get()`` gives its recipe."""
-    return _background["distill_job"]
-
-
-@pytest.fixture(scope="session")
-def grpo_job(_background) -> Background:
-    """test_grpo's `toushi run` of the grpo stage (SmolLM2): ``get()`` gives its run directory."""
-    return _background["grpo_job"]
-
-
-@pytest.fixture(scope="session")
-def sft_dpo_job(_background) -> Background:
-    """test_train's `toushi run` of sft then dpo (SmolLM2): ``get()`` gives its run directory."""
-    return _background["sft_dpo_job"]
 
 
 @pytest.fixture(scope="session")

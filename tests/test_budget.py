@@ -21,7 +21,7 @@ def test_budget_lists_tests_files_and_background_apart(tmp_path, capsys):
         "tests/test_a.py::test_slow": {"wall_s": 120.0, "cpu_s": 100.0},
         "tests/test_a.py::test_fast": {"wall_s": 30.0, "cpu_s": 20.0},
         "tests/test_b.py::test_waits": {"wall_s": 60.0, "cpu_s": 1.0},
-        "background::chaos_run": {"wall_s": 400.0},
+        "background::replicas": {"wall_s": 400.0},
     }))
     assert budget()([str(record), "--top", "2"]) == 0
     out = capsys.readouterr().out
@@ -30,7 +30,7 @@ def test_budget_lists_tests_files_and_background_apart(tmp_path, capsys):
     slowest = out.split("slowest 2 tests")[1].split("by file")[0]
     assert "test_slow" in slowest and "test_waits" in slowest and "test_fast" not in slowest
     assert "  150.0   120.0    2  tests/test_a.py" in out
-    assert "overlapping the tests" in out and "  400.0  chaos_run" in out
+    assert "overlapping the tests" in out and "  400.0  replicas" in out
     assert budget()([str(record), "--budget-min", "3"]) == 1  # 3.5 min is over a 3-minute budget
     assert budget()([str(record), "--budget-min", "4"]) == 0
     assert budget()([str(tmp_path / "missing.json")]) == 2

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -300,38 +299,19 @@ def alive(procs: dict[int, int]) -> dict[int, int]:
     return {pid: st for pid, st in procs.items() if proc_start(pid) == st}
 
 
-_RUNS: list[subprocess.Popen] = []  # every run started, so a session that ends early can stop them (stop_runs)
-_RUNS_LOCK = threading.Lock()
-_STOPPED = threading.Event()
-
-
 def start_run(recipe: Path, log: Path, base_env: dict[str, str] | None = None, **env: str) -> subprocess.Popen:
     """A real `toushi run RECIPE` in a session of its own (a kill of its group takes what it started along),
     its stderr in ``log``; in ``base_env`` (default: this process's environment now) plus ``env``."""
     env = {**(os.environ if base_env is None else base_env), "PYTHONUNBUFFERED": "1",
            "VLLM_LOGGING_LEVEL": "WARNING", **env}
-    with _RUNS_LOCK:
-        if _STOPPED.is_set():
-            raise RuntimeError("the test session is ending: no new run")
-        proc = subprocess.Popen([sys.executable, "-m", "toushi.cli", "run", str(recipe)], env=env, cwd=repo_root(),
-                                stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
-        _RUNS.append(proc)
-    return proc
+    return subprocess.Popen([sys.executable, "-m", "toushi.cli", "run", str(recipe)], env=env, cwd=repo_root(),
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
 
 
 def run_to_the_end(recipe: Path, log: Path, env: dict[str, str]) -> None:
     """A real `toushi run RECIPE` (see start_run), waited for; it must succeed."""
     rc = start_run(recipe, log, env).wait()
     assert rc == 0, f"`toushi run {recipe}` exited {rc}:\n" + log.read_text(errors="replace")[-3000:]
-
-
-def stop_runs() -> None:
-    """Kill every run start_run started that is still going (with what it started), and start no more."""
-    with _RUNS_LOCK:
-        _STOPPED.set()
-        for proc in _RUNS:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def note_descendants(pid: int, seen: dict[int, int]) -> None:
@@ -342,18 +322,17 @@ def note_descendants(pid: int, seen: dict[int, int]) -> None:
             seen[sub] = st
 
 
-def kill_run_with_engine(tmp_path: Path, env: dict[str, str]) -> None:
-    """The orphan-engine scenario, run in the background thread (tests/conftest.py): SIGKILL a real `toushi
-    run` while a vLLM engine with its own processes generates; nothing it started may survive. Raises on what
-    it finds wrong."""
+def test_no_orphan_engine_after_sigkill(tmp_path, offline_model):
+    """SIGKILL a real `toushi run` while a vLLM engine with its own processes generates: nothing it started
+    may survive."""
     recipe = _write_pairs_recipe(tmp_path)
     cache = tmp_path / "runs" / "orphan" / "pairs" / "weak_cache" / "records.jsonl"
     # vLLM's own process layout (an engine-core process and its worker), as on a GPU: on a CPU toushi keeps the
     # engine in its process unless this is set, and then a SIGKILL takes the engine with it by itself
-    proc = start_run(recipe, tmp_path / "first.log", env, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    proc = start_run(recipe, tmp_path / "first.log", VLLM_ENABLE_V1_MULTIPROCESSING="1")
     seen: dict[int, int] = {}
     try:
-        deadline = time.time() + 600  # generous: it shares the CPU with the foreground tests
+        deadline = time.time() + 300
         # wait until the engine is generating: some batches of weak answers are on disk
         while time.time() < deadline and proc.poll() is None:
             note_descendants(proc.pid, seen)
@@ -389,6 +368,3 @@ def kill_run_with_engine(tmp_path: Path, env: dict[str, str]) -> None:
     ids = [r["id"] for r in read_jsonl(cache)]
     assert len(ids) >= 2 and len(ids) == len(set(ids)), ids  # 3 lines seen: at least 2 whole
 
-
-def test_no_orphan_engine_after_sigkill(orphan_run):
-    orphan_run.get()  # the scenario above, run in the background; it raised if anything was left running

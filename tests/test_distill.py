@@ -1,7 +1,6 @@
 """On-policy distillation (train/distill.py over TRL's DistillationTrainer), real training steps on CPU.
 
-- SmolLM2, `teacher: guided`, through `toushi run` (the runner launches the script with accelerate; in the
-  suite's background thread): the
+- SmolLM2, `teacher: guided`, through `toushi run` (the runner launches the script with accelerate): the
   student's reverse KL to the guided teacher and its NLL of the teacher's own held-out guided answers fall below
   the base student's.
 - tiny random models, `teacher: strong`: a reasoning teacher whose embedding has padding rows and whose tokenizer
@@ -47,11 +46,13 @@ def load_distill_main():
 # ------------------------------------------------------------------------ SmolLM2, guided teacher
 
 
-def distill_with_guided_teacher(root: Path, env: dict) -> Path:
-    """`toushi run` of the distill stage on SmolLM2 with `teacher: guided` (the runner launches the script);
-    returns the recipe's path. A job of the suite's background thread (tests/conftest.py)."""
-    from test_caching import run_to_the_end
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory, offline_model):
+    from toushi.recipe import load_recipe
+    from toushi.runner import run_stages
+    from toushi.stages import STAGES
 
+    root = tmp_path_factory.mktemp("distill")
     run_dir = write_guidance(write_run(root / "runs" / "dg"))
     recipe_path = root / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump({
@@ -62,16 +63,9 @@ def distill_with_guided_teacher(root: Path, env: dict) -> Path:
                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                     "train": {**SMALL_TRAIN, "max_steps": 6, "learning_rate": 1e-3}},
     }))
-    run_to_the_end(recipe_path, root / "run.log", env)
-    return recipe_path
-
-
-@pytest.fixture(scope="module")
-def guided_run(distill_job, offline_model):
-    from toushi.recipe import load_recipe
-
-    recipe = load_recipe(distill_job.get())
-    return recipe.run_dir, recipe, offline_model
+    recipe = load_recipe(recipe_path)
+    assert run_stages(recipe, STAGES) == {"distill": "ran"}
+    return run_dir, recipe, offline_model
 
 
 def test_guided_distill_manifest_kl_curve_and_teacher_calls(guided_run):

@@ -26,12 +26,15 @@ def write_corpus(run_dir: Path) -> Path:
     return run_dir
 
 
-def train_grpo(root: Path, env: dict) -> Path:
-    """`toushi run` of the grpo stage; returns its run directory. A job of the suite's background thread
-    (tests/conftest.py): a process of its own, while other tests run."""
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory, offline_model):
     import yaml
-    from test_caching import run_to_the_end
 
+    from toushi.recipe import load_recipe
+    from toushi.runner import run_stages
+    from toushi.stages import STAGES
+
+    root = tmp_path_factory.mktemp("grpo")
     run_dir = write_corpus(root / "runs" / "g")
     recipe_path = root / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump({
@@ -45,13 +48,9 @@ def train_grpo(root: Path, env: dict) -> Path:
                       "logging_steps": 1, "save_steps": 3, "lr_scheduler_type": "constant", "eval_fraction": 0.0},
         },
     }))
-    run_to_the_end(recipe_path, root / "run.log", env)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def grpo_run(grpo_job, offline_model):
-    return grpo_job.get(), offline_model
+    outcome = run_stages(load_recipe(recipe_path), STAGES)
+    assert outcome == {"grpo": "ran"}
+    return run_dir, offline_model
 
 
 def test_grpo_logs_finite_rewards_per_function(grpo_run):
