@@ -299,19 +299,12 @@ def alive(procs: dict[int, int]) -> dict[int, int]:
     return {pid: st for pid, st in procs.items() if proc_start(pid) == st}
 
 
-def start_run(recipe: Path, log: Path, base_env: dict[str, str] | None = None, **env: str) -> subprocess.Popen:
+def start_run(recipe: Path, log: Path, **env: str) -> subprocess.Popen:
     """A real `toushi run RECIPE` in a session of its own (a kill of its group takes what it started along),
-    its stderr in ``log``; in ``base_env`` (default: this process's environment now) plus ``env``."""
-    env = {**(os.environ if base_env is None else base_env), "PYTHONUNBUFFERED": "1",
-           "VLLM_LOGGING_LEVEL": "WARNING", **env}
-    return subprocess.Popen([sys.executable, "-m", "toushi.cli", "run", str(recipe)], env=env, cwd=repo_root(),
+    its stderr in ``log``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOGGING_LEVEL": "WARNING", **env}
+    return subprocess.Popen([sys.executable, "-m", "toushi.cli", "run", str(recipe)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True)
-
-
-def run_to_the_end(recipe: Path, log: Path, env: dict[str, str]) -> None:
-    """A real `toushi run RECIPE` (see start_run), waited for; it must succeed."""
-    rc = start_run(recipe, log, env).wait()
-    assert rc == 0, f"`toushi run {recipe}` exited {rc}:\n" + log.read_text(errors="replace")[-3000:]
 
 
 def note_descendants(pid: int, seen: dict[int, int]) -> None:

@@ -27,10 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from test_caching import alive, note_descendants, run_to_the_end, start_run
+from test_caching import alive, note_descendants, start_run
 
 from toushi.lifetime import proc_start
 from toushi.paths import repo_root
+from toushi.recipe import load_recipe
+from toushi.runner import run_stages
+from toushi.stages import STAGES
 from toushi.store import read_jsonl
 
 SEED = 24
@@ -105,10 +108,10 @@ def leftovers(tmp_path: Path, seen: dict[int, int], killed: int) -> dict[int, st
     return {pid: why for pid, why in out.items() if proc_start(pid) is not None}  # zombies are gone
 
 
-def run_until_killed(tmp_path: Path, recipe: Path, run: Path, i: int, target: int, group: bool, env: dict) -> str:
+def run_until_killed(tmp_path: Path, recipe: Path, run: Path, i: int, target: int, group: bool) -> str:
     """One `toushi run`, SIGKILLed when moment ``target`` is reached; the stage it landed in."""
     stage, what, reached = moments(run)[target]
-    proc = start_run(recipe, tmp_path / f"run{i}.log", env)
+    proc = start_run(recipe, tmp_path / f"run{i}.log")
     seen: dict[int, int] = {}
     try:
         deadline, last_look = time.time() + 300, 0.0
@@ -165,12 +168,12 @@ def outcome(run: Path) -> dict:
     return out
 
 
-def kill_and_rerun(tmp_path: Path, env: dict) -> dict:
-    """The chaos scenario: an uninterrupted run, then the same recipe killed at the seeded moments and rerun to
-    the end, each run a real `toushi run` process. Raises on a kill that did not land or left a process
-    running; returns both runs' outcomes, where the kills landed and how many training steps were logged."""
-    run_to_the_end(write_recipe(tmp_path / "calm.yaml", tmp_path / "runs", "calm"), tmp_path / "calm.log", env)
-    want = outcome(tmp_path / "runs" / "calm")
+def test_random_kills_lose_nothing(tmp_path, tiny_model, capsys):
+    calm = load_recipe(write_recipe(tmp_path / "calm.yaml", tmp_path / "runs", "calm"))
+    assert run_stages(calm, STAGES) == dict.fromkeys(STAGE_NAMES, "ran")  # uninterrupted, in this process
+    want = outcome(calm.run_dir)
+    assert len(want["pairs/records.jsonl"]) == POSTS and len(want["eval/records.jsonl"]) == HELDOUT * len(SYSTEMS)
+    assert all(c["finish_reason"] == "stop" for r in want["pairs/records.jsonl"] for c in r["strong"])
 
     recipe = write_recipe(tmp_path / "chaos.yaml", tmp_path / "runs", "chaos")
     run = tmp_path / "runs" / "chaos"
@@ -187,25 +190,23 @@ def kill_and_rerun(tmp_path: Path, env: dict) -> dict:
         target = next((t for t in range(target, len(points)) if not points[t][2]()), None)
         assert target is not None, f"kill {i}: the run is past every moment left: {landed}"
         landed.append((points[target][0], points[target][1], "group" if group else "toushi only",
-                       run_until_killed(tmp_path, recipe, run, i, target, group, env)))
-    run_to_the_end(recipe, tmp_path / "last.log", env)  # the last rerun, to the end
-    shown = "".join((tmp_path / f"{name}.log").read_text(errors="replace")
-                    for name in [*(f"run{i}" for i in range(KILLS)), "last"])
-    # the steps trained: the training script's log lines, in the stage's log (appended to by every run), and
-    # as `toushi run` showed them
-    steps = (run / "sft" / "engine.log").read_text(errors="replace").count("{'loss'")
-    return {"want": want, "got": outcome(run), "landed": landed, "steps": steps, "shown": shown.count("{'loss'")}
-
-
-def test_random_kills_lose_nothing(tmp_path, tiny_model):
-    result = kill_and_rerun(tmp_path, dict(os.environ))
-    want, got, landed = result["want"], result["got"], result["landed"]
-    assert len(want["pairs/records.jsonl"]) == POSTS and len(want["eval/records.jsonl"]) == HELDOUT * len(SYSTEMS)
-    assert all(c["finish_reason"] == "stop" for r in want["pairs/records.jsonl"] for c in r["strong"])
+                       run_until_killed(tmp_path, recipe, run, i, target, group)))
     assert len({stage for *_, stage in landed}) >= 3, landed  # the kills hit several kinds of stage
+
+    capsys.readouterr()
+    result = run_stages(load_recipe(recipe), STAGES)  # the last rerun, to the end, in this process
+    assert result["report"] == "ran", (result, landed)
     # nothing redone: an answer generated twice would be a second line in its cache (compared below), and
     # training takes each step once, but for the one a kill cut short before its checkpoint was saved
-    assert 2 <= result["steps"] <= 2 + sum(stage == "sft" for *_, stage in landed), (result["steps"], landed)
-    assert result["shown"] == result["steps"], result  # a resumed run's loss lines are shown too
+    # (the steps: the training script's loss lines, in the stage's log for the killed `toushi run`s, which
+    # append to it, and on this process's stderr for the last rerun, which is not quiet)
+    logged = (run / "sft" / "engine.log").read_text(errors="replace").count("{'loss'")
+    steps = logged + capsys.readouterr().err.count("{'loss'")
+    assert 2 <= steps <= 2 + sum(stage == "sft" for *_, stage in landed), (steps, landed)
+    # the killed runs showed each of theirs on the terminal, a resumed run's too (that loss line follows tqdm's
+    # bar on one line)
+    shown = "".join((tmp_path / f"run{i}.log").read_text(errors="replace") for i in range(KILLS)).count("{'loss'")
+    assert shown == logged, (shown, logged, landed)
+    got = outcome(run)
     for key, value in want.items():
         assert got[key] == value, f"{key} differs from the uninterrupted run's after kills at {landed}"
