@@ -134,6 +134,32 @@ def test_cli_lists_verbs_and_reports_bad_recipe(tmp_path):
     assert res.returncode == 2 and "run.stagez" in res.stderr and str(bad) in res.stderr
 
 
+def test_every_toushi_error_is_one_line_for_the_user(tmp_path):
+    """Every error class toushi defines derives from ToushiError, which `toushi run` (and the `toushi` entry point
+    for any other command) prints as one line: a stage's own error, here eval's EvalError (a RuntimeError,
+    once a traceback), says what is missing and what to run."""
+    import ast
+
+    from toushi.paths import repo_root
+
+    builtin = {"Exception", "RuntimeError", "ValueError", "OSError", "KeyError", "TypeError", "LookupError"}
+    errors = {}  # class name -> its bases, for every exception class defined in toushi/
+    for path in (repo_root() / "toushi").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            bases = [b.id for b in getattr(node, "bases", []) if isinstance(b, ast.Name)]
+            if isinstance(node, ast.ClassDef) and builtin & set(bases):
+                errors[node.name] = bases
+    assert len(errors) >= 20 and {n: b for n, b in errors.items() if "ToushiError" not in b} == {"ToushiError": ["Exception"]}
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"run": {"name": "t", "dir": str(tmp_path / "runs"), "stages": ["eval"]}}))
+    res = subprocess.run([str(Path(sys.executable).parent / "toushi"), "run", str(recipe)], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no held-out prompts" in lines[0] and "run the pairs stage" in lines[0], res.stderr
+
+
 def test_second_run_on_same_dir_refused(tmp_path):
     """Real `toushi run` processes: while one holds the run directory (stopped mid-run, still alive), a second
     exits at once naming the holder's pid and command; once the holder is SIGKILLed the lock is gone with it."""

@@ -79,12 +79,10 @@ def run(
     """Run the recipe's stages in order (finished, unchanged stages are skipped)."""
     from contextlib import nullcontext
 
-    from toushi.engines.server import ServerError
+    from toushi.errors import ToushiError
     from toushi.rehearse import serve_openai_roles
-    from toushi.runlock import RunLocked
     from toushi.runner import run_stages
     from toushi.stages import STAGES
-    from toushi.store import StoreError
 
     r = load(recipe, set_)
     if rehearse:
@@ -95,7 +93,7 @@ def run(
             err.print(f"[bold]recipe[/bold] {recipe} → {r.run_dir}")
             err.print(r.to_yaml(), markup=False, highlight=False)
             run_stages(r, STAGES, set(force or []), quiet=not verbose)
-    except (ValueError, StoreError, OSError, RunLocked, ServerError) as e:
+    except (ToushiError, ValueError, OSError) as e:  # a stage's own error (PairsIncomplete, TrainingFailed, ...)
         _fail(str(e))
     out.print(f"run complete: {r.run_dir}")
 
@@ -580,7 +578,17 @@ def chat(
 
 
 def main() -> None:
-    app()
+    """The `toushi` command. A toushi error that no command turned into its own message is still one line (its
+    message names the file, key or model and what to do), not a traceback."""
+    from toushi.errors import ToushiError
+
+    try:
+        app()
+    except ToushiError as e:
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 from toushi.engines import is_truncated
+from toushi.errors import ToushiError
 from toushi.store import StageStore, stable_id
 
 THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
-class DatasetError(ValueError):
+class DatasetError(ToushiError, ValueError):
     """A training set that cannot be built (e.g. empty after filtering); the message has the counts."""
 
 

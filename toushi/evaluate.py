@@ -31,6 +31,7 @@ from rich.progress import Progress
 from toushi import metrics as M
 from toushi.engines import cache_model, is_truncated
 from toushi.engines.adapters import ADAPTER_STAGES, run_adapters
+from toushi.errors import ToushiError
 from toushi.ladder import compare as ladder_compare
 from toushi.ladder import steps as ladder_steps
 from toushi.recipe import ModelSpec, Sampling
@@ -43,7 +44,7 @@ RATE_METRICS = ("markdown", "empty", "refusal", "lang_match")
 LABELS = ("scene", "emotion", "intent")  # the post's labels, on every eval record (results by label)
 
 
-class EvalError(RuntimeError):
+class EvalError(ToushiError, RuntimeError):
     """Eval cannot run (e.g. no held-out prompts); the message says which stage output is missing."""
 
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from toushi.datasets import DatasetError, load_dpo, load_sft
+from toushi.errors import ToushiError
 from toushi.recipe import load_recipe
 from toushi.store import atomic_write_text
 
@@ -23,7 +24,7 @@ FORMATS = ("sharegpt", "llamafactory", "alpaca", "trl")
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
-class ExportError(RuntimeError):
+class ExportError(ToushiError, RuntimeError):
     """Nothing to export or a bad target; the message names the path."""
 
 

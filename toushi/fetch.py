@@ -13,10 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from toushi.errors import ToushiError
 from toushi.paths import toushi_home
 
 
-class FetchError(RuntimeError):
+class FetchError(ToushiError, RuntimeError):
     """A package could not be fetched, or its bytes are not the pinned ones; the message says which."""
 
 

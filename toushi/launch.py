@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from toushi.errors import ToushiError
 from toushi.lifetime import ensure_watchdog, track
 from toushi.paths import repo_root
 from toushi.runner import StageContext
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(ToushiError, RuntimeError):
     """The training subprocess exited non-zero; the message has the command and exit code."""
 
 

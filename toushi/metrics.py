@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from toushi.errors import ToushiError
+
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _LATIN = re.compile(r"[A-Za-z]")
 
@@ -147,7 +149,7 @@ def lang_match(post: str, answer: str) -> bool | None:
     return detect_lang(answer) == want
 
 
-class EmbeddingUnavailable(RuntimeError):
+class EmbeddingUnavailable(ToushiError, RuntimeError):
     """The MiniLM embedding model is not installed; the message says how to get it."""
 
 

@@ -20,13 +20,14 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from toushi.errors import ToushiError
 from toushi.fetch import sha256
 from toushi.paths import toushi_home
 
 MARKER = "toushi_model.json"
 
 
-class ModelError(RuntimeError):
+class ModelError(ToushiError, RuntimeError):
     """A model reference that cannot be resolved or built; the message says what to run."""
 
 

@@ -19,6 +19,7 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from toushi.engines import Completion, cache_model, flag_counts
+from toushi.errors import ToushiError
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, stable_id
@@ -28,7 +29,7 @@ ROLES = ("weak", "strong")
 LABELS = ("emotion", "intent")  # the corpus post's labels, carried on to eval (results by emotion and intent)
 
 
-class PairsIncomplete(RuntimeError):
+class PairsIncomplete(ToushiError, RuntimeError):
     """Some prompts have no complete pair after this run (see errors.jsonl); a rerun retries them."""
 
 

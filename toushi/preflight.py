@@ -17,8 +17,10 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toushi.errors import ToushiError
 
-class IncompatibleTeacher(ValueError):
+
+class IncompatibleTeacher(ToushiError, ValueError):
     """Teacher and student cannot be distilled token by token; the message names both sizes or tokens."""
 
 

@@ -15,13 +15,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from toushi.errors import ToushiError
+
 StageName = Literal[
     "corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "distill", "selftrain", "eval", "report"
 ]
 Lang = Literal["zh", "en"]
 
 
-class RecipeError(ValueError):
+class RecipeError(ToushiError, ValueError):
     """A recipe that cannot be used; the message names the file and the dotted key."""
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
+from toushi.errors import ToushiError
 from toushi.recipe import Recipe
 from toushi.serve import role_spec
 
 
-class ReplicaError(RuntimeError):
+class ReplicaError(ToushiError, RuntimeError):
     """A replica could not be started (too few GPUs, exited while starting, never healthy)."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jinja2
 
+from toushi.errors import ToushiError
 from toushi.store import StageStore, atomic_write_text
 
 TRAIN_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
@@ -45,7 +46,7 @@ _env = jinja2.Environment(
 _env.filters["prepend_quote"] = lambda text: "\n".join("> " + line for line in str(text).split("\n"))
 
 
-class ReportError(RuntimeError):
+class ReportError(ToushiError, RuntimeError):
     """A run directory the report cannot read; the message names the file."""
 
 

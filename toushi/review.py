@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jinja2
 
+from toushi.errors import ToushiError
 from toushi.guidance.memory import Memory, Rule
 from toushi.guidance.render import read_guidance_file, to_markdown
 from toushi.recipe import RecipeError, load_recipe, run_overrides, set_run_override
@@ -43,7 +44,7 @@ _env = jinja2.Environment(
 )
 
 
-class ReviewError(ValueError):
+class ReviewError(ToushiError, ValueError):
     """A run the page cannot show, or an edit it cannot make; the message says what to do."""
 
 

@@ -20,10 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from toushi.errors import ToushiError
+
 LOCK_NAME = "run.lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(ToushiError, RuntimeError):
     """Another live process holds the run directory; the message names its pid and command."""
 
 

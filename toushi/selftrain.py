@@ -40,6 +40,7 @@ from pathlib import Path
 
 from toushi.datasets import load_sft
 from toushi.engines.adapters import complete_adapter
+from toushi.errors import ToushiError
 from toushi.evaluate import adapter_fingerprint
 from toushi.models import resolve_model
 from toushi.recipe import Recipe, Sampling
@@ -67,7 +68,7 @@ from toushi.training import (
 )
 
 
-class SelfTrainError(RuntimeError):
+class SelfTrainError(ToushiError, RuntimeError):
     """Self-training cannot run; the message names the recipe key or stage output that is missing."""
 
 

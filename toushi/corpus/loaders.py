@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toushi.errors import ToushiError
 from toushi.metrics import detect_lang
 
 DIALOGUE_FORMATS = ("esconv", "extes")
@@ -46,7 +47,7 @@ _GREETING = re.compile(
 )
 
 
-class CorpusError(ValueError):
+class CorpusError(ToushiError, ValueError):
     """Input the corpus stage cannot use; the message names the file and the line (or record) and field."""
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from toushi.corpus.llm import OutputCache, cache_key, generate_cached
 from toushi.engines import Structured
+from toushi.errors import ToushiError
 from toushi.recipe import Sampling
 from toushi.templates import TEMPLATE_DIR, render_any
 
@@ -31,7 +32,7 @@ KINDS = ("emotion", "intent")
 INVALID = "(invalid)"  # a tagger answer outside the set, in the confusion matrix
 
 
-class TaggingError(ValueError):
+class TaggingError(ToushiError, ValueError):
     """A label file or an input file the tagger cannot use; the message names the file."""
 
 

@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from toushi.errors import ToushiError
 from toushi.metrics import has_markdown
 from toushi.recipe import ModelSpec, Sampling
 from toushi.think import split_think
@@ -24,7 +25,7 @@ from toushi.think import split_think
 Conversation = list[dict[str, str]]
 
 
-class GenerationError(RuntimeError):
+class GenerationError(ToushiError, RuntimeError):
     """A request that failed for good (after retries); the message names the model and the cause."""
 
 

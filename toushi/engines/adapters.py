@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from toushi.errors import ToushiError
+
 ADAPTER_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")  # run stages that save <stage>/adapter
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's max_lora_rank accepts
 
 
-class AdapterError(ValueError):
+class AdapterError(ToushiError, ValueError):
     """An adapter directory vLLM cannot serve; the message names it and says why."""
 
 

@@ -21,10 +21,11 @@ import httpx
 
 from toushi.engines.guard import GUARD_ENV, guard_env
 from toushi.engines.vllm_engine import cpu_thread_env, engine_kwargs
+from toushi.errors import ToushiError
 from toushi.recipe import ModelSpec, RequestLimits
 
 
-class ServerError(RuntimeError):
+class ServerError(ToushiError, RuntimeError):
     """The server could not be started or did not become healthy; the message says why."""
 
 
