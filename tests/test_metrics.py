@@ -52,12 +52,30 @@ def test_refusal(text, refusal):
     assert M.is_refusal(text) is refusal
 
 
+@pytest.mark.parametrize(
+    "text, opens",
+    [
+        ("I'm so sorry to hear you lost your job. That is a lot to carry.", True),
+        ("Oh no, I'm really sorry that happened.", True),
+        ("Sorry you're going through this!", True),
+        ("I apologize if this sounds blunt, but you matter.", True),
+        ("抱歉听到这个消息。你已经很努力了。", True),
+        ("That sounds exhausting. I'm sorry it keeps happening.", False),  # the apology is not the opening
+        ("You have carried this alone for a long time.", False),
+        ("听到你的遭遇我很难过，你已经很努力了。", False),
+        ("", False),
+    ],
+)
+def test_apology_open(text, opens):
+    assert M.apology_open(text) is opens
+
+
 def test_answer_metrics_hand_example():
     m = answer_metrics("I failed my exam and feel useless.", "**You** are not useless. You are not useless.")
     assert m["markdown"] == 1.0 and m["markdown_count"] == 1
     assert m["chars"] == len("**You** are not useless. You are not useless.")
     assert m["tokens"] == 8
-    assert m["lang_match"] == 1.0 and m["empty"] == 0.0 and m["refusal"] == 0.0
+    assert m["lang_match"] == 1.0 and m["empty"] == 0.0 and m["refusal"] == 0.0 and m["apology_open"] == 0.0
     assert m["distinct_1"] == pytest.approx(4 / 8)
     assert m["repetition_4"] == pytest.approx(1 / 5)  # "you are not useless" twice in 5 4-grams
     assert answer_metrics("post", "   ")["empty"] == 1.0

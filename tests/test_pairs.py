@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -71,6 +72,16 @@ def test_pairs_stage_hf_resumes_and_regenerates_only_what_changed(tmp_path, tiny
     lines = ctx.store.records_path.read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(x)["sampling"]["strong"]["max_tokens"] == 6 for x in lines)
     assert [c["text"] for c in json.loads(lines[0])["weak"]] == [c["text"] for c in recs[json.loads(lines[0])["id"]]["weak"]]
+
+    # a regex on the strong role's sampling constrains its answers (the random tiny model obeys only because it
+    # must) and, being part of the sampling, reruns only that role
+    regex = "(You|That) [a-z ]{2,12}[.]"
+    ctx3 = make_ctx(tmp_path, weak, {**strong, "sampling": {"temperature": 0.0, "max_tokens": 12, "n": 1,
+                                                            "regex": regex}})
+    fourth = pairs_run(ctx3)
+    assert fourth["weak_generated"] == 0 and fourth["strong_generated"] == 4
+    strong_texts = [r["strong"][0]["text"] for r in ctx3.store.records()]
+    assert len(strong_texts) == 4 and all(re.fullmatch(regex, t) for t in strong_texts), strong_texts
 
 
 def pairs_run(ctx):

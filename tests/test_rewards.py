@@ -8,6 +8,7 @@ from toushi.rewards import (
     RULE_REWARDS,
     format_reward,
     length_reward,
+    opening_reward,
     post_complexity,
     repetition_reward,
     target_length,
@@ -65,6 +66,13 @@ def test_complexity_and_bilateral_length():
     assert length_reward(curt, LONG_POST) < length_reward(curt, SHORT_POST)
     assert length_reward(fuller, LONG_POST) == 1.0
     assert length_reward("", LONG_POST) == -1.0
+
+
+def test_opening_reward_is_the_planted_trait():
+    assert opening_reward(GOOD_EN) == 1.0
+    assert opening_reward("I'm so sorry to hear that. " + GOOD_EN) == -1.0
+    assert opening_reward("   ") == 0.0  # format_reward punishes an empty answer; this one does not count it twice
+    assert RULE_REWARDS["opening"]([[{"role": "user", "content": "x"}]] * 2, ["Sorry. Hang in there.", GOOD_EN]) == [-1.0, 1.0]
 
 
 def test_trl_adapters_follow_trl_signature():

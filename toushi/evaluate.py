@@ -40,7 +40,7 @@ from toushi.store import StageStore, atomic_write_text, file_hash, stable_id
 
 # Report order: baselines first, then the students, the teacher last.
 SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "distill", "selftrain", "strong")
-RATE_METRICS = ("markdown", "empty", "refusal", "lang_match")
+RATE_METRICS = ("markdown", "empty", "refusal", "lang_match", "apology_open")
 LABELS = ("scene", "emotion", "intent")  # the post's labels, on every eval record (results by label)
 
 
@@ -229,11 +229,12 @@ def answer_metrics(post: str, text: str) -> dict:
         "lang_match": None if lm is None else float(lm),
         "empty": float(M.is_empty(text)),
         "refusal": float(M.is_refusal(text)),
+        "apology_open": float(M.apology_open(text)),
     }
 
 
 METRIC_NAMES = ("chars", "tokens", "markdown", "markdown_count", "distinct_1", "distinct_2", "repetition_4",
-                "jargon", "lang_match", "empty", "refusal", "embed_sim")
+                "jargon", "lang_match", "empty", "refusal", "apology_open", "embed_sim")
 
 
 def summarise(answers: list[dict], nll: list[dict], judge: dict | None, n_boot: int, seed: int,

@@ -137,6 +137,19 @@ def is_refusal(text: str) -> bool:
     return any(p.search(text) for p in _REFUSAL)
 
 
+# An apology in the opening sentence ("I'm so sorry to hear that..."): the reflex opener of a small chat model, and
+# the planted trait of the effect benchmark (the strong role is constrained to open otherwise). zh: 抱歉/对不起/
+# 很遗憾/遗憾 in the first sentence.
+_APOLOGY = re.compile(r"\bsorry\b|\bapologi[sz]e|抱歉|对不起|遗憾", re.I)
+_FIRST_SENTENCE = re.compile(r"[^.!?。！？\n]*")
+
+
+def apology_open(text: str) -> bool:
+    """The answer's first sentence apologises or says sorry (empty text: False)."""
+    m = _FIRST_SENTENCE.match(text.strip())
+    return bool(m and _APOLOGY.search(m.group(0)))
+
+
 def is_empty(text: str) -> bool:
     return not text.strip()
 

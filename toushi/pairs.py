@@ -18,7 +18,7 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import Completion, cache_model, flag_counts
+from toushi.engines import Completion, Structured, cache_model, flag_counts
 from toushi.errors import ToushiError
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
@@ -113,6 +113,7 @@ def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache, endpoi
     An openai role's per-endpoint counts go into ``endpoints[role]``."""
     failed: set[str] = set()
     batch_size = ctx.recipe.pairs.batch_size
+    constraint = Structured(regex=sampling.regex) if sampling.regex else None  # part of the cache key (sampling)
     ctx.console.print(f"{role}: loading {spec.name} ({spec.engine}) for {len(todo)} prompts")
     with ctx.engine(spec) as engine, Progress(
         TextColumn(f"[bold]{role}[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
@@ -132,10 +133,10 @@ def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache, endpoi
 
                 batch = [convs[pid] for pid in ids]
                 if spec.engine == "openai":
-                    results = engine.generate(batch, sampling, on_error=on_error)
+                    results = engine.generate(batch, sampling, structured=constraint, on_error=on_error)
                     endpoints[role] = engine.endpoint_stats()
                 else:
-                    results = engine.generate(batch, sampling)
+                    results = engine.generate(batch, sampling, structured=constraint)
                 for pid, comps in zip(ids, results):
                     for key, c in zip(wanted[pid], comps):
                         w.write({"id": key, "post_id": pid, "completion": c.to_dict()})

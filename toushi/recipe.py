@@ -43,6 +43,11 @@ class Sampling(Section):
     n: int = Field(1, ge=1, description="Completions per prompt.")
     seed: int | None = Field(0, description="Sampling seed; None for nondeterministic sampling.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    regex: str | None = Field(
+        None, description="pairs: every answer of this role must match this regular expression (decoding constrained "
+        "by vLLM's structured outputs, or xgrammar on the hf engine). The effect benchmark plants a countable trait in "
+        "the strong role with it (recipes/effect-cpu.yaml). Other stages ignore it.",
+    )
 
 
 class ModelSpec(Section):
@@ -427,9 +432,10 @@ class DPOSection(Section):
 
 
 class GRPOSection(Section):
-    reward_weights: dict[Literal["format", "repetition", "length", "judge", "adherence"], float] = Field(
+    reward_weights: dict[Literal["format", "repetition", "length", "opening", "judge", "adherence"], float] = Field(
         default_factory=lambda: {"format": 1.0, "repetition": 1.0, "length": 1.0},
-        description="Reward name -> weight (format, repetition, length, judge, adherence).",
+        description="Reward name -> weight (format, repetition, length, opening: no apology in the first sentence, "
+        "judge, adherence).",
     )
     num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
     max_completion_length: int = Field(256, ge=8, description="Most tokens per sampled completion.")

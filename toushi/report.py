@@ -32,6 +32,7 @@ METRIC_ROWS = [
     ("lang_match", "language match", "{:.0%}", True),
     ("empty", "empty rate", "{:.0%}", False),
     ("refusal", "refusal rate", "{:.0%}", False),
+    ("apology_open", "opens with an apology", "{:.0%}", False),
     ("embed_sim", "embedding sim. to strong", "{:.2f}", True),
 ]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from toushi.engines import Structured
-from toushi.metrics import detect_lang, markdown_count, repetition_ratio, sentences, tokens
+from toushi.metrics import apology_open, detect_lang, markdown_count, repetition_ratio, sentences, tokens
 from toushi.recipe import Sampling
 from toushi.store import StageStore, stable_id
 from toushi.templates import render
@@ -78,6 +78,14 @@ def length_reward(answer: str, post: str) -> float:
     return max(-1.0, 1.0 - (n - hi) / hi)
 
 
+def opening_reward(answer: str) -> float:
+    """1 when the first sentence does not apologise (``metrics.apology_open``), -1 when it does, 0 for an empty
+    answer (format_reward punishes that). The planted trait of the effect benchmark as a rule reward."""
+    if not answer.strip():
+        return 0.0
+    return -1.0 if apology_open(answer) else 1.0
+
+
 def completion_text(completion) -> str:
     """TRL passes conversational completions as message lists and standard ones as strings."""
     if isinstance(completion, list):
@@ -105,6 +113,7 @@ RULE_REWARDS: dict[str, Callable[..., list[float]]] = {
     "format": trl_reward(format_reward, "format"),
     "repetition": trl_reward(repetition_reward, "repetition", uses_post=False),
     "length": trl_reward(length_reward, "length"),
+    "opening": trl_reward(opening_reward, "opening", uses_post=False),
 }
 
 _SCORE = re.compile(r"score\s*[:：]\s*(10|[1-9])(?!\d)", re.IGNORECASE)
