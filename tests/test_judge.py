@@ -136,6 +136,11 @@ def test_prompt_fences_and_neutralises_replies():
         ('{"verdict": "A"}\nOn reflection:\nverdict: B', "B"),  # the last answer counts, JSON or line
         ('verdict: A\n{"verdict": "tie"}', "tie"),
         ('{"verdict": "maybe"}', None),
+        ("Verdict: A/B", None),  # both offered: no verdict, not the first letter's
+        ("verdict: A or B", None),
+        ("裁决：A 或 B", None),
+        ("Verdict: A / B\nverdict: B", "B"),  # the last unambiguous line counts
+        ("verdict: A (B is weaker)", "A"),
     ],
 )
 def test_parse_verdict(output, verdict):
@@ -147,6 +152,7 @@ def test_parse_dimensions():
     got = parse_verdict("Empathy and validation: A\n- safety: B\nverdict: A", DIMS)
     assert got["dims"]["empathy and validation"] == "A" and got["dims"]["safety"] == "B"
     assert got["dims"]["specificity to the post"] is None
+    assert parse_verdict("safety: A/B\nverdict: A", DIMS)["dims"]["safety"] is None  # ambiguous: not A
 
 
 def test_guidance_dimensions_join_the_rubric(tmp_path):

@@ -96,10 +96,6 @@ def swapped_run(run_dir: Path, out_dir: Path) -> Path:
     for stage in ("corpus", "pairs"):
         shutil.copytree(run_dir / stage, out_dir / stage, dirs_exist_ok=True)
     store = StageStore(out_dir, "pairs")
-    rows = []
-    for r in store.records():
-        r["weak"], r["strong"] = r["strong"], r["weak"]
-        rows.append(r)
-
+    rows = [{**r, "weak": r["strong"], "strong": r["weak"]} for r in store.records()]
     atomic_write_text(store.records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return out_dir

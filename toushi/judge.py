@@ -160,6 +160,8 @@ _CHOICE = r"[\s*_\"'`\[(<]*(?:(?i:response|reply|answer|回复|回答)\s*)?(A|B|
 _LEAD = r"^[ \t]*(?:[-*#>]+\s*|\d+[.)]\s*)?[*_]*"
 _VERDICT_LINE = re.compile(_LEAD + r"(?i:verdict|overall verdict|final verdict|裁决|总体裁决|结论)[*_]*\s*[:：]" + _CHOICE,
                            re.M)
+# "Verdict: A/B", "A or B", "A 或 B": the judge offers both; such a line is no verdict (not the first letter's).
+_BOTH = re.compile(r"[ \t]*(?:/|\||(?i:or|and)\b|或|和|与)[ \t]*[*_\"'`\[(<]*(?:A|B)(?![A-Za-z])")
 _FENCED = re.compile(r"\[\[\s*(POST|REPLY\s+[AB])\b[^\]]*\]\].*?\[\[\s*END\s+\1\b[^\]]*\]\]", re.S | re.I)
 
 
@@ -205,7 +207,7 @@ def parse_verdict(output: str, dimensions: Sequence[dict]) -> dict | None:
             continue
         if got is not None:
             last_json, at = got, m.start()
-    lines = list(_VERDICT_LINE.finditer(text))
+    lines = [m for m in _VERDICT_LINE.finditer(text) if not _BOTH.match(text, m.end())]
     if last_json is not None and (not lines or lines[-1].start() < at):
         return last_json
     found = [m.group(1) for m in lines]
@@ -214,7 +216,7 @@ def parse_verdict(output: str, dimensions: Sequence[dict]) -> dict | None:
     dims = {}
     for d in dimensions:
         pat = re.compile(_LEAD + r"(?i:" + re.escape(d["name"]) + r")[*_]*\s*[:：]" + _CHOICE, re.M)
-        hits = pat.findall(text)
+        hits = [m.group(1) for m in pat.finditer(text) if not _BOTH.match(text, m.end())]
         dims[d["name"]] = _norm(hits[-1]) if hits else None
     return {"verdict": _norm(found[-1]), "dims": dims}
 
