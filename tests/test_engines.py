@@ -185,7 +185,7 @@ def test_hf_structured_outputs(offline_model):
 def test_openai_structured_outputs_on_vllm_server(vllm_server):
     engine = make_engine(ModelSpec(name=SERVER_MODEL, engine="openai", base_url=vllm_server, api_key_env=SERVER_KEY_ENV))
     check_structured(engine)
-    assert engine.structured_refused is None  # vLLM's server takes response_format and structured_outputs
+    assert engine.structured_refused == {}  # vLLM's server takes response_format and structured_outputs
 
 
 def test_openai_falls_back_when_an_endpoint_refuses_the_constraint():
@@ -228,13 +228,19 @@ def test_openai_falls_back_when_an_endpoint_refuses_the_constraint():
                                        max_retries=0))
         out = engine.generate(ASK_JSON[:1], Sampling(temperature=0.0, max_tokens=32),
                               structured=Structured(json_schema=FEELING))
+        # the endpoint refused a JSON schema, not constraints as such: a regex still goes to it as one
+        regex = engine.generate(ASK_JSON[:1], Sampling(temperature=0.0, max_tokens=32),
+                                structured=Structured(regex="Sure! .*"))
     finally:
         server.shutdown()
     assert json.loads(out[0][0].text) == {"feeling": "sad", "intensity": 6} and "unstructured" not in out[0][0].flags
-    assert "not supported" in engine.structured_refused
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    assert list(engine.structured_refused) == [(url, "json_schema")]
+    assert "not supported" in engine.endpoint_stats()[url]["constraints_refused"]["json_schema"]
     # refused once, then plain requests: the second one spells out the schema after the unusable answer
-    assert ["response_format" in b for b in seen] == [True, False, False]
+    assert ["response_format" in b for b in seen] == [True, False, False, False]
     assert '"intensity"' in seen[2]["messages"][-1]["content"] and seen[2]["messages"][-2]["role"] == "assistant"
+    assert seen[3]["structured_outputs"] == {"regex": "Sure! .*"} and regex[0][0].text == "Sure! You feel sad."
 
 
 def test_hf_engine_adapters_per_conversation(offline_model, lora_adapter):

@@ -139,6 +139,11 @@ class Structured:
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(self.choices))
 
+    @property
+    def kind(self) -> str:
+        """"json_schema", "regex" or "choices": what an endpoint may take or refuse."""
+        return "json_schema" if self.json_schema is not None else "regex" if self.regex is not None else "choices"
+
     def key(self) -> dict:
         """A JSON-able description (for cache keys: a constrained call is not the free call)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v is not None}

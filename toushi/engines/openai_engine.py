@@ -78,12 +78,19 @@ class OpenAIEngine(Engine):
         self.retries_done = 0  # retries made so far (for tests and progress reports)
         # Kept for the engine's life, so an endpoint found dead in one batch stays out in the next.
         self.pool = EndpointPool(base_urls(spec), per_endpoint=spec.concurrency)
-        self.structured_refused: str | None = None  # the endpoints' refusal of a constraint, once seen
+        # (endpoint, constraint kind) -> the endpoint's refusal of that kind, once seen: an endpoint that refuses a
+        # JSON schema (response_format) may still take a regex or choices (vLLM's structured_outputs), and another
+        # endpoint behind the same engine may take both
+        self.structured_refused: dict[tuple[str, str], str] = {}
         self._think_ids: tuple[int, int] | None = None  # (<think>, </think>) ids, asked of a vLLM server once
 
     def endpoint_stats(self) -> dict[str, dict]:
-        """Requests, successes and errors per endpoint so far (for the stage manifest)."""
-        return self.pool.stats()
+        """Requests, successes and errors per endpoint so far, and the constraint kinds it refused (for the stage
+        manifest)."""
+        stats = self.pool.stats()
+        for (url, kind), reason in self.structured_refused.items():
+            stats[url].setdefault("constraints_refused", {})[kind] = reason
+        return stats
 
     def generate(
         self,
@@ -155,9 +162,9 @@ class OpenAIEngine(Engine):
                 return c
         return mark_unstructured(c, constraint)
 
-    def _body(self, constraint: Structured | None) -> dict:
-        """The request fields that carry a constraint (none once the endpoint has refused them)."""
-        if constraint is None or self.structured_refused:
+    def _body(self, constraint: Structured | None, url: str) -> dict:
+        """The request fields that carry a constraint (none once this endpoint has refused its kind)."""
+        if constraint is None or (url, constraint.kind) in self.structured_refused:
             return {}
         if constraint.json_schema is not None:
             return {"response_format": {"type": "json_schema",
@@ -193,7 +200,7 @@ class OpenAIEngine(Engine):
                     await slots.wait()
                 self.pool.start(ep)
             t0 = time.perf_counter()
-            body = self._body(constraint)
+            body = self._body(constraint, ep.url)
             try:
                 try:
                     extra = {**kwargs.get("extra_body", {}), **body.get("extra_body", {})}
@@ -202,10 +209,11 @@ class OpenAIEngine(Engine):
                 except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                     if not body:
                         raise
-                    # the request without the constraint goes through (else its own error is raised): the
-                    # endpoint does not take constraints, so plain text from now on, parsed and retried
+                    # the request without the constraint goes through (else its own error is raised): this
+                    # endpoint does not take this kind of constraint, so plain text for it from now on, parsed
+                    # and retried
                     resp = await clients[ep.url].chat.completions.create(**kwargs)
-                    self.structured_refused = f"{type(e).__name__}: {e}"[:300]
+                    self.structured_refused[(ep.url, constraint.kind)] = f"{type(e).__name__}: {e}"[:300]
             except Exception as e:
                 retryable = is_retryable(e)
                 async with slots:
