@@ -249,6 +249,37 @@ def test_generate_is_resumable_from_the_cli_and_the_script(tmp_path, offline_mod
     assert out.read_text() == before
 
 
+def test_generate_never_mixes_systems(tmp_path, offline_model):
+    """An adapter retrained under the same name (same path, other weights) is another system: `toushi generate`
+    refuses to top up a file written with the old one, as it does for another model or sampling."""
+    from tests.conftest import make_lora_adapter
+
+    recipe = write_recipe(tmp_path / "gen.yaml", {
+        "run": {"name": "gen", "dir": str(tmp_path / "runs")},
+        "models": {"student": {"name": str(offline_model), "engine": "hf", "dtype": "float32",
+                               "sampling": {"temperature": 0.0, "max_tokens": 4}}},
+    })
+    adapter = tmp_path / "runs" / "gen" / "sft" / "adapter"
+    make_lora_adapter(offline_model, adapter, std=0.02, seed=0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "I feel lonely."}) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", str(recipe), "--prompts", str(prompts), "--out", str(out), "--lora", "sft"]
+    runner = CliRunner()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    (first,) = read_jsonl(out)
+    assert first["lora"] == "sft" and first["lora_digest"] and first["model_key"].endswith("float32")
+
+    prompts.write_text(prompts.read_text() + json.dumps({"id": "b", "prompt": "Nobody called."}) + "\n")
+    shutil.rmtree(adapter)
+    make_lora_adapter(offline_model, adapter, std=0.02, seed=1)  # retrained: same name and path, other weights
+    before = out.read_text()
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0 and "other settings" in res.output and first["lora_digest"] in res.output
+    assert out.read_text() == before  # nothing of the new adapter appended to the old one's answers
+
+
 def test_generate_reads_csv_json_and_datasets_dirs(tmp_path):
     from datasets import Dataset
 

@@ -30,13 +30,13 @@ from rich.progress import Progress
 
 from toushi import metrics as M
 from toushi.engines import cache_model, is_truncated
-from toushi.engines.adapters import ADAPTER_STAGES, run_adapters
+from toushi.engines.adapters import ADAPTER_STAGES, adapter_fingerprint, run_adapters
 from toushi.errors import ToushiError
 from toushi.ladder import compare as ladder_compare
 from toushi.ladder import steps as ladder_steps
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
-from toushi.store import StageStore, atomic_write_text, file_hash, stable_id
+from toushi.store import StageStore, atomic_write_text, stable_id
 
 # Report order: baselines first, then the students, the teacher last.
 SYSTEM_ORDER = ("weak", "guided", "student", "sft", "dpo", "grpo", "distill", "selftrain", "strong")
@@ -60,12 +60,6 @@ def heldout_prompts(pairs: list[dict], max_prompts: int | None) -> list[dict]:
 def first_text(completions: list[dict] | None) -> str | None:
     """The first completion's answer text (None when the record has none)."""
     return (completions[0].get("text") or "") if completions else None
-
-
-def adapter_fingerprint(path: Path) -> str:
-    """Content hash of an adapter's weights: a retrained adapter invalidates its cached outputs."""
-    weights = sorted(Path(path).glob("adapter_model.*"))
-    return stable_id(*(file_hash(w) for w in weights)) if weights else stable_id(str(path))
 
 
 def user_conversation(prompt: str) -> list[dict]:

@@ -3,10 +3,11 @@
 Input records (JSONL, JSON, CSV/TSV, or a ``datasets`` directory) have an optional ``id`` and one of
 ``messages`` (a chat conversation), ``prompt`` (the user message as is) or ``text`` (a venting post: it
 gets the same support-task prompt as the pairs stage). Output lines are ``{id, messages, completions,
-model, lora, sampling}``. Records are flushed after every batch; a rerun skips ids already in the
-output file (a torn last line left by a kill is dropped first), so an interrupted run resumes where it
-stopped. An output file written with another model, adapter or sampling is never topped up with this
-run's answers: that is an error naming both settings, so one file always holds one system's answers.
+model, model_key, lora, lora_digest, system, sampling}``. Records are flushed after every batch; a rerun skips
+ids already in the output file (a torn last line left by a kill is dropped first), so an interrupted run
+resumes where it stopped. An output file written with another model (or dtype), adapter (or the same adapter
+retrained: its weights' digest), system prompt or sampling is never topped up with this run's answers: that is
+an error naming both settings, so one file always holds one system's answers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import Conversation, make_engine
+from toushi.engines import Conversation, cache_model, make_engine
+from toushi.engines.adapters import adapter_fingerprint
 from toushi.pairs import conversation, task_prompt
 from toushi.recipe import ModelSpec, Recipe, RecipeError, Sampling
 from toushi.serve import adapters_for, role_spec
@@ -95,7 +97,7 @@ def generation_spec(recipe: Recipe, role: str, lora: str | None) -> tuple[ModelS
 
 
 def done_ids(out: Path, meta: dict) -> set[str]:
-    """Ids already answered in ``out`` with these settings (model, lora, sampling); other settings: error."""
+    """Ids already answered in ``out`` with these settings (``meta``); other settings: error."""
     if not out.exists():
         return set()
     repair_jsonl(out)
@@ -122,8 +124,13 @@ def generate_file(
     """Generate every item not yet in ``out`` and append the results. Returns counts
     {prompts, skipped, generated, failed}; failed requests (openai engine) are left for a rerun."""
     console = console or Console(stderr=True)
+    # what the answers depend on: the model as caches key it (name and dtype), the adapter's content (a retrained
+    # adapter under the same name is another system), the system prompt and the sampling
     model = spec.served_model or spec.name
-    meta = {"model": model, "lora": lora_name, "sampling": sampling.model_dump(mode="json")}
+    adapter = spec.lora_adapters.get(lora_name) if lora_name else None
+    meta = {"model": model, "model_key": cache_model(spec), "lora": lora_name,
+            "lora_digest": adapter_fingerprint(adapter) if adapter else None,
+            "system": system, "sampling": sampling.model_dump(mode="json")}
     have = done_ids(out, meta)
     todo = [it for it in items if it["id"] not in have]
     counts = {"prompts": len(items), "skipped": len(items) - len(todo), "generated": 0, "failed": 0}

@@ -39,9 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from toushi.datasets import load_sft
-from toushi.engines.adapters import complete_adapter
+from toushi.engines.adapters import adapter_fingerprint, complete_adapter
 from toushi.errors import ToushiError
-from toushi.evaluate import adapter_fingerprint
 from toushi.models import resolve_model
 from toushi.recipe import Recipe, Sampling
 from toushi.rewards import JudgeScorer, format_reward, unit_score

@@ -22,6 +22,15 @@ class AdapterError(ToushiError, ValueError):
     """An adapter directory vLLM cannot serve; the message names it and says why."""
 
 
+def adapter_fingerprint(path: str | Path) -> str:
+    """Content hash of an adapter's weights: a retrained adapter (same name, same path) invalidates what was
+    generated with the old one."""
+    from toushi.store import file_hash, stable_id
+
+    weights = sorted(Path(path).glob("adapter_model.*"))
+    return stable_id(*(file_hash(w) for w in weights)) if weights else stable_id(str(path))
+
+
 def adapter_config(path: str | Path) -> dict:
     cfg = Path(path) / "adapter_config.json"
     if not cfg.is_file():
