@@ -203,3 +203,24 @@ def test_second_run_on_same_dir_refused(tmp_path):
         first.wait()
     with run_lock(tmp_path / "runs" / "t"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_guidance_fingerprint_covers_what_its_gate_reads(tmp_path, monkeypatch):
+    """The guidance gate answers with the guided sampling and judges in eval's mode with eval's bootstrap: a change
+    to any of them makes guidance stale; a change to an eval setting it does not read does not."""
+    from toushi.paths import repo_root
+    from toushi.runner import fingerprint
+    from toushi.stages import STAGES as REAL
+
+    monkeypatch.chdir(repo_root())
+    by_name = {s.name: s for s in REAL}
+
+    def fp(*sets: str) -> str:
+        r = load_recipe("recipes/tiny-cpu.yaml", [f"run.dir={tmp_path}", *sets])
+        return fingerprint(r, by_name["guidance"], by_name)[0]
+
+    base = fp()
+    assert fp("eval.judge_mode=generate") != base
+    assert fp("eval.bootstrap=500") != base
+    assert fp("guided.sampling.temperature=0.5") != base
+    assert fp("eval.max_prompts=5") == base

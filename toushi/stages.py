@@ -66,8 +66,9 @@ ADAPTER = ("adapter",)
 STAGES: list[Stage] = [
     Stage("corpus", _corpus, ("run.lang", "run.seed", "corpus", "models.strong", "models.weak")),
     Stage("pairs", _pairs, ("run.lang", "pairs", "models.weak", "models.strong"), ("corpus",)),
-    Stage("guidance", _guidance, ("run.lang", "guidance", "models.strong", "models.judge"), ("pairs",),
-          ("guidance.json",)),
+    # the acceptance gate answers dev prompts with the weak role at the guided sampling and judges them as eval does
+    Stage("guidance", _guidance, ("run.lang", "guidance", "models.strong", "models.judge", "guided.sampling",
+                                  "eval.judge_mode", "eval.bootstrap"), ("pairs",), ("guidance.json",)),
     Stage("guided", _guided, ("run.lang", "guided", "pairs", "models.weak"), ("guidance", "pairs")),
     Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided"), ADAPTER),
     Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft"), ADAPTER),
