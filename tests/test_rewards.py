@@ -129,3 +129,31 @@ def test_judge_scorer_counts_an_unreadable_verdict_and_never_scores_it(tmp_path)
     assert scorer.scores([SHORT_POST] * 2, [GOOD_EN, MARKDOWN_EN]) == [pytest.approx((8 - 5.5) / 4.5), None]
     assert scorer.invalid == 1 and engine.constraints == [SCORE_FORMAT]
     assert SCORE_FORMAT.check("Score: 10") and not SCORE_FORMAT.check("Score: 11")
+
+
+def test_judge_scorer_cache_keys_on_model_and_sampling(tmp_path):
+    """A verdict cached under one judge (its model key: name and dtype) and sampling is reused only by the same judge
+    and sampling; another dtype or sampling asks again (scripted judge: the cache is under test, not the model)."""
+    from toushi.engines import make_completion
+    from toushi.recipe import Sampling
+    from toushi.rewards import JudgeScorer
+    from toushi.store import StageStore
+
+    class Counting:
+        calls = 0
+
+        def generate(self, conversations, sampling, structured=None):
+            Counting.calls += len(conversations)
+            return [[make_completion("Score: 7", finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                                     latency_s=0.0, model="scripted")] for _ in conversations]
+
+    def score(model: str, max_tokens: int) -> None:
+        JudgeScorer(Counting(), Sampling(temperature=0.0, max_tokens=max_tokens), StageStore(tmp_path, "c"),
+                    model).scores([SHORT_POST], [GOOD_EN])
+
+    score("judge|float32", 8)
+    score("judge|float32", 8)
+    assert Counting.calls == 1  # cached
+    score("judge|bfloat16", 8)
+    score("judge|float32", 16)
+    assert Counting.calls == 3

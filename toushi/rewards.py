@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from toushi.engines import Structured
+from toushi.engines import Structured, cache_model
 from toushi.metrics import apology_open, detect_lang, markdown_count, repetition_ratio, sentences, tokens
 from toushi.recipe import Sampling
 from toushi.store import StageStore, stable_id
@@ -154,7 +154,8 @@ class JudgeScorer:
 
     def raw_scores(self, posts: list[str], answers: list[str]) -> list[int | None]:
         """The judge's 1-10 score of each answer, None where its verdict could not be parsed."""
-        keys = [stable_id("judge-score", p, a, self.model_name, self.guidance) for p, a in zip(posts, answers)]
+        sampling = self.sampling.model_dump(mode="json")  # the judge's model as caches key it, and its sampling
+        keys = [stable_id("judge-score", p, a, self.model_name, sampling, self.guidance) for p, a in zip(posts, answers)]
         todo: dict[str, int] = {}  # unknown key -> its first index: a GRPO group often repeats a completion
         for i, k in enumerate(keys):
             if k not in self._known:
@@ -212,7 +213,7 @@ def build_rewards(weights: dict[str, float], judge=None, run_dir: Path | None = 
 
                 guidance = load_guidance(run_dir)
             cache = StageStore(cache_dir, f"{name}_cache")
-            scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), cache, judge.name, guidance)
+            scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), cache, cache_model(judge), guidance)
             funcs.append(scorer.as_reward(name))
         ws.append(weight)
     if not funcs:

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from toushi.datasets import load_sft
+from toushi.engines import cache_model
 from toushi.engines.adapters import adapter_fingerprint, complete_adapter
 from toushi.errors import ToushiError
 from toushi.models import resolve_model
@@ -190,7 +191,7 @@ def judging(ctx: StageContext, spec):
     engine = ctx.engine(spec)
     try:
         yield JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), StageStore(ctx.store.dir, "judge_cache"),
-                          spec.name)
+                          cache_model(spec))
     finally:
         engine.close()  # an engine of its own (no run pool) is freed here; a pool's view frees nothing...
         ctx.free_engines()  # ...so the pool lets go of it

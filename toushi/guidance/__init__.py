@@ -73,7 +73,7 @@ def _make_gate(ctx, pool, dev: list[dict]):
 
     r = ctx.recipe
     weak, judge = r.models.weak, r.models.judge
-    weak_calls = CallCache(ctx.store, lambda: pool.get(weak), weak.name, r.guided.sampling or weak.sampling)
+    weak_calls = CallCache(ctx.store, lambda: pool.get(weak), cache_model(weak), r.guided.sampling or weak.sampling)
     gate_store = StageStore(ctx.store.dir, "gate")
 
     def answers(memory) -> list[str]:
@@ -83,7 +83,7 @@ def _make_gate(ctx, pool, dev: list[dict]):
         return weak_calls.generate(convs, [f"gate-answer-{p['label']}" for p in dev])
 
     def gate(new, old) -> dict:
-        outcomes = judge_outcomes(pool.get(judge), gate_store, judge.name, judge.sampling, r.run.lang, None,
+        outcomes = judge_outcomes(pool.get(judge), gate_store, cache_model(judge), judge.sampling, r.run.lang, None,
                                   [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old),
                                   mode=r.eval.judge_mode)
         return decide(outcomes, margin=r.guidance.accept_margin, n_boot=r.eval.bootstrap, seed=r.run.seed)
