@@ -77,7 +77,7 @@ def main() -> None:
     recipe = load_recipe("recipes/effect-cpu.yaml", base_sets)
     t0 = time.time()
     times = {}
-    run_stages(recipe, STAGES, quiet=True)
+    run_stages(recipe, STAGES, quiet=True)  # --set "run.stages=[...]" to run (or resume) only some
     times["chain_s"] = round(time.time() - t0)
     run_dir = recipe.run_dir
 
@@ -116,14 +116,15 @@ def main() -> None:
     first_word = {role: sum(p[role][0]["text"].split(" ", 1)[0] in TRAIT_OPENERS for p in held) / len(held)
                   for role in ("weak", "strong")}
 
-    records = StageStore(run_dir, "eval").records()
+    # eval's columns when the run's eval stage is complete (the judge alone is hundreds of calls on a CPU)
+    summary_path = run_dir / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     by_system: dict[str, dict[str, float]] = {}
-    for rec in records:
+    for rec in StageStore(run_dir, "eval").records() if summary else []:
         by_system.setdefault(rec["system"], {})[rec["prompt_id"]] = rec["metrics"]["apology_open"]
-    common = sorted(set.intersection(*(set(v) for v in by_system.values())))
+    common = sorted(set.intersection(*(set(v) for v in by_system.values()))) if by_system else []
     apology = compare({s: [v[pid] for pid in common] for s, v in by_system.items()}, n_boot=1000,
-                      seed=recipe.run.seed)
-    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+                      seed=recipe.run.seed) if by_system else {}
     judge = (summary.get("judge") or {}).get("systems") or {}
     seeker = (summary.get("seeker") or {}).get("systems") or {}
     report = {"machine": cpu_flags(), "seed": recipe.run.seed, "held_out_posts": len(held),
