@@ -114,12 +114,12 @@ def test_judge_reward_against_real_server_is_parsed_and_cached(vllm_server, tmp_
 
     from toushi.engines import make_engine
     from toushi.recipe import ModelSpec, Sampling
-    from toushi.rewards import JudgeScorer, build_rewards, parse_score
+    from toushi.rewards import JUDGE_SAMPLING, JudgeScorer, build_rewards, parse_score
 
     spec = ModelSpec(name=SERVER_MODEL, engine="openai", base_url=vllm_server, api_key_env=SERVER_KEY_ENV)
     engine = CountingEngine(make_engine(spec))
     cache = StageStore(tmp_path, "judge_cache")
-    scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=8), cache, spec.name)
+    scorer = JudgeScorer(engine, JUDGE_SAMPLING, cache, spec.name)
     reward = scorer.as_reward("judge")
     completions = [[{"role": "assistant", "content": a}] for a in (GOOD_EN, MARKDOWN_EN, GOOD_EN)]
     first = reward(prompts=[None] * 3, completions=completions, post=[SHORT_POST] * 3, trainer_state=None)
@@ -137,7 +137,7 @@ def test_judge_reward_against_real_server_is_parsed_and_cached(vllm_server, tmp_
     again = reward(prompts=[None] * 3, completions=completions, post=[SHORT_POST] * 3)
     assert again == first and engine.requests == 2
     # a fresh scorer (a resumed run) reads the cache from disk and needs no engine at all
-    resumed = JudgeScorer(None, Sampling(temperature=0.0, max_tokens=8), StageStore(tmp_path, "judge_cache"),
+    resumed = JudgeScorer(None, JUDGE_SAMPLING, StageStore(tmp_path, "judge_cache"),
                           spec.name)
     assert resumed.scores([SHORT_POST] * 2, [GOOD_EN, MARKDOWN_EN]) == first[:2]
     # build_rewards wires the same judge (and its cache under the stage dir) into GRPO's reward list
@@ -145,7 +145,10 @@ def test_judge_reward_against_real_server_is_parsed_and_cached(vllm_server, tmp_
     assert [f.__name__ for f in funcs] == ["format", "judge"] and weights == [1.0, 0.5]
     assert funcs[1](prompts=[None] * 3, completions=completions, post=[SHORT_POST] * 3) == first
     # adherence: the same answer judged against guidance is a different question, so it is asked anew
-    adherence = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=8), cache, spec.name,
+    adherence = JudgeScorer(engine, JUDGE_SAMPLING, cache, spec.name,
                             guidance="Name the feeling first; plain text.")
     assert len(adherence.scores([SHORT_POST], [GOOD_EN])) == 1 and engine.requests == 3
     assert len(StageStore(tmp_path, "judge_cache").records()) == 3
+    # other decoding is another question too: its verdicts are not read from the greedy ones
+    sampled = JudgeScorer(engine, Sampling(temperature=0.7, max_tokens=16, seed=1), cache, spec.name)
+    assert len(sampled.scores([SHORT_POST], [GOOD_EN])) == 1 and engine.requests == 4

@@ -186,6 +186,11 @@ class JudgeScorer:
         return reward
 
 
+# The judge reward's decoding: greedy, and room for "Score: 10" plus a stray token. Part of every verdict's cache
+# key, so changing it asks the judge anew.
+JUDGE_SAMPLING = Sampling(temperature=0.0, max_tokens=16)
+
+
 def build_rewards(weights: dict[str, float], judge=None, run_dir: Path | None = None,
                   cache_dir: Path | None = None) -> tuple[list[Callable], list[float]]:
     """Reward functions and their weights for TRL, from the recipe's ``grpo.reward_weights``.
@@ -213,7 +218,7 @@ def build_rewards(weights: dict[str, float], judge=None, run_dir: Path | None = 
 
                 guidance = load_guidance(run_dir)
             cache = StageStore(cache_dir, f"{name}_cache")
-            scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), cache, cache_model(judge), guidance)
+            scorer = JudgeScorer(engine, JUDGE_SAMPLING, cache, cache_model(judge), guidance)
             funcs.append(scorer.as_reward(name))
         ws.append(weight)
     if not funcs:
