@@ -260,7 +260,10 @@ def _start_replicas(root: Path, bg: Background):
         "models": {"student": cpu_vllm_spec("tiny-random", max_model_len=512).model_dump(mode="json")},
         "serve": {"port": port, "api_key_env": SERVER_KEY_ENV},
     }))
-    proc = subprocess.Popen([sys.executable, "-m", "toushi.cli", "serve", str(recipe), "--replicas", "2"],
+    # Started with SIGINT ignored, as a script's `toushi serve ... &` starts it (and as a child forked while this
+    # process sat in system() would): the Ctrl-C that test_replicas sends must still stop it and its workers.
+    cmd = [sys.executable, "-m", "toushi.cli", "serve", str(recipe), "--replicas", "2"]
+    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd],
                             cwd=REPO, env=SESSION_ENV, stdout=subprocess.PIPE, text=True)
 
     def stop():

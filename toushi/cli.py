@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -300,7 +301,7 @@ def corpus_tag(
 ):
     """Tag each post of a prompt file (JSONL, JSON, CSV or a datasets dir) with an emotion and an intent."""
     from toushi.corpus.tagging import TaggingError, agreement_markdown, tag_file
-    from toushi.engines import GenerationError, make_engine
+    from toushi.engines import GenerationError, cache_model, make_engine
 
     r = load(recipe, set_)
     role = role or r.corpus.tagging.role
@@ -323,7 +324,7 @@ def corpus_tag(
 
     tg = r.corpus.tagging
     try:
-        res = tag_file(file, out_path, lang=lang, get_engine=get_engine, model=spec.served_model or spec.name,
+        res = tag_file(file, out_path, lang=lang, get_engine=get_engine, model=cache_model(spec),
                        sampling=tg.sampling, field=field, gold_field=gold, limit=limit, template=tg.template,
                        labels_file=tg.labels_file)
     except (TaggingError, GenerationError, OSError) as e:
@@ -515,6 +516,10 @@ def serve(
     from toushi.replicas import ReplicaError, serve_replicas
     from toushi.serve import serve_forever
 
+    # Ctrl-C (SIGINT) is how a server is stopped, and how the replica launcher stops its workers. A process
+    # started with SIGINT ignored (a script's `toushi serve ... &`, or a parent that was inside system() when it
+    # forked) would keep ignoring it: Python installs its KeyboardInterrupt handler only over the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     r = load(recipe, set_)
     try:
         if replicas > 1:
