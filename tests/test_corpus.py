@@ -400,7 +400,7 @@ def test_rewrite_and_personas_on_the_offline_model(tmp_path, shared_data, offlin
     # labels, every one of the closed set (decoding is constrained to it)
     sets = {k: {x["label"] for x in v} for k, v in label_set("en").items()}
     for r in records:
-        assert r["tags"]["model"] == str(offline_model) and r["tags"]["intent"] in sets["intent"]
+        assert r["tags"]["model"].startswith(f"{offline_model}|w=") and r["tags"]["intent"] in sets["intent"]
         assert r["tags"]["emotion"] in sets["emotion"] and r["intent"] == r["tags"]["intent"]
         assert r["label_source"]["intent"] == "tagger"
     for r in persona_recs:
@@ -408,7 +408,7 @@ def test_rewrite_and_personas_on_the_offline_model(tmp_path, shared_data, offlin
     for r in rewritten:
         assert r["emotion"] == originals[r["source_id"]].emotion and r["label_source"]["emotion"] == "dataset"
     check = json.loads((tmp_path / "t/corpus/diversity.json").read_text())["tagger_check"]
-    assert check["n"] == len(rewritten) and check["model"] == str(offline_model)
+    assert check["n"] == len(rewritten) and check["model"].startswith(f"{offline_model}|w=")
     assert "Emotion tagger" in (tmp_path / "t/corpus/diversity.md").read_text()
     # A rerun generates nothing: every model output comes from the cache, and the corpus is identical.
     again, manifest2 = run_corpus(recipe, tmp_path)

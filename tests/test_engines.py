@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import SERVER_KEY_ENV, SERVER_MODEL, cpu_vllm_spec
+from tests.conftest import REPO, SERVER_KEY_ENV, SERVER_MODEL, cpu_vllm_spec
 from toushi.engines import Completion, make_engine
 from toushi.engines.adapters import AdapterError, max_lora_rank
 from toushi.recipe import ModelSpec, Sampling
@@ -271,3 +271,28 @@ def test_hf_engine_stops_at_a_stop_string(tiny_model):
     for c in stopped:  # same seed: the same words, up to the first space
         assert c.finish_reason == "stop" and c.completion_tokens < 12 and " " not in c.text
         assert long.text.startswith(c.text)
+
+
+def test_a_local_model_directory_is_keyed_by_its_content(tmp_path):
+    """A model named by its directory and updated in place (a teacher merged again into the same path) is another
+    model: to every call cache (cache_model) and to the fingerprint of each stage that reads the role."""
+    from toushi.engines import cache_model
+    from toushi.recipe import load_recipe
+    from toushi.runner import fingerprint
+    from toushi.stages import STAGES
+
+    model = tmp_path / "teacher"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights one")
+    spec = cpu_vllm_spec(str(model), dtype="float32")
+    by_name = {s.name: s for s in STAGES}
+    recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", [f"run.dir={tmp_path / 'runs'}",
+                                                             f"models.strong.name={model}"])
+    before = cache_model(spec), fingerprint(recipe, by_name["pairs"], by_name)[0]
+    assert before[0].startswith(f"{model}|w=") and before[0].endswith("|float32")
+    (model / "model.safetensors").write_bytes(b"weights two")
+    after = cache_model(spec), fingerprint(recipe, by_name["pairs"], by_name)[0]
+    assert after[0] != before[0] and after[1] != before[1]
+    # names that are no directory key as before: a cached toushi name, an endpoint's served model
+    assert cache_model(cpu_vllm_spec("m", dtype="float32")) == "m|float32"

@@ -88,9 +88,11 @@ def resolve_model(ref: str | os.PathLike) -> str:
             raise ModelError(
                 f"model {ref!r} is not in the cache {models_dir()}: run `toushi models make-twin {twin.name}{flag}`")
         return str(cached_path(ref))
+    from toushi.recipe import local_model_dir
+
     p = Path(ref).expanduser()
     if p.exists():
-        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        if local_model_dir(ref) is None:
             raise ModelError(f"model path {p} has no config.json")
         return str(p)
     if ref.count("/") == 1 and not ref.startswith((".", "/")):

@@ -804,12 +804,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     return recipe
 
 
+def local_model_dir(name: str) -> Path | None:
+    """The directory a model reference names when it is a local model (a ``config.json`` or an adapter's in it),
+    else None (a cached toushi name, a Hugging Face id, an endpoint's served name)."""
+    p = Path(name).expanduser()
+    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+        return p
+    return None
+
+
 def iter_paths(obj: BaseModel, prefix: str = ""):
-    """(dotted key, Path) for every input file the recipe names (outputs such as run.dir excluded)."""
+    """(dotted key, Path) for every input file the recipe names (outputs such as run.dir excluded), a local
+    model directory included: its weights updated in place make what reads that role stale."""
     for name in type(obj).model_fields:
         val = getattr(obj, name)
         key = f"{prefix}{name}"
-        if isinstance(val, BaseModel):
+        if isinstance(obj, ModelSpec) and name == "name" and obj.engine != "openai" and local_model_dir(val):
+            yield key, local_model_dir(val)
+        elif isinstance(val, BaseModel):
             yield from iter_paths(val, key + ".")
         elif isinstance(val, list):
             for i, v in enumerate(val):

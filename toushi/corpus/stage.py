@@ -19,6 +19,7 @@ from toushi.corpus.report import diversity, diversity_markdown
 from toushi.corpus.rewrite import rewrite_posts
 from toushi.corpus.sampling import sample_per_scene, split_of
 from toushi.corpus.tagging import KINDS, label_set, merge, tag_texts
+from toushi.engines import cache_model
 from toushi.runner import StageContext
 from toushi.store import atomic_write_text, stable_id
 
@@ -115,10 +116,11 @@ def run_stage(ctx: StageContext) -> dict:
         return get
 
     def model_name(role: str) -> str:
+        """The role's model as the cached calls key it (engines.cache_model, as every other stage's calls)."""
         spec = specs[role]
         if spec is None:
             raise CorpusError(f"corpus: the rewrite/persona/tagging steps use models.{role}, which is not set")
-        return spec.served_model or spec.name
+        return cache_model(spec)
 
     try:
         to_rewrite = [p for p in picked if p.rewrite]

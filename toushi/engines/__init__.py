@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from toushi.errors import ToushiError
 from toushi.metrics import has_markdown
-from toushi.recipe import ModelSpec, Sampling
+from toushi.recipe import ModelSpec, Sampling, local_model_dir
 from toushi.think import split_think
 
 Conversation = list[dict[str, str]]
@@ -254,12 +254,17 @@ def cache_model(spec: ModelSpec) -> str:
     """The model as the call caches key it: its (served) name and, for a local engine, the dtype its weights
     run in. A changed dtype, or ``auto`` resolving to bf16 on one CPU and fp32 on another, gives other
     answers, so cached calls of the other dtype are not reused. A thinking budget cuts reasoning short and
-    changes answers too, so it is part of the key when set."""
+    changes answers too, so it is part of the key when set. A local model directory is keyed by its files'
+    content too: a teacher merged again into the same directory is another model."""
     name = spec.served_model or spec.name
     if spec.thinking_budget is not None:
         name = f"{name}|think<={spec.thinking_budget}"
     if spec.engine == "openai":  # the endpoint decides; its name is what we know
         return name
+    if (local := local_model_dir(spec.name)) is not None:
+        from toushi.digests import path_digest  # sha256 per file, remembered against size and mtime
+
+        name = f"{name}|w={path_digest(local)}"
     if spec.engine == "vllm":
         from toushi.engines.vllm_engine import resolve_dtype
 
