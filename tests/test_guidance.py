@@ -20,6 +20,7 @@ from toushi.guidance.session import CallCache, Session
 from toushi.judge import rubric
 from toushi.recipe import Sampling, load_recipe
 from toushi.runner import StageContext
+from toushi.stages import declared_view
 from toushi.store import StageStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -485,13 +486,13 @@ def test_stage_and_hand_edit(tmp_path, offline_model, pairs_records, engine, mon
     # the stage builds its engine from the recipe; reuse the module's engine instead of loading another
     monkeypatch.setattr(EnginePool, "get", lambda self, spec: engine)
     monkeypatch.setattr(EnginePool, "close", lambda self: None)
-    counts = run_stage(StageContext(recipe=r, store=store))
+    counts = run_stage(StageContext(recipe=declared_view(r, "guidance"), store=store))
     assert counts["pairs"] == 3 and counts["versions"] == 2 and store.manifest()["hand_edited"] is False
     md = (store.dir / "guidance.md").read_text()
     edited = tmp_path / "mine.md"
     edited.write_text(md + "\n## Pacing\nKeep it short.\n- Two or three sentences are enough\n", encoding="utf-8")
     r2 = _recipe(tmp_path, offline_model, edited_file=edited)
-    counts = run_stage(StageContext(recipe=r2, store=store))
+    counts = run_stage(StageContext(recipe=declared_view(r2, "guidance"), store=store))
     assert counts["hand_edited"] is True and store.manifest()["hand_edited"] is True
     assert "Two or three sentences are enough" in load_guidance(r.run_dir)
     index = json.loads((store.dir / "history" / "index.json").read_text())
@@ -515,7 +516,7 @@ def test_stage_with_acceptance_gate(tmp_path, offline_model, pairs_records, engi
     asked: list[str] = []
     monkeypatch.setattr(EnginePool, "get", lambda self, spec: asked.append(spec.name) or engine)
     monkeypatch.setattr(EnginePool, "close", lambda self: None)
-    counts = run_stage(StageContext(recipe=r, store=store))
+    counts = run_stage(StageContext(recipe=declared_view(r, "guidance"), store=store))
     assert counts["versions"] >= 2
     index = json.loads((store.dir / "history" / "index.json").read_text())
     for v in index:

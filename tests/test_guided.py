@@ -9,6 +9,7 @@ import pytest
 from toushi.guided import char_ngram_vectors, retrieve, run_stage
 from toushi.recipe import Recipe
 from toushi.runner import StageContext
+from toushi.stages import declared_view
 from toushi.store import StageStore
 
 POSTS = [
@@ -47,7 +48,7 @@ def make_ctx(tmp_path, model, **guided) -> StageContext:
                             "sampling": {"temperature": 0.0, "max_tokens": 8}}},
         "guided": guided,
     })
-    return StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "guided"))
+    return StageContext(recipe=declared_view(recipe, "guided"), store=StageStore(recipe.run_dir, "guided"))
 
 
 def test_retrieval_picks_similar_posts_and_never_the_post_itself():

@@ -14,6 +14,7 @@ import pytest
 from toushi.pairs import PairsIncomplete
 from toushi.recipe import Recipe
 from toushi.runner import StageContext
+from toushi.stages import declared_view
 from toushi.store import StageStore
 
 POSTS = [
@@ -38,7 +39,7 @@ def make_ctx(tmp_path, weak: dict, strong: dict, **pairs) -> StageContext:
         "models": {"weak": weak, "strong": strong},
         "pairs": {"batch_size": 2, **pairs},
     })
-    return StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
+    return StageContext(recipe=declared_view(recipe, "pairs"), store=StageStore(recipe.run_dir, "pairs"))
 
 
 def test_pairs_stage_hf_resumes_and_regenerates_only_what_changed(tmp_path, tiny_model):

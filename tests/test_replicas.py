@@ -22,6 +22,7 @@ from toushi.pairs import PairsIncomplete, run_stage
 from toushi.recipe import ModelSpec, Recipe, Sampling
 from toushi.replicas import ReplicaError, gpu_slices
 from toushi.runner import StageContext
+from toushi.stages import declared_view
 from toushi.store import StageStore
 
 
@@ -63,7 +64,7 @@ def pairs_ctx(run_dir, urls: list[str], max_retries: int) -> StageContext:
         "pairs": {"batch_size": 2},
     })
     write_corpus(recipe.run_dir, POSTS)
-    return StageContext(recipe=recipe, store=StageStore(recipe.run_dir, "pairs"))
+    return StageContext(recipe=declared_view(recipe, "pairs"), store=StageStore(recipe.run_dir, "pairs"))
 
 
 def cache_ids(ctx: StageContext, role: str) -> list[str]:

@@ -224,3 +224,36 @@ def test_guidance_fingerprint_covers_what_its_gate_reads(tmp_path, monkeypatch):
     assert fp("eval.bootstrap=500") != base
     assert fp("guided.sampling.temperature=0.5") != base
     assert fp("eval.max_prompts=5") == base
+
+
+def test_undeclared_recipe_read_raises(tmp_path):
+    """The runner shows a stage only the recipe keys its entry declares (the keys its fingerprint covers): a
+    declared section whole, the parts of a section it names, the run's own keys; any other read, and any write,
+    raises UndeclaredRead naming the stage and the key, and the stage is recorded as failed with that message."""
+    from toushi.recipe import Recipe
+    from toushi.recipe_view import UndeclaredRead, whole
+
+    seen: dict = {}
+
+    def reader(ctx):
+        r = ctx.recipe
+        seen.update(weak=r.models.weak.name, pairs=r.pairs.batch_size, lang=r.run.lang, run_dir=r.run_dir,
+                    name=r.run.name, tracker=r.train.report_to, whole=whole(r))
+        with pytest.raises(UndeclaredRead, match="stage pairs reads recipe key models.strong"):
+            r.models.strong
+        with pytest.raises(UndeclaredRead, match="read-only"):
+            r.models.weak = None
+        return {"seed": r.run.seed}  # undeclared: fails the stage
+
+    recipe = Recipe.model_validate({
+        "run": {"name": "t", "dir": str(tmp_path / "runs"), "stages": ["pairs"]},
+        "models": {"weak": {"name": "w", "engine": "hf"}, "strong": {"name": "s", "engine": "hf"}},
+    })
+    stage = Stage("pairs", reader, ("run.lang", "pairs", "models.weak"))
+    with pytest.raises(UndeclaredRead, match="stage pairs reads recipe key run.seed, which its entry in "
+                                             "toushi/stages.py does not declare"):
+        run_stages(recipe, [stage])
+    assert seen == {"weak": "w", "pairs": recipe.pairs.batch_size, "lang": "en", "run_dir": recipe.run_dir,
+                    "name": "t", "tracker": recipe.train.report_to, "whole": recipe}
+    manifest = StageStore(recipe.run_dir, "pairs").manifest()
+    assert manifest["status"] == "failed" and "run.seed" in manifest["error"]

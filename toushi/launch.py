@@ -45,8 +45,9 @@ def run_training_stage(ctx: StageContext, script: str) -> dict:
     recipe_path = ctx.store.dir / "recipe.yaml"  # the runner saved the resolved recipe here
     if not recipe_path.exists():
         from toushi.recipe import save_recipe
+        from toushi.recipe_view import whole
 
-        recipe_path = save_recipe(ctx.recipe, ctx.store.dir)
+        recipe_path = save_recipe(whole(ctx.recipe), ctx.store.dir)  # the trainer reads it in its own process
     # Always ask to resume: the script resumes only from checkpoints of this same recipe (fingerprint),
     # so a rerun after a crash continues and a changed recipe starts fresh.
     cmd = accelerate_command(script, recipe_path, section.train.accelerate_config, resume=True)

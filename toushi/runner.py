@@ -23,6 +23,7 @@ from rich.console import Console
 from toushi.digests import path_digest
 from toushi.engines.pool import EnginePool
 from toushi.recipe import Recipe, iter_paths, save_recipe
+from toushi.recipe_view import RecipeView
 from toushi.runlock import run_lock
 from toushi.store import StageStore, stable_id
 
@@ -31,9 +32,10 @@ console = Console(stderr=True)
 
 @dataclass
 class StageContext:
-    """What a stage function gets: the recipe, its own store, and read access to other stages."""
+    """What a stage function gets: the recipe, its own store, and read access to other stages. The runner
+    gives ``recipe`` as a RecipeView of the keys the stage declares; a caller may give the recipe itself."""
 
-    recipe: Recipe
+    recipe: Recipe | RecipeView
     store: StageStore
     console: Console = field(default_factory=lambda: console)
     quiet: bool = False  # library/engine output goes to the stage's engine.log, not the terminal
@@ -213,7 +215,9 @@ def _run_one(recipe: Recipe, stage: Stage, by_name: dict[str, Stage], forced: bo
     t0 = time.time()
     log = store.dir / LOG_NAME
     before = engines.stats()
-    ctx = StageContext(recipe=recipe, store=store, console=term, quiet=quiet, engines=engines)
+    # the stage sees only what its entry declares (the keys its fingerprint covers): an undeclared read raises
+    view = RecipeView(recipe, stage.sections, name)
+    ctx = StageContext(recipe=view, store=store, console=term, quiet=quiet, engines=engines)
     try:
         with output_to(log) if quiet else nullcontext():
             counts = stage.run(ctx) or {}

@@ -353,10 +353,9 @@ def run_stage(ctx: StageContext) -> dict:
     sft_adapter = ctx.run_dir / "sft" / "adapter"
     start = sft_adapter if complete_adapter(sft_adapter) else None
 
-    dumped = recipe.model_dump(mode="json")
     judge = judge_spec(recipe) if cfg.confidence == "judge" else None
-    key = stable_id({k: v for k, v in dumped["selftrain"].items() if k != "rounds"}, dumped["sft"],
-                    dumped["models"]["student"], recipe.run.seed, adapter_fingerprint(start) if start else None,
+    key = stable_id(cfg.model_dump(mode="json", exclude={"rounds"}), s.model_dump(mode="json"),
+                    recipe.models.student.model_dump(mode="json"), recipe.run.seed, adapter_fingerprint(start) if start else None,
                     prompts, stable_id(sft_examples), judge.model_dump(mode="json") if judge else None)
     rounds_path = store.dir / "rounds.jsonl"
     done = finished_rounds(rounds_path, key, cfg.rounds)

@@ -1,11 +1,15 @@
 """The pipeline's stages, in their natural order, with what each reads.
 
+A stage's ``sections`` are the recipe keys it reads, and the keys its fingerprint covers: the runner hands
+the stage a view of the recipe that raises on any other key (toushi/recipe_view.py), so the two cannot drift.
+
 Each stage's module is imported only when the stage runs, so ``toushi status`` or ``toushi recipe show``
 do not pay for importing torch, vLLM or TRL.
 """
 
 from __future__ import annotations
 
+from toushi.recipe_view import RecipeView
 from toushi.runner import Stage, StageContext
 
 
@@ -67,8 +71,8 @@ STAGES: list[Stage] = [
     Stage("corpus", _corpus, ("run.lang", "run.seed", "corpus", "models.strong", "models.weak")),
     Stage("pairs", _pairs, ("run.lang", "pairs", "models.weak", "models.strong"), ("corpus",)),
     # the acceptance gate answers dev prompts with the weak role at the guided sampling and judges them as eval does
-    Stage("guidance", _guidance, ("run.lang", "guidance", "models.strong", "models.judge", "guided.sampling",
-                                  "eval.judge_mode", "eval.bootstrap"), ("pairs",), ("guidance.json",)),
+    Stage("guidance", _guidance, ("run.lang", "run.seed", "guidance", "models.strong", "models.weak", "models.judge",
+                                  "guided.sampling", "eval.judge_mode", "eval.bootstrap"), ("pairs",), ("guidance.json",)),
     Stage("guided", _guided, ("run.lang", "guided", "pairs", "models.weak"), ("guidance", "pairs")),
     Stage("sft", _train("sft"), ("run.seed", "sft", "models.student"), ("pairs", "guided"), ADAPTER),
     Stage("dpo", _train("dpo"), ("run.seed", "dpo", "models.student"), ("pairs", "guided", "sft"), ADAPTER),
@@ -82,10 +86,18 @@ STAGES: list[Stage] = [
     # the judge roles matter only with selftrain.confidence: judge; in logprob mode a change redoes no round
     Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
           ("pairs", "guided", "sft"), ADAPTER),
-    # the tagger's label file names the emotions and needs on the simulated seeker's cards
-    Stage("eval", _eval, ("eval", "models", "corpus.tagging.labels_file"),
+    # the tagger's label file names the emotions and needs on the simulated seeker's cards; in a multi-turn
+    # conversation the weak, strong and guided systems answer at the sampling they answered with before
+    Stage("eval", _eval, ("run.lang", "run.seed", "eval", "models", "corpus.tagging.labels_file",
+                          "pairs.weak_sampling", "pairs.strong_sampling", "guided.sampling"),
           ("pairs", "guided", "sft", "dpo", "grpo", "distill", "selftrain"),
           ("records.jsonl", "summary.json")),
     Stage("report", _report, (), ("eval", "guidance"), ("index.html",)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
+
+
+def declared_view(recipe, name: str) -> RecipeView:
+    """The recipe as stage ``name`` sees it when the runner runs it: only the keys it declares."""
+    stage = next(s for s in STAGES if s.name == name)
+    return RecipeView(recipe, stage.sections, name)

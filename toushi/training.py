@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 
 from toushi.errors import ToushiError
-from toushi.recipe import Recipe, TrainSpec, load_recipe, save_recipe
+from toushi.recipe import TrainSpec, load_recipe, save_recipe
+from toushi.recipe_view import RecipeView
 
 # vLLM serves LoRA adapters up to --max-lora-rank, 16 by default; a larger rank needs that flag raised.
 VLLM_MAX_LORA_RANK = 16
@@ -33,15 +34,19 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_and_save_recipe(args: argparse.Namespace, stage: str, is_main: bool) -> Recipe:
-    """Load the recipe, print it resolved, and save it beside the stage's output."""
+def load_and_save_recipe(args: argparse.Namespace, stage: str, is_main: bool) -> RecipeView:
+    """Load the recipe, print it resolved, and save it beside the stage's output. The trainer gets the recipe
+    as the runner shows its stage (toushi/recipe_view.py): only the keys the stage declares in toushi/stages.py,
+    the keys its fingerprint covers, so a trainer cannot read a setting whose change would not retrain."""
+    from toushi.stages import declared_view
+
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.models.student is None:
         raise TrainError(f"{args.recipe}: models.student: {stage} needs a student model")
     if is_main:
         print(recipe.to_yaml(), flush=True)
         save_recipe(recipe, recipe.run_dir / stage)
-    return recipe
+    return declared_view(recipe, stage)
 
 
 def is_main_process() -> bool:
