@@ -61,8 +61,9 @@ echo "rehearsal exit $?" | tee -a "$OUT/rehearsal.out"
 python3 - "$OUT/runs/r1-qwen-rehearsal" <<'PY' | tee "$OUT/rehearsal_summary.txt"
 import json, sys
 from pathlib import Path
+from toushi.stages import STAGE_NAMES
 run = Path(sys.argv[1])
-for stage in ["corpus", "pairs", "guidance", "guided", "sft", "dpo", "grpo", "distill", "selftrain", "eval", "report"]:
+for stage in STAGE_NAMES:
     p = run / stage / "manifest.json"
     m = json.loads(p.read_text()) if p.exists() else {}
     t = m.get("training") or {}

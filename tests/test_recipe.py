@@ -148,3 +148,14 @@ def test_run_overrides_sit_between_the_recipe_and_set(tmp_path, monkeypatch):
     (tmp_path / "runs/t/overrides.yaml").write_text("- not a mapping\n")
     res = CliRunner().invoke(app, ["recipe", "show", str(p)])
     assert res.exit_code == 2 and "overrides.yaml: expected a mapping" in res.output
+
+
+def test_the_recipe_accepts_exactly_the_stage_list():
+    """run.stages is validated against a Literal (the recipe cannot import the stages without a cycle): it must
+    name the stages of toushi/stages.py, in their order, and nothing else."""
+    from typing import get_args
+
+    from toushi.recipe import StageName
+    from toushi.stages import STAGE_NAMES
+
+    assert list(get_args(StageName)) == STAGE_NAMES
