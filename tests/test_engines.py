@@ -274,12 +274,14 @@ def test_hf_engine_stops_at_a_stop_string(tiny_model):
 
 
 def test_a_local_model_directory_is_keyed_by_its_content(tmp_path):
-    """A model named by its directory and updated in place (a teacher merged again into the same path) is another
-    model: to every call cache (cache_model) and to the fingerprint of each stage that reads the role."""
+    """A model named by its directory and updated in place (a teacher merged again into the same path: same
+    config, same file sizes, other weights) is another model: to every call cache (cache_model), to the
+    fingerprint of each stage that reads the role, and to a training checkpoint's fingerprint."""
     from toushi.engines import cache_model
     from toushi.recipe import load_recipe
     from toushi.runner import fingerprint
     from toushi.stages import STAGES
+    from toushi.training import checkpoint_fingerprint
 
     model = tmp_path / "teacher"
     model.mkdir()
@@ -289,10 +291,14 @@ def test_a_local_model_directory_is_keyed_by_its_content(tmp_path):
     by_name = {s.name: s for s in STAGES}
     recipe = load_recipe(REPO / "recipes" / "tiny-cpu.yaml", [f"run.dir={tmp_path / 'runs'}",
                                                              f"models.strong.name={model}"])
-    before = cache_model(spec), fingerprint(recipe, by_name["pairs"], by_name)[0]
+    def keys():
+        ckpt = checkpoint_fingerprint(str(model), {"lora": {"r": 8}}, 0, [{"messages": []}])["base_model"]
+        return cache_model(spec), fingerprint(recipe, by_name["pairs"], by_name)[0], ckpt
+
+    before = keys()
     assert before[0].startswith(f"{model}|w=") and before[0].endswith("|float32")
-    (model / "model.safetensors").write_bytes(b"weights two")
-    after = cache_model(spec), fingerprint(recipe, by_name["pairs"], by_name)[0]
-    assert after[0] != before[0] and after[1] != before[1]
+    (model / "model.safetensors").write_bytes(b"weights two")  # same size, other bytes
+    after = keys()
+    assert after[0] != before[0] and after[1] != before[1] and after[2] != before[2]
     # names that are no directory key as before: a cached toushi name, an endpoint's served model
     assert cache_model(cpu_vllm_spec("m", dtype="float32")) == "m|float32"

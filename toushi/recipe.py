@@ -819,8 +819,9 @@ def iter_paths(obj: BaseModel, prefix: str = ""):
     for name in type(obj).model_fields:
         val = getattr(obj, name)
         key = f"{prefix}{name}"
-        if isinstance(obj, ModelSpec) and name == "name" and obj.engine != "openai" and local_model_dir(val):
-            yield key, local_model_dir(val)
+        local = local_model_dir(val) if isinstance(obj, ModelSpec) and name == "name" and obj.engine != "openai" else None
+        if local is not None:
+            yield key, local
         elif isinstance(val, BaseModel):
             yield from iter_paths(val, key + ".")
         elif isinstance(val, list):

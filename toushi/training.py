@@ -200,19 +200,20 @@ STAMP = "fingerprint.json"
 
 
 def base_model_digest(model_path: str) -> str:
-    """The base weights by path, config content and weight-file names and sizes (a hub id: the id).
+    """The base weights by path and the content of every file of the model directory (a hub id: the id).
 
-    Hashing every byte of a 7B checkpoint on each launch would cost minutes; a re-exported or re-quantised
-    model changes its config or file sizes.
+    Content, as every cache keys a local model (engines.cache_model, stage fingerprints): a teacher or student
+    merged again into the same directory has the same config and file sizes but other weights, and a checkpoint
+    trained on the old ones must not be resumed or reused. Each file's sha256 is remembered against its size and
+    mtime (toushi.digests), so a 7B checkpoint is read once per machine, not on every launch.
     """
-    from toushi.digests import file_digest
+    from toushi.digests import path_digest
     from toushi.store import stable_id
 
     p = Path(model_path)
     if not p.is_dir():
         return stable_id(model_path)
-    weights = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
-    return stable_id(str(p.resolve()), file_digest(p / "config.json"), weights)
+    return stable_id(str(p.resolve()), path_digest(p))
 
 
 def checkpoint_fingerprint(
