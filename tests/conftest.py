@@ -15,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TOUSHI_HOME", str(REPO / ".cache" / "toushi"))
+# OpenMP threads that finish a parallel region sleep at once instead of spinning for the next one. The suite runs
+# a foreground test beside the background servers' starts and idle workers on two cores; spinning threads of one
+# process took the cores the other's threads were waiting for. Measured on the 2-core AVX2 kind (test_engines +
+# test_eval, the session server starting beside them): 294 s and 358 s spinning, 228 s passive. Set before any
+# test imports torch, so this process's OpenMP and every process it starts read it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_addoption(parser):
@@ -43,6 +49,8 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     _TIMES[item.nodeid] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2)}
     _write_times()  # after every test, so a run that is stopped half-way still says where its time went
+    for bg in _LAST_USE.pop(item.nodeid, []):  # a background server no later test uses: its memory back now
+        bg.close()
 
 
 def _write_times() -> None:
@@ -201,6 +209,9 @@ def server_recipe(root: Path, port: int, adapter: Path):
 # then share two cores (the foreground's vLLM tests took 2-6x as long).
 
 
+_LAST_USE: dict[str, list] = {}  # test id -> the background servers to stop once it has run (Background)
+
+
 class Background:
     """One server started by the background thread: ``get()`` waits for it and returns what ``start`` gave."""
 
@@ -210,6 +221,13 @@ class Background:
         self.fixture, self.name, self.start, self.done = fixture, name, start, threading.Event()
         self.value, self.error, self.stop = None, None, None
         self.proc = None  # its top process, a child of this one
+
+    def close(self) -> None:
+        """Stop it (once a start in progress has finished or failed)."""
+        self.done.wait(timeout=600)
+        stop, self.stop = self.stop, None
+        if stop is not None:
+            stop()
 
     def get(self, timeout_s: float = 1200.0):
         if not self.done.wait(timeout_s):
@@ -307,9 +325,11 @@ def _background(request, tmp_path_factory):
     import threading
 
     first_use: dict[str, int] = {}
+    last_use: dict[str, str] = {}
     for i, item in enumerate(request.session.items):
         for name in {"served", "r1_server", "replicas"} & set(item.fixturenames):
             first_use.setdefault(name, i)
+            last_use[name] = item.nodeid
     used = set(first_use)
     wanted: dict[str, Background] = {}
     if "served" in used:
@@ -340,15 +360,17 @@ def _background(request, tmp_path_factory):
                 _TIMES[f"background::{bg.fixture}"] = {"wall_s": round(time.perf_counter() - began, 2)}
                 bg.done.set()
 
+    # each is stopped after the last test that uses it (an idle vLLM worker still polls, and holds a GB or two
+    # that the page cache of the later tests' models could use), the rest at the end of the session
+    for name, bg in wanted.items():
+        _LAST_USE.setdefault(last_use[name], []).append(bg)
     thread = threading.Thread(target=run, name="background-servers", daemon=True)
     thread.start()
     try:
         yield wanted
     finally:
         for bg in wanted.values():
-            bg.done.wait(timeout=600)  # a start in progress finishes (or fails) before it is stopped
-            if bg.stop is not None:
-                bg.stop()
+            bg.close()
 
 
 @pytest.fixture(scope="session")

@@ -59,11 +59,17 @@ def _parents() -> dict[int, int]:
     return out
 
 
-def descendants(root: int) -> set[int]:
-    """Pids of every process below ``root`` in the process tree now."""
+def _tree() -> dict[int, list[int]]:
+    """The process tree now: parent pid -> its children's pids (one walk of /proc)."""
     children: dict[int, list[int]] = {}
     for pid, ppid in _parents().items():
         children.setdefault(ppid, []).append(pid)
+    return children
+
+
+def descendants(root: int, tree: dict[int, list[int]] | None = None) -> set[int]:
+    """Pids of every process below ``root`` in the process tree now (or in ``tree``, a :func:`_tree`)."""
+    children = _tree() if tree is None else tree
     found, todo = set(), [root]
     while todo:
         for c in children.get(todo.pop(), []):
@@ -107,11 +113,13 @@ def watch(parent: int, parent_start: int, stream=None) -> None:
     known: dict[int, int] = {}
     open_ = True
     while proc_start(parent) == parent_start:
-        for pid, st in roots.items():
-            if proc_start(pid) != st:
-                continue
+        live = {pid: st for pid, st in roots.items() if proc_start(pid) == st}
+        # one walk of /proc a look, however many processes are tracked: the watchdog of a long session (the
+        # test suite's, with its servers) otherwise took a few percent of a core doing nothing
+        tree = _tree() if live else {}
+        for pid, st in live.items():
             known[pid] = st
-            for sub in descendants(pid) - {me}:
+            for sub in descendants(pid, tree) - {me}:
                 sst = proc_start(sub)
                 if sst is not None:
                     known[sub] = sst
@@ -120,8 +128,9 @@ def watch(parent: int, parent_start: int, stream=None) -> None:
         else:
             time.sleep(POLL_S)
     # a tracked process may have started children of its own since the last look
+    tree = _tree()
     for pid in list(known):
-        for sub in descendants(pid) - {me}:
+        for sub in descendants(pid, tree) - {me}:
             st = proc_start(sub)
             if st is not None:
                 known[sub] = st
