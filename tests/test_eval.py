@@ -261,7 +261,7 @@ def test_eval_resumes_after_kill(tmp_path, tiny_model):
 
 def test_judge_that_wrote_answers_is_flagged():
     """No models.judge: the strong model judges, and strong is a system under test; a judge of its own is not."""
-    from toushi.evaluate import self_judged
+    from toushi.eval.evaluate import self_judged
 
     models = {"weak": {"name": "qwen-small"}, "strong": {"name": "r1-distill"}, "student": {"name": "qwen-small"}}
     r = Recipe.model_validate({"run": {"name": "x"}, "models": models})

@@ -243,7 +243,7 @@ def test_gguf_export_parity(tmp_path, tiny_model):
 def _cards_run(root):
     """A run whose corpus names ESConv, the team's posts, SMILECHAT and a file toushi does not know, with an
     eval summary (one refusal among the sft answers) and a pairs answer cut off at the token limit."""
-    from toushi.evaluate import answer_metrics, summarise
+    from toushi.eval.evaluate import answer_metrics, summarise
     from toushi.store import StageStore
 
     rd = write_run(root / "runs" / "cards")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from toushi.eval.judge import rubric
 from toushi.guidance import build_pairs, load_guidance, run_stage
 from toushi.guidance import modes as M
 from toushi.guidance.drift import best_round, score
@@ -17,7 +18,6 @@ from toushi.guidance.memory import Memory, parse_ops
 from toushi.guidance.packing import pack, shrink_pair, token_counter
 from toushi.guidance.render import parse_markdown, read_guidance_file, to_markdown
 from toushi.guidance.session import CallCache, Session
-from toushi.judge import rubric
 from toushi.recipe import Sampling, load_recipe
 from toushi.runner import StageContext
 from toushi.stages import declared_view

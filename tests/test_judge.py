@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from toushi.judge import (
+from toushi.eval.judge import (
     PairTask,
     aggregate,
     build_prompt,
@@ -359,7 +359,7 @@ def test_logprob_mode_aggregates_graded_preferences(tmp_path):
 def test_invalid_verdict_retried_and_reparsed(tmp_path, monkeypatch):
     """An unreadable verdict is asked again once, with a fresh seed; both raw answers are cached, and a later
     parser that can read them turns the cached calls valid without asking the judge again."""
-    import toushi.judge
+    import toushi.eval.judge
 
     class Stubborn(ScriptedJudge):
         """Answers in a format the parser does not know: chatter first, then "Final answer: X wins"."""
@@ -400,7 +400,7 @@ def test_invalid_verdict_retried_and_reparsed(tmp_path, monkeypatch):
     assert not any(c["valid"] for c in run_judge(Silent(), tasks, store, DIMS, SAMPLING, "scripted"))
 
     # the parser learns the format: the cached raw answers are read again, no call made
-    old_parse = toushi.judge.parse_verdict
+    old_parse = toushi.eval.judge.parse_verdict
 
     def fixed(output, dimensions):
         m = re.fullmatch(r"Final answer: (A|B) wins", output.strip())
@@ -408,7 +408,7 @@ def test_invalid_verdict_retried_and_reparsed(tmp_path, monkeypatch):
             return {"verdict": m.group(1), "dims": {d["name"]: m.group(1) for d in dimensions}}
         return old_parse(output, dimensions)
 
-    monkeypatch.setattr(toushi.judge, "parse_verdict", fixed)
+    monkeypatch.setattr(toushi.eval.judge, "parse_verdict", fixed)
     calls = run_judge(Silent(), tasks, store, DIMS, SAMPLING, "scripted")
     assert all(c["valid"] for c in calls)
     assert [p["outcome"] for p in aggregate(tasks, calls, DIMS)] == [1.0, 1.0]  # GOOD wins in both orders

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from toushi import metrics as M
-from toushi.evaluate import answer_metrics, summarise
+from toushi.eval.evaluate import answer_metrics, summarise
 from toushi.stats import bootstrap_ci, length_controlled_ci, length_controlled_win_rate
 
 # ------------------------------------------------------------------------------ rule metrics

@@ -11,10 +11,10 @@ import matplotlib.image
 import pytest
 from typer.testing import CliRunner
 
-from toushi.evaluate import answer_metrics, summarise, truncation
-from toushi.judge import PairTask, aggregate, rubric, win_rates
+from toushi.eval.evaluate import answer_metrics, summarise, truncation
+from toushi.eval.judge import PairTask, aggregate, rubric, win_rates
+from toushi.eval.simulate import seeker_summary
 from toushi.report import ReportError, build_report
-from toushi.simulate import seeker_summary
 
 SYSTEMS = ["weak", "guided", "student", "sft", "dpo", "strong"]
 DIMS = rubric("en")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from toushi.corpus.tagging import label_set
-from toushi.recipe import Sampling
-from toushi.simulate import (
+from toushi.eval.simulate import (
     Responder,
     feeling_prompt,
     make_card,
@@ -15,6 +14,7 @@ from toushi.simulate import (
     run_seeker,
     seeker_summary,
 )
+from toushi.recipe import Sampling
 from toushi.store import StageStore
 
 POSTS = [

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from toushi.evaluate import METRIC_NAMES, answer_metrics, summarise
-from toushi.judge import PairTask, aggregate
-from toushi.ladder import HELPED, HURT, TOO_FEW, UNCLEAR, compare, rungs, steps, verdict
+from toushi.eval.evaluate import METRIC_NAMES, answer_metrics, summarise
+from toushi.eval.judge import PairTask, aggregate
+from toushi.eval.ladder import HELPED, HURT, TOO_FEW, UNCLEAR, compare, rungs, steps, verdict
+from toushi.eval.simulate import seeker_summary
+from toushi.eval.strata import UNLABELLED, small_cells
 from toushi.report import build_report
-from toushi.simulate import seeker_summary
-from toushi.strata import UNLABELLED, small_cells
 
 # six held-out posts: four anxious (two of them unlabelled for intent), two angry
 POSTS = {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from toushi.evaluate import user_conversation
+from toushi.eval.evaluate import user_conversation
 from toushi.stats import bootstrap_ci
 from toushi.store import StageStore, atomic_write_text
 

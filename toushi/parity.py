@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from toushi.engines import Engine, make_engine
-from toushi.evaluate import heldout_prompts, user_conversation
+from toushi.eval.evaluate import heldout_prompts, user_conversation
 from toushi.recipe import ModelSpec, Sampling
 from toushi.store import StageStore, atomic_write_text
 

@@ -53,7 +53,7 @@ def _selftrain(ctx: StageContext) -> dict:
 
 
 def _eval(ctx: StageContext) -> dict:
-    from toushi.evaluate import run_stage
+    from toushi.eval.evaluate import run_stage
 
     return run_stage(ctx)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from toushi.engines import cache_model, is_truncated
 from toushi.engines.pool import EnginePool
+from toushi.eval.judge import rubric
 from toushi.guidance.render import load_guidance, read_guidance_file, system_prompt, to_json, to_markdown
-from toushi.judge import rubric
 from toushi.store import StageStore, atomic_write_text, stable_id
 
 __all__ = ["build_pairs", "load_guidance", "run_stage"]

@@ -7,7 +7,7 @@ two verdicts disagree counts as a tie. The version is accepted only when the low
 bootstrap interval of its win rate (ties count 0.5) is above 0.5 plus the recipe's margin
 (``guidance.accept_margin``): one win and seven ties is no evidence. A version with no valid verdict at
 all is rejected. The judging itself comes from the eval
-engineer's ``toushi.judge`` (fenced, position-swapped, cached); any ``compare(post, a, b)`` callable
+engineer's ``toushi.eval.judge`` (fenced, position-swapped, cached); any ``compare(post, a, b)`` callable
 can stand in for it.
 """
 
@@ -83,7 +83,7 @@ def judge_outcomes(engine, store, judge_model: str, sampling, lang: str, run_dir
                    prompt_ids: Sequence[str], posts: Sequence[str], new: Sequence[str],
                    old: Sequence[str], mode: str = "generate") -> list[float | None]:
     """The same outcomes from the project's pairwise judge (calls cached in ``store``)."""
-    from toushi.judge import PairTask, aggregate, judge_dimensions, run_judge
+    from toushi.eval.judge import PairTask, aggregate, judge_dimensions, run_judge
 
     dims = judge_dimensions(lang, None)
     tasks = [PairTask(pid, lang, post, "new", a_new, "previous", a_old)

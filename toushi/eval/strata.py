@@ -40,7 +40,7 @@ def stratify(
     the change in feeling}}; cells by size (largest first), then name.
 
     ``answers`` are eval records (``prompt_id``, ``system``, ``metrics`` and the post's labels); judge pairs
-    (``toushi.judge.aggregate``) and seeker items (``toushi.simulate.run_seeker``) are matched by prompt id.
+    (``toushi.eval.judge.aggregate``) and seeker items (``toushi.eval.simulate.run_seeker``) are matched by prompt id.
     """
     labels: dict[str, dict] = {}
     for a in answers:

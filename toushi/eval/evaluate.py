@@ -5,13 +5,13 @@ no adapter) and one per trained adapter under ``runs/<run>/<sft|dpo|grpo|distill
 
 1. rule metrics per answer (``toushi.metrics``), aggregated with bootstrap 95% CIs;
 2. held-out NLL of the strong answers under the base student and each adapter (transformers + PEFT);
-3. pairwise judge against ``eval.reference`` (``toushi.judge``): both orders, raw and length-controlled
+3. pairwise judge against ``eval.reference`` (``toushi.eval.judge``): both orders, raw and length-controlled
    win rates;
-4. the simulated seeker (``eval.simulate``, ``toushi.simulate``): the change in a role-played poster's feeling
+4. the simulated seeker (``eval.simulate``, ``toushi.eval.simulate``): the change in a role-played poster's feeling
    after reading each system's comment;
-5. the ladder (``toushi.ladder``): each rung of weak -> guided -> sft -> dpo -> distill -> grpo -> selftrain ->
+5. the ladder (``toushi.eval.ladder``): each rung of weak -> guided -> sft -> dpo -> distill -> grpo -> selftrain ->
    strong against the rung before it, by the judge and by the seeker;
-6. all of it again by the posts' emotion, intent and scene (``toushi.strata``), with counts and a flag on
+6. all of it again by the posts' emotion, intent and scene (``toushi.eval.strata``), with counts and a flag on
    cells too small to read.
 
 Outputs in ``runs/<run>/eval/``: ``records.jsonl`` (one record per system x prompt: answer, the post's labels
@@ -32,8 +32,8 @@ from toushi import metrics as M
 from toushi.engines import cache_model, is_truncated
 from toushi.engines.adapters import ADAPTER_STAGES, adapter_fingerprint, run_adapters
 from toushi.errors import ToushiError
-from toushi.ladder import compare as ladder_compare
-from toushi.ladder import steps as ladder_steps
+from toushi.eval.ladder import compare as ladder_compare
+from toushi.eval.ladder import steps as ladder_steps
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
 from toushi.store import StageStore, atomic_write_text, stable_id
@@ -237,8 +237,8 @@ def summarise(answers: list[dict], nll: list[dict], judge: dict | None, n_boot: 
     """Aggregate per-answer records into the summary the report draws (pure: no models, no files): metrics,
     NLL, the judge and seeker blocks as given, the ladder (rung-to-rung comparisons from the judge's
     ``ladder_pairs`` and the seeker's items) and the strata (all of it by each facet of the posts)."""
+    from toushi.eval.strata import stratify
     from toushi.stats import bootstrap_ci
-    from toushi.strata import stratify
 
     systems = sorted({a["system"] for a in answers} | {r["system"] for r in nll},
                      key=lambda s: (SYSTEM_ORDER.index(s) if s in SYSTEM_ORDER else len(SYSTEM_ORDER), s))
@@ -397,7 +397,7 @@ def run_stage(ctx: StageContext) -> dict:
 
     summary = summarise(records, nll_records, judge_block, cfg.bootstrap, r.run.seed, seeker=seeker_block,
                         facets=cfg.strata.facets, min_posts=cfg.strata.min_posts, ladder=cfg.ladder)
-    from toushi.strata import small_cells
+    from toushi.eval.strata import small_cells
 
     notes += small_cells(summary["strata"])
     summary.update(run=r.run.name, lang=r.run.lang, n_prompts=len(prompts), prompt_ids=ids, notes=notes,
@@ -423,7 +423,7 @@ def run_stage(ctx: StageContext) -> dict:
 
 
 def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[str], progress: Progress) -> dict | None:
-    from toushi.judge import PairTask, aggregate, judge_dimensions, pending_calls, run_judge, win_rates
+    from toushi.eval.judge import PairTask, aggregate, judge_dimensions, pending_calls, run_judge, win_rates
 
     r, cfg = ctx.recipe, ctx.recipe.eval
     spec = r.models.judge or r.models.strong
@@ -491,7 +491,7 @@ def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: d
     from contextlib import ExitStack
 
     from toushi.corpus.tagging import label_set
-    from toushi.simulate import make_card, run_seeker, seeker_summary
+    from toushi.eval.simulate import make_card, run_seeker, seeker_summary
 
     r, cfg = ctx.recipe, ctx.recipe.eval.simulate
     spec = r.models.strong if cfg.role == "strong" else (r.models.judge or r.models.strong)
@@ -537,7 +537,7 @@ def _responders(ctx: StageContext, prompts: list[dict], adapters: dict[str, Path
     """How each system answers the seeker in later turns: the model, adapter, system prompt and sampling it
     answered the post with (weak/strong: the pairs' roles; guided: the weak role with its guidance prompt;
     student and adapters: the student with eval's sampling)."""
-    from toushi.simulate import Responder
+    from toushi.eval.simulate import Responder
 
     r = ctx.recipe
     by_id = {p["id"]: p for p in prompts}

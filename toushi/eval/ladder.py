@@ -3,7 +3,7 @@
 weak -> guided -> sft -> dpo -> distill -> grpo -> selftrain -> strong, keeping the rungs the run has. For each
 rung and the previous present rung:
 
-* judge: the pairwise judge (``toushi.judge``, both orders, same machinery as the main comparison) with the
+* judge: the pairwise judge (``toushi.eval.judge``, both orders, same machinery as the main comparison) with the
   previous rung as the reference; the win rate's 95% bootstrap interval against 0.5;
 * seeker: the paired change in the simulated seeker's feeling (this rung's Δ minus the previous rung's Δ on
   the same post; the shared "before" cancels, so this is the difference in "after"), its interval against 0.
@@ -58,8 +58,8 @@ def compare(
 ) -> dict:
     """{"rungs": [...], "steps": [{"from", "to", "judge", "seeker"}]}.
 
-    ``judge_pairs`` are aggregated pairs (``toushi.judge.aggregate``) whose ``reference`` is the previous rung;
-    ``seeker_items`` are ``toushi.simulate`` items of both rungs. Each side is None when it has no data, else
+    ``judge_pairs`` are aggregated pairs (``toushi.eval.judge.aggregate``) whose ``reference`` is the previous rung;
+    ``seeker_items`` are ``toushi.eval.simulate`` items of both rungs. Each side is None when it has no data, else
     {"ci", "verdict", "few"} (+ wins/ties/losses/invalid for the judge, posts for the seeker)."""
     out = []
     for prev, cur in steps(systems):
