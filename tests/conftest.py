@@ -15,12 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TOUSHI_HOME", str(REPO / ".cache" / "toushi"))
-# OpenMP threads that finish a parallel region sleep at once instead of spinning for the next one. The suite runs
-# a foreground test beside the background servers' starts and idle workers on two cores; spinning threads of one
-# process took the cores the other's threads were waiting for. Measured on the 2-core AVX2 kind (test_engines +
-# test_eval, the session server starting beside them): 294 s and 358 s spinning, 228 s passive. Set before any
-# test imports torch, so this process's OpenMP and every process it starts read it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_addoption(parser):
