@@ -11,6 +11,9 @@ STAMP := $(VENV)/.installed
 MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
 TINY := $(TOUSHI_HOME)/models/tiny-random/toushi_model.json
 PYTEST_ARGS ?=
+# Two pytest-xdist workers, each pinned to half the cores; a file's tests stay on one worker, and the files that
+# use the session server share one (tests/conftest.py says why). TEST_WORKERS=0 runs the tests one at a time.
+TEST_WORKERS ?= 2
 
 .PHONY: install model demo test test-all browser lint bench clean
 
@@ -38,13 +41,13 @@ demo: $(MODEL)
 # Every test that proves behaviour; then where the time went (scripts/test_budget.py reads the record pytest
 # writes), so a change that slows the suite is seen. `slow` and `gpu` tests are off here.
 test: model browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	@$(BIN)/python scripts/test_budget.py --top 10
 
 # Also the tests that are long by nature: the whole demo recipe end to end, the two-engine data-parallel server,
 # and the R1 -> Qwen rehearsal end to end (over its 4-minute target for now).
 test-all: model browser
-	$(BIN)/python -m pytest --run-slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --run-slow $(PYTEST_ARGS)
 	@$(BIN)/python scripts/test_budget.py --top 10
 
 # The report's and the review page's browser tests drive Debian's Chromium through Playwright (no browser

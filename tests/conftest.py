@@ -22,6 +22,92 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run long CPU tests")
 
 
+# ---- parallel runs. `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`), each pinned to its own
+# share of the cores, which its OpenMP threads, vLLM engines and training processes inherit. Why: most of the
+# suite's time is one core busy (imports of torch/transformers/TRL in every launched trainer and server, Python
+# between a small model's ops), so one test at a time left the second core idle much of the time; two workers
+# that each also spun a 2-thread OpenMP pool on the same 2 cores thrashed instead (tried: a vLLM test 48 -> 295 s).
+# A file's tests stay on one worker (module fixtures), and every file using the session server is on one worker
+# (one server per run). The long groups are handed out first, so the short ones fill the end.
+
+
+def _worker() -> str | None:
+    """This process's xdist worker id ("gw0", ...), None in the controller or a run without workers."""
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def _parallel(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and getattr(config.option, "dist", "no") != "no"
+
+
+def pytest_configure(config):
+    import time
+
+    config._toushi_began = time.perf_counter()
+    worker = _worker()
+    if worker is not None:
+        cpus = sorted(os.sched_getaffinity(0))
+        n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        if 1 < n <= len(cpus):  # more workers than cores: leave them to the scheduler
+            os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % n::n])
+    elif _parallel(config):
+        out = _times_path()
+        for stale in out.parent.glob(f"{out.stem}.gw*{out.suffix}"):  # an earlier run's workers' records
+            stale.unlink()
+
+
+SERVER_FIXTURES = {"served", "vllm_server"}
+# The files whose tests use the session server. The controller cannot see fixtures (it does not collect), so they
+# are named here; each worker checks the list against the tests' real fixtures and stops the run if one is missing
+# (that file would start a second server on the other worker: minutes, and a GB or two).
+SERVER_FILES = {"test_engines", "test_eval", "test_export", "test_grpo", "test_review", "test_selftrain",
+                "test_serve", "test_twins"}
+# Longest first (scripts/test_budget.py shows where the time goes): the scheduler hands groups out in this order.
+LONG_GROUPS = ("server", "test_effect", "test_guidance", "test_chaos", "test_caching", "test_replicas",
+               "test_reasoning_engines", "test_distill", "test_corpus")
+
+
+def _group(path_or_nodeid: str) -> str:
+    stem = Path(path_or_nodeid.split("::", 1)[0]).stem
+    return "server" if stem in SERVER_FILES else stem
+
+
+@pytest.hookimpl(tryfirst=True)  # firstresult: before xdist's own
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the session server's files as one group."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ServerGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+        def _reschedule(self, node) -> None:
+            # xdist gives a worker its next group while two of its tests are still pending; with two workers and
+            # groups of minutes that commits a long group to a worker that is still busy while the other goes
+            # idle. One pending test is the least that works: a worker runs a test only once it knows the next.
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            if self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
+
+    return ServerGroupScheduling(config, log)
+
+
+def _order_for_workers(items) -> None:
+    missing = sorted({item.path.stem for item in items if SERVER_FIXTURES & set(item.fixturenames)} - SERVER_FILES)
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(missing)} to SERVER_FILES (they use the session "
+                                "server)")
+    rank = {g: i for i, g in enumerate(LONG_GROUPS)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (rank.get(_group(str(it.path)), len(rank)), order[id(it)]))
+
+
 # ---- test-time record: wall and CPU seconds per test (setup + call + teardown), written at the end of the session
 # for scripts/test_budget.py. CPU seconds (this process and the children it waited for) barely move when the
 # machine is shared, so they rank tests even when wall times are noisy.
@@ -41,23 +127,55 @@ def pytest_runtest_protocol(item, nextitem):
 
     wall, cpu = time.perf_counter(), _cpu_seconds()
     yield
-    _TIMES[item.nodeid] = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2)}
+    record = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(_cpu_seconds() - cpu, 2)}
+    if _worker() is not None:
+        record["worker"] = _worker()
+    _TIMES[item.nodeid] = record
     _write_times()  # after every test, so a run that is stopped half-way still says where its time went
     for bg in _LAST_USE.pop(item.nodeid, []):  # a background server no later test uses: its memory back now
         bg.close()
 
 
-def _write_times() -> None:
+def _times_path() -> Path:
+    """The record's path; a worker writes its own (test-times.gw0.json), which the controller merges at the end."""
+    out = Path(os.environ.get("TOUSHI_TEST_TIMES", REPO / ".pytest_cache" / "test-times.json"))
+    return out.with_name(f"{out.stem}.{_worker()}{out.suffix}") if _worker() is not None else out
+
+
+def _write_times(times: dict | None = None) -> None:
     import json
 
-    out = Path(os.environ.get("TOUSHI_TEST_TIMES", REPO / ".pytest_cache" / "test-times.json"))
+    out = _times_path()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_TIMES.copy(), indent=1) + "\n")  # a copy: the background thread adds to it
+    tmp.write_text(json.dumps((times or _TIMES).copy(), indent=1) + "\n")  # a copy: the background thread adds
     tmp.replace(out)
 
 
+def pytest_sessionfinish(session):
+    """The controller (or a run without workers) adds the session's own wall time, and merges the workers'."""
+    import json
+    import time
+
+    if _worker() is not None:
+        return
+    times = dict(_TIMES)
+    out = _times_path()
+    workers = 0
+    if _parallel(session.config):
+        for part in sorted(out.parent.glob(f"{out.stem}.gw*{out.suffix}")):
+            times.update(json.loads(part.read_text()))
+            part.unlink()
+            workers += 1
+    began = getattr(session.config, "_toushi_began", None)
+    if began is not None:
+        times["session::pytest"] = {"wall_s": round(time.perf_counter() - began, 2), "workers": workers}
+    _write_times(times)
+
+
 def pytest_collection_modifyitems(config, items):
+    if _worker() is not None:
+        _order_for_workers(items)
     for marker, flag in (("gpu", "--run-gpu"), ("slow", "--run-slow")):
         if config.getoption(flag):
             continue
@@ -207,23 +325,51 @@ _LAST_USE: dict[str, list] = {}  # test id -> the background servers to stop onc
 
 
 class Background:
-    """One server started by the background thread: ``get()`` waits for it and returns what ``start`` gave."""
+    """One server started by the background thread: ``get()`` waits for it and returns what ``start`` gave.
 
-    def __init__(self, fixture: str, name: str, start):
+    Under xdist workers it is lazy instead: the first ``get()`` starts it in the test's own thread (a worker has
+    its own core for the test and no idle one to start it on, and does not know in advance which tests it gets).
+    ``start(bg, *inputs)`` takes the values of the fixtures named in ``needs``, made by ``prepare``."""
+
+    def __init__(self, fixture: str, name: str, start, needs: tuple[str, ...], lazy: bool):
         import threading
 
-        self.fixture, self.name, self.start, self.done = fixture, name, start, threading.Event()
+        self.fixture, self.name, self.start, self.needs, self.lazy = fixture, name, start, needs, lazy
+        self.done, self.began = threading.Event(), False
+        self.inputs: list | None = None
         self.value, self.error, self.stop = None, None, None
         self.proc = None  # its top process, a child of this one
 
+    def prepare(self, request) -> None:
+        """Make its inputs (fixtures) in the calling thread, once."""
+        if self.inputs is None:
+            self.inputs = [request.getfixturevalue(name) for name in self.needs]
+
+    def run(self) -> None:
+        import time
+
+        began, self.began = time.perf_counter(), True
+        try:
+            self.value = self.start(self, *self.inputs)
+        except BaseException as e:  # the test that waits for it says so
+            self.error = e
+        finally:
+            if not self.lazy:  # its wall time, apart from the tests' (scripts/test_budget.py): it overlaps them
+                _TIMES[f"background::{self.fixture}"] = {"wall_s": round(time.perf_counter() - began, 2)}
+            self.done.set()
+
     def close(self) -> None:
         """Stop it (once a start in progress has finished or failed)."""
+        if self.lazy and not self.began:
+            return
         self.done.wait(timeout=600)
         stop, self.stop = self.stop, None
         if stop is not None:
             stop()
 
     def get(self, timeout_s: float = 1200.0):
+        if self.lazy and not self.began:
+            self.run()
         if not self.done.wait(timeout_s):
             raise RuntimeError(f"background {self.name} not up after {timeout_s:.0f} s")
         if self.error is not None:
@@ -231,7 +377,7 @@ class Background:
         return self.value
 
 
-def _start_session_server(root: Path, adapter: Path, bg: Background):
+def _start_session_server(bg: Background, root: Path, adapter: Path):
     from toushi.serve import make_server
 
     recipe = server_recipe(root, free_port(), adapter)
@@ -246,7 +392,7 @@ def _start_session_server(root: Path, adapter: Path, bg: Background):
 R1_TWIN = "r1-distill-qwen-7b-twin"
 
 
-def _start_r1_server(root: Path, bg: Background):
+def _start_r1_server(bg: Background, root: Path):
     from toushi.engines.server import VLLMServer
 
     server = VLLMServer(cpu_vllm_spec(R1_TWIN, reasoning=True), port=free_port(), log_path=root / "server.log")
@@ -257,7 +403,7 @@ def _start_r1_server(root: Path, bg: Background):
     return server
 
 
-def _start_replicas(root: Path, bg: Background):
+def _start_replicas(bg: Background, root: Path):
     """`toushi serve --replicas 2` (keyed, tiny model) as a user starts it; returns (launcher, base URLs)."""
     import signal
     import subprocess
@@ -315,51 +461,35 @@ def free_ports(n: int) -> int:
 def _background(request, tmp_path_factory):
     """Start, in one background thread, the servers the selected tests use, in the order the tests first need
     them: the session server (fixture ``served``), the R1 twin's reasoning server (``r1_server``), two replicas
-    (``replicas``). Their inputs (models, twins, adapter) are made here first, in this thread."""
+    (``replicas``). Their inputs (models, twins, adapter) are made here first, in this thread. Under xdist
+    workers nothing starts here: each server starts at its first use (see Background)."""
     import threading
 
+    lazy = _worker() is not None
     first_use: dict[str, int] = {}
     last_use: dict[str, str] = {}
     for i, item in enumerate(request.session.items):
         for name in {"served", "r1_server", "replicas"} & set(item.fixturenames):
             first_use.setdefault(name, i)
             last_use[name] = item.nodeid
-    used = set(first_use)
-    wanted: dict[str, Background] = {}
-    if "served" in used:
-        request.getfixturevalue("offline_model")
-        adapter = request.getfixturevalue("lora_adapter")
-        root = tmp_path_factory.mktemp("served")
-        wanted["served"] = Background("served", "session server", lambda bg: _start_session_server(root, adapter, bg))
-    if "r1_server" in used:
-        request.getfixturevalue("twins")
-        root_r1 = tmp_path_factory.mktemp("r1_server")
-        wanted["r1_server"] = Background("r1_server", "R1 twin server", lambda bg: _start_r1_server(root_r1, bg))
-    if "replicas" in used:
-        request.getfixturevalue("tiny_model")
-        root_rep = tmp_path_factory.mktemp("replicas")
-        wanted["replicas"] = Background("replicas", "replicas", lambda bg: _start_replicas(root_rep, bg))
-
-    def run() -> None:
-        import time
-
-        for bg in sorted(wanted.values(), key=lambda bg: first_use[bg.fixture]):
-            began = time.perf_counter()
-            try:
-                bg.value = bg.start(bg)
-            except BaseException as e:  # the test that waits for it says so
-                bg.error = e
-            finally:
-                # its wall time, beside the tests' (scripts/test_budget.py lists these apart: they overlap them)
-                _TIMES[f"background::{bg.fixture}"] = {"wall_s": round(time.perf_counter() - began, 2)}
-                bg.done.set()
-
+    wanted = {
+        "served": Background("served", "session server", _start_session_server, ("session_root", "lora_adapter"),
+                             lazy),
+        "r1_server": Background("r1_server", "R1 twin server", _start_r1_server, ("r1_root", "twins"), lazy),
+        "replicas": Background("replicas", "replicas", _start_replicas, ("replicas_root", "tiny_model"), lazy),
+    }
+    wanted = {name: bg for name, bg in wanted.items() if name in first_use}
     # each is stopped after the last test that uses it (an idle vLLM worker still polls, and holds a GB or two
     # that the page cache of the later tests' models could use), the rest at the end of the session
     for name, bg in wanted.items():
         _LAST_USE.setdefault(last_use[name], []).append(bg)
-    thread = threading.Thread(target=run, name="background-servers", daemon=True)
-    thread.start()
+    if not lazy:
+        ordered = sorted(wanted.values(), key=lambda bg: first_use[bg.fixture])
+        for bg in ordered:
+            bg.prepare(request)
+        thread = threading.Thread(target=lambda: [bg.run() for bg in ordered], name="background-servers",
+                                  daemon=True)
+        thread.start()
     try:
         yield wanted
     finally:
@@ -368,9 +498,26 @@ def _background(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def served(_background):
+def session_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="session")
+def r1_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("r1_server")
+
+
+@pytest.fixture(scope="session")
+def replicas_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("replicas")
+
+
+@pytest.fixture(scope="session")
+def served(_background, request):
     """(recipe, VLLMServer) of the session server (see server_recipe), healthy."""
-    return _background["served"].get()
+    bg = _background["served"]
+    bg.prepare(request)
+    return bg.get()
 
 
 @pytest.fixture(scope="session")
@@ -382,17 +529,21 @@ def vllm_server(served):
 
 
 @pytest.fixture(scope="session")
-def r1_server(_background) -> Background:
+def r1_server(_background, request) -> Background:
     """The R1-Distill-Qwen-7B twin behind a vLLM server with the deepseek_r1 reasoning parser (no key): a handle
     whose ``get()`` waits for the VLLMServer, so a test that may not need it does not wait for it."""
-    return _background["r1_server"]
+    bg = _background["r1_server"]
+    bg.prepare(request)
+    return bg
 
 
 @pytest.fixture(scope="session")
-def replicas(_background) -> Background:
+def replicas(_background, request) -> Background:
     """`toushi serve --replicas 2` of the tiny model, keyed with $SERVER_KEY_ENV: a handle whose ``get()`` gives
     (launcher process, [base URL of each replica]). One test owns it: it kills replicas and stops the launcher."""
-    return _background["replicas"]
+    bg = _background["replicas"]
+    bg.prepare(request)
+    return bg
 
 
 def write_corpus(run_dir: Path, posts: list[str]) -> None:

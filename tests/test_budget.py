@@ -34,3 +34,20 @@ def test_budget_lists_tests_files_and_background_apart(tmp_path, capsys):
     assert budget()([str(record), "--budget-min", "3"]) == 1  # 3.5 min is over a 3-minute budget
     assert budget()([str(record), "--budget-min", "4"]) == 0
     assert budget()([str(tmp_path / "missing.json")]) == 2
+
+
+def test_budget_under_workers_checks_the_runs_own_wall_and_shows_each_worker(tmp_path, capsys):
+    record = tmp_path / "times.json"
+    record.write_text(json.dumps({
+        "tests/test_a.py::test_slow": {"wall_s": 120.0, "cpu_s": 100.0, "worker": "gw0"},
+        "tests/test_b.py::test_other": {"wall_s": 90.0, "cpu_s": 80.0, "worker": "gw1"},
+        "tests/test_b.py::test_short": {"wall_s": 30.0, "cpu_s": 20.0, "worker": "gw1"},
+        "session::pytest": {"wall_s": 150.0, "workers": 2},
+    }))
+    # the tests' walls sum to 4 minutes; the run took 2.5: the budget is checked against the run
+    assert budget()([str(record), "--budget-min", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 tests, 4.0 min wall")
+    assert "pytest ran 2.5 min on 2 xdist workers" in out
+    assert "  120.0    1  gw0" in out and "  120.0    2  gw1" in out
+    assert budget()([str(record), "--budget-min", "2"]) == 1

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from toushi.errors import ToushiError
-from toushi.paths import toushi_home
+from toushi.paths import cache_lock, toushi_home
 
 
 class FetchError(ToushiError, RuntimeError):
@@ -48,10 +48,17 @@ def _download(client: str, package: str, dest: Path) -> Path:
 def package_tarball(client: str, package: str, pinned_sha256: str | None = None) -> Path:
     """The package's tarball (``client`` is "npm" or "pip"; ``package`` as that client names it, with its
     version), fetched on first use. With ``pinned_sha256`` the bytes must match it, or nothing is kept."""
-    home = toushi_home() / "downloads" / re.sub(r"[^A-Za-z0-9.-]+", "_", package).strip("_")
+    key = re.sub(r"[^A-Za-z0-9.-]+", "_", package).strip("_")
+    home = toushi_home() / "downloads" / key
     cached = next(iter(sorted(home.glob("*.t*gz"))), None) if home.is_dir() else None
     if cached is not None:
         return cached
+    with cache_lock(f"download-{key}"):  # another process may be fetching it: wait, then look again
+        cached = next(iter(sorted(home.glob("*.t*gz"))), None) if home.is_dir() else None
+        return cached if cached is not None else _fetch_tarball(client, package, pinned_sha256, home)
+
+
+def _fetch_tarball(client: str, package: str, pinned_sha256: str | None, home: Path) -> Path:
     home.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=home.parent, prefix=".fetch.") as work:
         tarball = _download(client, package, Path(work))

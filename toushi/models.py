@@ -22,7 +22,7 @@ from pathlib import Path
 
 from toushi.errors import ToushiError
 from toushi.fetch import sha256
-from toushi.paths import toushi_home
+from toushi.paths import cache_lock, toushi_home
 
 MARKER = "toushi_model.json"
 
@@ -153,10 +153,17 @@ def fetch(name: str, force: bool = False) -> Path:
     """Download and convert an offline model once; later calls return the cached path at once."""
     if name not in OFFLINE:
         raise ModelError(f"no offline model named {name!r}; known: {', '.join(OFFLINE)}")
-    spec = OFFLINE[name]
     final = cached_path(name)
     if is_cached(name) and not force:
         return final
+    with cache_lock(name):  # another process may be building it right now: wait, then look again
+        if is_cached(name) and not force:
+            return final
+        return _fetch(name, final)
+
+
+def _fetch(name: str, final: Path) -> Path:
+    spec = OFFLINE[name]
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{name}.") as work:
         work = Path(work)
         gguf = _download_gguf(spec, work)
@@ -170,13 +177,24 @@ def fetch(name: str, force: bool = False) -> Path:
 
 def make_tiny(force: bool = False) -> Path:
     """A random-weight 2-layer model with SmolLM2's tokenizer and chat template (needs the fetch first)."""
+    final = cached_path(TINY)
+
+    def current() -> bool:
+        return is_cached(TINY) and json.loads((final / MARKER).read_text()).get("version") == TINY_VERSION
+
+    if current() and not force:
+        return final
+    base = fetch("smollm2-135m-instruct")
+    with cache_lock(TINY):
+        if current() and not force:
+            return final
+        return _make_tiny(base, final)
+
+
+def _make_tiny(base: Path, final: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    final = cached_path(TINY)
-    if is_cached(TINY) and not force and json.loads((final / MARKER).read_text()).get("version") == TINY_VERSION:
-        return final
-    base = fetch("smollm2-135m-instruct")
     config = AutoConfig.from_pretrained(base)
     config.update(
         dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=2,

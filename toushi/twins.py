@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toushi.models import ModelError, _finish, cached_path, is_cached, models_dir
-from toushi.paths import toushi_home
+from toushi.paths import cache_lock, toushi_home
 
 # Bumped when a twin's files change, so older caches are rebuilt. v3: toushi_model.json lists only the sources
 # each twin uses, and which added tokens R1 renames.
@@ -166,6 +166,13 @@ def sources_dir() -> Path:
 def fetch_sources() -> Path:
     """Fetch the twins' source files once (about 100 MB of downloads, shared with the GGUF converter; about 12 MB
     extracted); later calls return at once. Every file is checked against its pinned sha256."""
+    if all(s.cached.exists() for s in SOURCES):
+        return sources_dir()
+    with cache_lock("twin-sources"):  # another process may be writing them: wait, then look again
+        return _fetch_sources()
+
+
+def _fetch_sources() -> Path:
     from toushi.fetch import FetchError, package_tarball
 
     missing = [s for s in SOURCES if not s.cached.exists()]
@@ -257,9 +264,20 @@ def make_twin(name: str, force: bool = False, real_width: bool = False) -> Path:
     twin = TWINS[name]
     cached_name = twin.cached_name_at(real_width)
     final = cached_path(cached_name)
-    if is_cached(cached_name) and not force:
-        if json.loads((final / "toushi_model.json").read_text()).get("version") == TWIN_VERSION:
+
+    def current() -> bool:
+        return is_cached(cached_name) and json.loads((final / "toushi_model.json").read_text()).get(
+            "version") == TWIN_VERSION
+
+    if current() and not force:
+        return final
+    with cache_lock(cached_name):  # another process may be building it: wait, then look again
+        if current() and not force:
             return final
+        return _make_twin(twin, cached_name, final, real_width)
+
+
+def _make_twin(twin: Twin, cached_name: str, final: Path, real_width: bool) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
