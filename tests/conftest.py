@@ -79,6 +79,8 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
+    config.option.loadscopereorder = False  # xdist would sort the groups by test count: the long ones last
+
     class ServerGroupScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _group(nodeid)
