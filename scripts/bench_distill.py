@@ -63,8 +63,8 @@ def teacher_answers(model_path: str, recs: list[dict]) -> tuple[list[str], list[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toushi.distill import teacher_prompt_ids
     from toushi.pairs import conversation
+    from toushi.teacher import teacher_prompt_ids
 
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.padding_side = "left"
@@ -117,8 +117,8 @@ def heldout_scores(model_path: str, adapters: dict[str, Path], held: list[dict],
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toushi.distill import answer_divergence
     from toushi.rewards import format_reward, length_reward, repetition_reward
+    from toushi.teacher import answer_divergence
 
     tok = AutoTokenizer.from_pretrained(model_path)
     tok.padding_side = "left"
@@ -172,8 +172,8 @@ def main() -> None:
     if args.reuse and set(guided) == {r["id"] for r in recs}:  # greedy: the same answers as last time
         from transformers import AutoTokenizer
 
-        from toushi.distill import teacher_prompt_ids
         from toushi.pairs import conversation
+        from toushi.teacher import teacher_prompt_ids
 
         tok = AutoTokenizer.from_pretrained(model_path)
         answers = [guided[r["id"]] for r in recs]

@@ -143,7 +143,7 @@ def test_sft_both_targets():
     assert len({e["id"] for e in examples}) == len(examples)
 
 
-def test_dpo_pairs_and_ladder():
+def test_dpo_pairs_and_guided_pairs():
     pairs, guided = make_records()
     examples, counts = build_dpo(pairs, guided)
     assert counts["by_kind"] == {"strong>weak": 11}
@@ -151,7 +151,7 @@ def test_dpo_pairs_and_ladder():
     e = examples[0]
     assert e["prompt"][0]["role"] == "user" and e["chosen"][0]["role"] == "assistant"
     assert e["chosen"][0]["content"] != e["rejected"][0]["content"]
-    ladder, counts = build_dpo(pairs, guided, ladder=True)
+    _, counts = build_dpo(pairs, guided, guided_pairs=True)
     assert counts["by_kind"] == {"strong>weak": 11, "strong>guided": 11, "guided>weak": 12}
 
 
@@ -164,7 +164,7 @@ def test_drop_markdown_off_keeps_markdown_answers():
 def test_load_from_run_and_empty_error(tmp_path):
     run = write_run(tmp_path / "run")
     sft, _ = load_sft(run)
-    dpo, _ = load_dpo(run, ladder=True)
+    dpo, _ = load_dpo(run, guided_pairs=True)
     assert len(sft) == 11 and len(dpo) == 34
     # every train answer flagged -> a clear error with the counts
     pairs, _ = make_records()
@@ -211,7 +211,7 @@ def test_truncated_answers_are_never_targets(tiny_model):
     # p04, p07 strong; p05 guided and p02's unterminated guided answer; all counted as truncated
     assert counts["dropped"] == {"strong_markdown": 1, "strong_empty": 1, "strong_truncated": 2, "guided_truncated": 2}
 
-    dpo, counts = build_dpo(pairs, guided, ladder=True)
+    dpo, counts = build_dpo(pairs, guided, guided_pairs=True)
     assert not {e["chosen"][0]["content"] for e in dpo} & cut_texts
     assert counts["dropped"]["strong>weak_chosen_strong_truncated"] == 2
     rejected = [e for e in dpo if e["rejected"][0]["content"] == real["text"]]

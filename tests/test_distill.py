@@ -93,9 +93,9 @@ def test_guided_distill_moves_student_toward_guided_teacher_on_heldout(guided_ru
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toushi.distill import answer_divergence, teacher_prompt_ids
     from toushi.guided import guided_systems
     from toushi.pairs import conversation
+    from toushi.teacher import answer_divergence, teacher_prompt_ids
 
     run_dir, recipe, base_path = guided_run
     pairs = StageStore(run_dir, "pairs").records()
@@ -183,7 +183,7 @@ def test_strong_teacher_with_padding_rows_and_foreign_end_token(tmp_path, tiny_m
 def test_teacher_prompt_closes_think_block_with_pairs_reasoning(tiny_model):
     from transformers import AutoTokenizer
 
-    from toushi.distill import teacher_prompt_ids, think_prefill
+    from toushi.teacher import teacher_prompt_ids, think_prefill
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     conv = [{"role": "user", "content": "I failed my exam."}]
@@ -262,7 +262,7 @@ def tiny_trainer(tmp_path, tiny_model, unscored_ids=None, **config):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig
 
-    from toushi.distill import TeacherPromptDistillationTrainer
+    from toushi.teacher import TeacherPromptDistillationTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.padding_side = "left"

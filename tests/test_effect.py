@@ -113,8 +113,8 @@ def test_distill_from_a_trained_teacher_lowers_reverse_kl_to_it(effect):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toushi.distill import answer_divergence, teacher_prompt_ids
     from toushi.pairs import conversation
+    from toushi.teacher import answer_divergence, teacher_prompt_ids
 
     teacher_path, held = effect["teacher"], effect["held"][:8]
     tok = AutoTokenizer.from_pretrained(teacher_path)

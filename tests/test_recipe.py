@@ -70,6 +70,7 @@ def test_override_into_list(tmp_path):
         ({"run": {"name": "t", "stages": ["bake"]}}, "run.stages.0", "Input should be"),
         ({"run": {"name": "t"}, "corpus": {"sources": [{"format": "esconv"}]}}, "corpus.sources.0", "exactly one of"),
         ({"run": {"name": "t"}, "corpus": {"sources": [{"hub": "not an id"}]}}, "corpus.sources.0.hub", "pattern"),
+        ({"run": {"name": "t"}, "dpo": {"ladder": True}}, "dpo", "dpo.ladder is now dpo.guided_pairs"),
     ],
 )
 def test_errors_name_the_key(tmp_path, data, key, what):

@@ -129,7 +129,7 @@ def _pair(rec_id: str, kind: str, i: int, prompt: str, chosen: str, rejected: st
     }
 
 
-def _ladder_rung(rec_id, kind, prompt, better, worse, drop_markdown, dropped, better_role, worse_role):
+def _pair_rung(rec_id, kind, prompt, better, worse, drop_markdown, dropped, better_role, worse_role):
     """Zip the i-th usable better answer with the i-th worse one (n answers per role give n pairs)."""
     good = _usable(better, drop_markdown, dropped, f"{kind}_chosen_{better_role}")
     # A rejected answer may be as bad as it likes, except empty: an empty rejected teaches only "say something".
@@ -146,9 +146,9 @@ def _ladder_rung(rec_id, kind, prompt, better, worse, drop_markdown, dropped, be
 
 
 def build_dpo(
-    pairs: list[dict], guided: list[dict], *, ladder: bool = False, drop_markdown: bool = True
+    pairs: list[dict], guided: list[dict], *, guided_pairs: bool = False, drop_markdown: bool = True
 ) -> tuple[list[dict], dict]:
-    """DPO pairs: strong > weak; with ``ladder`` also strong > guided and guided > weak (same prompts)."""
+    """DPO pairs: strong > weak; with ``guided_pairs`` also strong > guided and guided > weak (same prompts)."""
     dropped: Counter = Counter()
     examples: list[dict] = []
     heldout = 0
@@ -158,14 +158,14 @@ def build_dpo(
             heldout += 1
             continue
         args = (drop_markdown, dropped)
-        examples += _ladder_rung(rec["id"], "strong>weak", rec["prompt"], rec.get("strong"), rec.get("weak"), *args,
-                                 "strong", "weak")
+        examples += _pair_rung(rec["id"], "strong>weak", rec["prompt"], rec.get("strong"), rec.get("weak"), *args,
+                               "strong", "weak")
         g = guided_by_id.get(rec["id"])
-        if ladder and g:
-            examples += _ladder_rung(rec["id"], "strong>guided", rec["prompt"], rec.get("strong"), g.get("guided"),
-                                     *args, "strong", "guided")
-            examples += _ladder_rung(rec["id"], "guided>weak", rec["prompt"], g.get("guided"), rec.get("weak"),
-                                     *args, "guided", "weak")
+        if guided_pairs and g:
+            examples += _pair_rung(rec["id"], "strong>guided", rec["prompt"], rec.get("strong"), g.get("guided"),
+                                   *args, "strong", "guided")
+            examples += _pair_rung(rec["id"], "guided>weak", rec["prompt"], g.get("guided"), rec.get("weak"),
+                                   *args, "guided", "weak")
     counts = {
         "prompts": len(pairs),
         "heldout_excluded": heldout,
@@ -210,12 +210,13 @@ def load_sft(
     return examples, counts
 
 
-def load_dpo(run_dir: Path, *, ladder: bool = False, drop_markdown: bool = True) -> tuple[list[dict], dict]:
-    """Read pairs (+ guided for the ladder) from the run and build the DPO set; raises DatasetError when empty."""
+def load_dpo(run_dir: Path, *, guided_pairs: bool = False, drop_markdown: bool = True) -> tuple[list[dict], dict]:
+    """Read pairs (+ guided for the guided pairs) from the run and build the DPO set; raises DatasetError when
+    empty."""
     run_dir = Path(run_dir)
     pairs = _read_stage(run_dir, "pairs")
-    guided = _read_stage(run_dir, "guided") if ladder else []
-    examples, counts = build_dpo(pairs, guided, ladder=ladder, drop_markdown=drop_markdown)
+    guided = _read_stage(run_dir, "guided") if guided_pairs else []
+    examples, counts = build_dpo(pairs, guided, guided_pairs=guided_pairs, drop_markdown=drop_markdown)
     _require(examples, counts, "DPO", run_dir)
     return examples, counts
 

@@ -199,7 +199,7 @@ def export_data(run_dir: Path, fmt: str, out_dir: Path | None = None) -> dict:
     builders = {
         "sft": lambda: load_sft(run_dir, target=recipe.sft.target, context_distillation=recipe.sft.context_distillation,
                                 keep_think=recipe.sft.keep_think, drop_markdown=recipe.sft.drop_markdown),
-        "dpo": lambda: load_dpo(run_dir, ladder=recipe.dpo.ladder, drop_markdown=recipe.dpo.drop_markdown),
+        "dpo": lambda: load_dpo(run_dir, guided_pairs=recipe.dpo.guided_pairs, drop_markdown=recipe.dpo.drop_markdown),
     }
     errors = []
     for kind, build in builders.items():

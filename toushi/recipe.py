@@ -422,7 +422,16 @@ class SFTSection(Section):
 class DPOSection(Section):
     beta: float = Field(0.1, gt=0, description="DPO beta.")
     loss_type: str = Field("sigmoid", description="TRL DPO loss type (sigmoid, ipo, robust, ...).")
-    ladder: bool = Field(False, description="Add strong>guided and guided>weak pairs (three-tier ladder).")
+    guided_pairs: bool = Field(
+        False, description="Also pair the guided answers: strong > guided and guided > weak, beside strong > weak."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_key(cls, data):
+        if isinstance(data, dict) and "ladder" in data:  # its name until Session 14; eval.ladder is another thing
+            raise ValueError("dpo.ladder is now dpo.guided_pairs (eval.ladder compares the systems)")
+        return data
     from_sft: bool = Field(False, description="Start from the SFT adapter instead of the base student.")
     drop_markdown: bool = Field(True, description="Drop pairs whose chosen answer is flagged as markdown.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA / QLoRA adapter settings.")

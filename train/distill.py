@@ -7,7 +7,7 @@ next-token distributions (reverse KL by default) over the answer tokens only.
 
 recipe -> pre-flight teacher/student check (configs and tokenizers: vocabulary, embedding rows, end tokens,
 chat templates) -> student (+ LoRA, or the SFT adapter) and teacher -> the train prompts of runs/<run>/pairs, each
-with the teacher's own prompt -> toushi.distill.TeacherPromptDistillationTrainer (TRL's trainer; the teacher reads
+with the teacher's own prompt -> toushi.teacher.TeacherPromptDistillationTrainer (TRL's trainer; the teacher reads
 its own prompt before the student's answer) -> runs/<run>/distill/adapter/ and the stage manifest (divergence
 curve, tokens/s, teacher calls, what the pre-flight check found).
 
@@ -37,13 +37,13 @@ from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 from trl import DistillationConfig  # noqa: E402
 
 from toushi.datasets import pairs_reasoning  # noqa: E402
-from toushi.distill import TeacherPromptDistillationTrainer, slice_rows, teacher_prompt_ids  # noqa: E402
 from toushi.engines import is_truncated  # noqa: E402
 from toushi.engines.adapters import complete_adapter  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
 from toushi.pairs import conversation  # noqa: E402
 from toushi.preflight import check_teacher, end_ids  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
+from toushi.teacher import TeacherPromptDistillationTrainer, slice_rows, teacher_prompt_ids  # noqa: E402
 from toushi.templates import render_file  # noqa: E402
 from toushi.tracking import end as end_tracking  # noqa: E402
 from toushi.tracking import start as start_tracking  # noqa: E402

@@ -1,4 +1,4 @@
-"""LoRA / QLoRA DPO of the student: strong answers preferred over weak ones (optionally the full ladder).
+"""LoRA / QLoRA DPO of the student: strong answers preferred over weak ones (optionally guided answers between them).
 
     accelerate launch [--config_file recipes/accelerate/X.yaml] train/dpo.py --recipe recipes/X.yaml \
         [--set dpo.beta=0.2] [--resume]
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config = None
 
     # ---- data
-    examples, counts = load_dpo(recipe.run_dir, ladder=cfg.ladder, drop_markdown=cfg.drop_markdown)
+    examples, counts = load_dpo(recipe.run_dir, guided_pairs=cfg.guided_pairs, drop_markdown=cfg.drop_markdown)
     train_examples, eval_examples = split_eval(examples, cfg.train.eval_fraction, recipe.run.seed)
     counts.update(train_examples=len(train_examples), eval_examples=len(eval_examples))
     print(f"[toushi] DPO data: {counts}", flush=True)
