@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory):
     rd = write_run(root / "runs" / "exp")
     recipe = Recipe.model_validate({"run": {"name": "exp", "dir": str(rd.parent)},
                                     "models": {"student": {"name": "smollm2-135m-instruct"}},
-                                    "dpo": {"ladder": True}})
+                                    "dpo": {"guided_pairs": True}})
     save_recipe(recipe, rd)
     return rd
 
@@ -62,7 +62,7 @@ def test_export_formats_load_with_datasets(run_dir, fmt):
 
     result = export_data(run_dir, fmt)
     out = run_dir / "export" / fmt
-    assert result["sft"] == 11 and result["dpo"] == 34  # ladder on: 11 + 11 + 12
+    assert result["sft"] == 11 and result["dpo"] == 34  # guided pairs on: 11 + 11 + 12
     info = json.loads((out / "dataset_info.json").read_text())
     assert info["toushi_dpo"]["ranking"] is True
     for kind, n in (("sft", 11), ("dpo", 34)):

@@ -99,7 +99,7 @@ def test_rehearsal_transforms_the_loaded_recipe(twins):
     r = rehearse(shipped, overrides=["corpus.max_posts=3", "models.strong.thinking_budget=2"])
     assert r.run.name == "r1-qwen-rehearsal" and shipped.run.name == "r1-qwen"  # the loaded recipe is left as it was
     assert (r.corpus.max_posts, r.models.strong.thinking_budget) == (3, 2)
-    for key in ("sft.lora", "dpo.beta", "dpo.ladder", "grpo.reward_weights", "distill.beta", "distill.strong_reasoning",
+    for key in ("sft.lora", "dpo.beta", "dpo.guided_pairs", "grpo.reward_weights", "distill.beta", "distill.strong_reasoning",
                 "guidance.mode", "eval.judge", "corpus.sources", "models.strong.sampling.temperature"):
         assert r.section_hash(key) == shipped.section_hash(key), key
     assert r.sft.train.max_steps == 1 and r.sft.train.accelerate_config is None and r.models.weak.kv_cache_gb == 0.25

@@ -111,7 +111,7 @@ def inspect_run(run_dir: Path, stage: str, n: int = 3, console: Console | None =
         samples = [(e["id"], e["messages"][:-1], {"completion": e["messages"][-1:]}) for e in examples[:n]]
         keep_think = recipe.sft.keep_think
     elif stage == "dpo":
-        examples, counts = load_dpo(run_dir, ladder=recipe.dpo.ladder, drop_markdown=recipe.dpo.drop_markdown)
+        examples, counts = load_dpo(run_dir, guided_pairs=recipe.dpo.guided_pairs, drop_markdown=recipe.dpo.drop_markdown)
         samples = [(e["id"], e["prompt"], {"chosen": e["chosen"], "rejected": e["rejected"]}) for e in examples[:n]]
         keep_think = False
     else:
