@@ -63,8 +63,8 @@ SERVER_FIXTURES = {"served", "vllm_server"}
 SERVER_FILES = {"test_engines", "test_eval", "test_export", "test_grpo", "test_review", "test_selftrain",
                 "test_serve", "test_twins"}
 # Longest first (scripts/test_budget.py shows where the time goes): the scheduler hands groups out in this order.
-LONG_GROUPS = ("server", "test_effect", "test_guidance", "test_chaos", "test_caching", "test_replicas",
-               "test_reasoning_engines", "test_distill", "test_corpus")
+LONG_GROUPS = ("server", "test_effect", "test_guidance", "test_replicas", "test_chaos", "test_caching",
+               "test_reasoning_engines", "test_sharded_save", "test_distill", "test_train")
 
 
 def _group(path_or_nodeid: str) -> str:
@@ -394,7 +394,8 @@ def _start_session_server(bg: Background, root: Path, adapter: Path):
 R1_TWIN = "r1-distill-qwen-7b-twin"
 
 
-def _start_r1_server(bg: Background, root: Path):
+def _start_r1_server(bg: Background, root: Path, twins: dict[str, Path]):
+    """The R1 twin (made by the ``twins`` fixture) behind a vLLM server with the reasoning parser."""
     from toushi.engines.server import VLLMServer
 
     server = VLLMServer(cpu_vllm_spec(R1_TWIN, reasoning=True), port=free_port(), log_path=root / "server.log")
@@ -405,8 +406,9 @@ def _start_r1_server(bg: Background, root: Path):
     return server
 
 
-def _start_replicas(bg: Background, root: Path):
-    """`toushi serve --replicas 2` (keyed, tiny model) as a user starts it; returns (launcher, base URLs)."""
+def _start_replicas(bg: Background, root: Path, tiny_model: Path):
+    """`toushi serve --replicas 2` (keyed, the tiny model, by name) as a user starts it; returns (launcher, base
+    URLs)."""
     import signal
     import subprocess
     import sys

@@ -89,12 +89,13 @@ def test_unknown_twin_is_a_clear_error():
         make_twin("llama")
 
 
-def test_check_prints_r1_qwen_pairs(twins, tmp_path):
+def test_check_prints_r1_qwen_pairs(twins, tmp_path, monkeypatch):
     """`toushi check` on the shipped GPU recipe with its models' twins: the numbers the recipe's comments state,
     read from the real tokenizers; a served adapter trained on another tokenizer is refused."""
     from conftest import make_lora_adapter
     from typer.testing import CliRunner
 
+    from toushi import cli
     from toushi.cli import app
 
     runs = tmp_path / "runs"
@@ -102,7 +103,10 @@ def test_check_prints_r1_qwen_pairs(twins, tmp_path):
     args = ["check", "recipes/r1-qwen-gpu.yaml", "--set", f"run.dir={runs}",
             "--set", "models.strong.name=r1-distill-qwen-7b-twin",
             "--set", "models.student.name=qwen2.5-1.5b-instruct-twin"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    # wide enough that no table cell wraps: the CLI's console fixed its width when toushi.cli was imported (80
+    # where COLUMNS said so then, as in an xdist worker), so COLUMNS given to this invocation alone would not do
+    monkeypatch.setattr(cli.out, "_width", 250)
+    result = CliRunner().invoke(app, args)
     out = result.output
     assert result.exit_code == 0, out
     assert "distill: student / teacher (strong)" in out and "serve: student / sft adapter" in out
@@ -115,6 +119,6 @@ def test_check_prints_r1_qwen_pairs(twins, tmp_path):
     assert out.count("│ template round-trip │ ok") == 2
 
     make_lora_adapter(twins["r1-distill-qwen-1.5b"], runs / "r1-qwen" / "dpo" / "adapter")
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "toushi refuses: the dpo adapter was trained with another tokenizer" in result.output
