@@ -72,7 +72,7 @@ def _group(path_or_nodeid: str) -> str:
     return "server" if stem in SERVER_FILES else stem
 
 
-@pytest.hookimpl(tryfirst=True)  # firstresult: before xdist's own
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own (firstresult); fine without xdist
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile`, with the session server's files as one group."""
     if config.getvalue("dist") != "loadfile":
