@@ -26,7 +26,8 @@ def pytest_addoption(parser):
 # share of the cores, which its OpenMP threads, vLLM engines and training processes inherit. Why: most of the
 # suite's time is one core busy (imports of torch/transformers/TRL in every launched trainer and server, Python
 # between a small model's ops), so one test at a time left the second core idle much of the time; two workers
-# that each also spun a 2-thread OpenMP pool on the same 2 cores thrashed instead (tried: a vLLM test 48 -> 295 s).
+# that each also spun a 2-thread OpenMP pool on the same 2 cores thrashed instead (tried on the AVX2 kind, flags
+# avx2 without avx512f: a vLLM test 48 -> 295 s).
 # A file's tests stay on one worker (module fixtures), and every file using the session server is on one worker
 # (one server per run). The long groups are handed out first, so the short ones fill the end.
 
