@@ -64,12 +64,14 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_native(monkeypatch):
 def test_call_caches_key_on_the_dtype_the_weights_run_in(monkeypatch):
     """A changed dtype, or `auto` resolving otherwise on another CPU, must not reuse cached answers."""
     import toushi.hardware
+    from toushi.calls import Calls
     from toushi.engines import cache_model
-    from toushi.pairs import sample_key
 
-    conv = CONVS[0]
+    def key(spec) -> str:
+        return Calls(None, cache_model(spec), lambda: None, GREEDY, kind="weak").key(CONVS[0])
+
     fp32, bf16 = cpu_vllm_spec("m", dtype="float32"), cpu_vllm_spec("m", dtype="bfloat16")
-    assert sample_key(conv, cache_model(fp32), GREEDY, 0) != sample_key(conv, cache_model(bf16), GREEDY, 0)
+    assert key(fp32) != key(bf16)
     auto = cpu_vllm_spec("m", dtype="auto")
     monkeypatch.setattr(toushi.hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     on_bf16_cpu = cache_model(auto)

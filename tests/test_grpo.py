@@ -129,9 +129,8 @@ def test_judge_reward_against_real_server_is_parsed_and_cached(vllm_server, tmp_
     records = cache.records()
     assert len(records) == 2  # one verdict per distinct (post, answer)
     for rec, value in zip(records, first):
-        assert rec["raw"]  # the judge's own words are kept for inspection
-        assert rec["score"] == parse_score(rec["raw"]) is not None
-        assert value == (rec["score"] - 5.5) / 4.5
+        raw = rec["completion"]["text"]  # the judge's own words are kept, and parsed when read
+        assert parse_score(raw) is not None and value == (parse_score(raw) - 5.5) / 4.5
     assert scorer.invalid == 0
     # second call: everything comes from the cache, no request reaches the server
     again = reward(prompts=[None] * 3, completions=completions, post=[SHORT_POST] * 3)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from toushi.calls import Calls
 from toushi.eval.judge import rubric
 from toushi.guidance import build_pairs, load_guidance, run_stage
 from toushi.guidance import modes as M
@@ -17,7 +18,7 @@ from toushi.guidance.gate import both_orders, decide
 from toushi.guidance.memory import Memory, parse_ops
 from toushi.guidance.packing import pack, shrink_pair, token_counter
 from toushi.guidance.render import parse_markdown, read_guidance_file, to_markdown
-from toushi.guidance.session import CallCache, Session
+from toushi.guidance.session import Session
 from toushi.recipe import Sampling, load_recipe
 from toushi.runner import StageContext
 from toushi.stages import declared_view
@@ -348,7 +349,7 @@ def _session(tmp_path, engine, pairs, mode, **kw) -> Session:
     store = StageStore(tmp_path, "guidance")
     spec_path = str(Path(engine.spec.name))
     return Session(
-        store=store, lang="en", calls=CallCache(store, lambda: engine, "smollm2", Sampling(temperature=0.3, max_tokens=768)),
+        store=store, lang="en", calls=Calls(store, "smollm2", lambda: engine, Sampling(temperature=0.3, max_tokens=768), kind="guidance"),
         pairs=pairs, blind=kw.get("blind", True), cap=3, max_dimensions=4, batch_size=kw.get("batch_size", 3),
         count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1200), drift_threshold=0.3, mode=mode,
         gate=kw.get("gate"), seeds={d["name"]: d["definition"] for d in rubric("en")[:kw.get("seeds", 3)]},
@@ -421,7 +422,7 @@ def test_resume_after_kill_repeats_no_finished_call(tmp_path, engine, pairs_reco
     again = Counting(engine)
     s2 = _session(tmp_path, again, pairs, "refine", batch_size=2)
     M.refine(s2, pairs)
-    assert s2.calls.cached_calls >= len(done)
+    assert s2.calls.stats.cached >= len(done)
     records = StageStore(tmp_path, "guidance").records()
     assert len(records) == len({r["id"] for r in records})  # nothing generated twice
     full = Counting(engine)

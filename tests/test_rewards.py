@@ -114,20 +114,22 @@ def test_judge_scorer_counts_an_unreadable_verdict_and_never_scores_it(tmp_path)
     from toushi.rewards import SCORE_FORMAT, JudgeScorer
     from toushi.store import StageStore
 
-    class Unconstrained:
+    class Unconstrained:  # scores the plain answer, refuses the one in markdown however often it is asked
         def __init__(self):
-            self.constraints = []
+            self.constraints, self.asked = [], 0
 
         def generate(self, conversations, sampling, structured=None):
-            self.constraints.append(structured)
-            texts = ["Score: 8", "I would rather not rate this."]
-            return [[make_completion(texts[i % 2], finish_reason="stop", prompt_tokens=1, completion_tokens=1,
-                                     latency_s=0.0, model="scripted")] for i in range(len(conversations))]
+            self.constraints.extend(structured)
+            self.asked += len(conversations)
+            texts = ["I would rather not rate this." if "**" in c[0]["content"] else "Score: 8" for c in conversations]
+            return [[make_completion(t, finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                                     latency_s=0.0, model="scripted")] for t in texts]
 
     engine = Unconstrained()
     scorer = JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=8), StageStore(tmp_path, "c"), "scripted")
     assert scorer.scores([SHORT_POST] * 2, [GOOD_EN, MARKDOWN_EN]) == [pytest.approx((8 - 5.5) / 4.5), None]
-    assert scorer.invalid == 1 and engine.constraints == [SCORE_FORMAT]
+    # the unreadable verdict was asked once more (toushi/calls.py's retry), then counted
+    assert scorer.invalid == 1 and engine.asked == 3 and engine.constraints == [SCORE_FORMAT] * 3
     assert SCORE_FORMAT.check("Score: 10") and not SCORE_FORMAT.check("Score: 11")
 
 

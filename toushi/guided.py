@@ -3,16 +3,15 @@ prompt (optionally with the strong answers to the k most similar train posts as 
 
 Records mirror the pairs stage's (same ids, prompts and completion shape) so eval and the training sets
 can compare and combine them: ``{id, lang, scene, split, post, prompt, system, examples, guided: [...],
-model, sampling, key}``. ``key`` hashes the system prompt, the prompt, the model and the sampling, so a
-rerun skips done prompts and a changed guidance regenerates everything.
+model, sampling, key}``. ``key`` hashes the keys of its model calls (toushi/calls.py, cached in ``calls/``), so
+a rerun skips done prompts and a changed guidance or model regenerates everything.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from toushi.engines import cache_model, flag_counts, is_truncated
+from toushi.engines import flag_counts, is_truncated
 from toushi.guidance import load_guidance
 from toushi.runner import StageContext
 from toushi.store import atomic_write_text, stable_id
@@ -86,14 +85,14 @@ def run_stage(ctx: StageContext) -> dict:
     if not pairs:
         raise ValueError(f"guided: no pairs records in {ctx.stage('pairs').records_path}; run the pairs stage first")
     sampling = (cfg.sampling or spec.sampling)
-    model = cache_model(spec)
+    calls = ctx.calls("guided", spec, sampling, batch_size=r.pairs.batch_size)
 
     todo_recs = [p for p in pairs if cfg.include_heldout or p.get("split") != "heldout"]
     jobs = []
     for rec, (ex_ids, system) in zip(todo_recs, guided_systems(todo_recs, pairs, guidance, cfg.retrieved_examples,
                                                                 r.run.lang)):
         conv = [{"role": "system", "content": system}, {"role": "user", "content": rec["prompt"]}]
-        key = stable_id(conv, model, sampling.model_dump(mode="json"))
+        key = stable_id(*(calls.key(conv, k=k) for k in range(sampling.n)))
         jobs.append((rec, ex_ids, system, conv, key))
 
     done = {g["id"]: g.get("key") for g in ctx.store.records()}
@@ -106,24 +105,16 @@ def run_stage(ctx: StageContext) -> dict:
     todo = [j for j in jobs if j[0]["id"] not in done]
     counts = {"prompts": len(jobs), "generated": len(todo), "cached": len(jobs) - len(todo)}
     if todo:
-        batch = r.pairs.batch_size
         ctx.console.print(f"guided: {spec.name} answers {len(todo)} prompts with the guidance")
-        with ctx.engine(spec) as engine, ctx.store.writer() as w, Progress(
-            TextColumn("[bold]guided[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-            TimeElapsedColumn(), console=ctx.console,
-        ) as bar:
-            task = bar.add_task("guided", total=len(todo))
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                outs = engine.generate([c for _, _, _, c, _ in chunk], sampling)
-                for (rec, ex_ids, system, _, key), comps in zip(chunk, outs):
-                    w.write({
-                        "id": rec["id"], "lang": rec.get("lang"), "scene": rec.get("scene"), "split": rec.get("split"),
-                        "post": rec["post"], "prompt": rec["prompt"], "system": system, "examples": ex_ids,
-                        "guided": [c.to_dict() for c in comps], "model": spec.name,
-                        "sampling": sampling.model_dump(mode="json"), "key": key,
-                    })
-                w.flush()
-                bar.update(task, advance=len(chunk))
+        with calls:
+            outs = calls.generate([conv for *_, conv, _ in todo], meta=[{"prompt_id": j[0]["id"]} for j in todo])
+        with ctx.store.writer() as w:
+            for (rec, ex_ids, system, _, key), comps in zip(todo, outs):
+                w.write({
+                    "id": rec["id"], "lang": rec.get("lang"), "scene": rec.get("scene"), "split": rec.get("split"),
+                    "post": rec["post"], "prompt": rec["prompt"], "system": system, "examples": ex_ids,
+                    "guided": [c.to_dict() for c in comps], "model": spec.name,
+                    "sampling": sampling.model_dump(mode="json"), "key": key,
+                })
     flags = flag_counts((c for g in ctx.store.records() for c in g["guided"]), "guided")
     return {**counts, "records": len(ctx.store.ids()), **flags}

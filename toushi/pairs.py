@@ -1,7 +1,7 @@
 """The ``pairs`` stage: every corpus prompt answered ``n`` times by the weak role and by the strong role.
 
-Generation is cached per role in ``pairs/<role>_cache.jsonl``, keyed by hash(messages, model, sampling,
-sample index), so a rerun generates only what is missing (and a changed sampling setting only for the
+Generation goes through toushi/calls.py, cached per role in ``pairs/<role>_cache/``, keyed by the messages,
+the model, the sampling (constraint included) and the sample index, so a rerun generates only what is missing (and a changed sampling setting only for the
 role it touches). The roles run one after the other, each engine freed before the next loads (one GPU).
 ``records.jsonl`` gets one record per prompt once both roles have all ``n`` samples, with the post's scene,
 emotion and intent (eval reports by them). Requests that fail
@@ -14,11 +14,8 @@ An openai role's requests and errors per endpoint (``base_url`` may list several
 from __future__ import annotations
 
 import json
-import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from toushi.engines import Completion, Structured, cache_model, flag_counts
+from toushi.engines import Completion, Structured, flag_counts
 from toushi.errors import ToushiError
 from toushi.recipe import ModelSpec, Sampling
 from toushi.runner import StageContext
@@ -43,11 +40,6 @@ def conversation(prompt: str, system: str | None) -> list[dict[str, str]]:
     return [*msgs, {"role": "user", "content": prompt}]
 
 
-def sample_key(messages: list[dict], model: str, sampling: Sampling, k: int) -> str:
-    """Cache key of sample k: the exact messages, the model and every sampling setting but n."""
-    return stable_id(messages, model, sampling.model_dump(mode="json", exclude={"n"}), k)
-
-
 def _role_setup(ctx: StageContext, role: str) -> tuple[ModelSpec, Sampling, str | None]:
     spec = ctx.recipe.models.weak if role == "weak" else ctx.recipe.models.strong
     if spec is None:
@@ -66,36 +58,46 @@ def run_stage(ctx: StageContext) -> dict:
     prompts = {r["id"]: task_prompt(r["text"], r.get("lang") or lang, cfg.prompt_template, cfg.constraints) for r in posts}
 
     setups = {role: _role_setup(ctx, role) for role in ROLES}
+    calls = {role: ctx.calls(role, spec, sampling, store=StageStore(ctx.store.dir, f"{role}_cache"),
+                             batch_size=cfg.batch_size) for role, (spec, sampling, _) in setups.items()}
     # wanted[role][post id] = the n sample keys
     wanted: dict[str, dict[str, list[str]]] = {}
     convs: dict[str, dict[str, list[dict]]] = {}
     for role, (spec, sampling, system) in setups.items():
-        model = cache_model(spec)
         convs[role] = {pid: conversation(p, system) for pid, p in prompts.items()}
-        wanted[role] = {
-            pid: [sample_key(convs[role][pid], model, sampling, k) for k in range(sampling.n)] for pid in prompts
-        }
+        wanted[role] = {pid: [calls[role].key(convs[role][pid], structured=_constraint(sampling), k=k)
+                              for k in range(sampling.n)] for pid in prompts}
     # the post's labels are part of the key: a relabelled corpus rewrites its records (from the caches)
     labels = {r["id"]: {k: r.get(k) for k in LABELS} for r in posts}
     pair_key = {pid: stable_id(wanted["weak"][pid], wanted["strong"][pid], labels[pid]) for pid in prompts}
     _drop_stale_records(ctx.store, pair_key)
 
-    caches = {role: StageStore(ctx.store.dir, f"{role}_cache") for role in ROLES}
     counts: dict[str, int] = {"prompts": len(prompts)}
     failed: set[str] = set()
     endpoints: dict[str, dict] = {}  # role -> per-endpoint requests/errors of this run (openai roles)
-    for role, (spec, sampling, system) in setups.items():
-        have = caches[role].ids()
-        todo = [pid for pid in prompts if not set(wanted[role][pid]) <= have]
+    for role, (spec, sampling, _) in setups.items():
+        have = calls[role].records()
+        todo = [pid for pid in prompts if not all(k in have for k in wanted[role][pid])]
         counts[f"{role}_generated"] = len(todo)
         if not todo:
             ctx.console.print(f"[dim]{role}: all {len(prompts)} prompts cached[/dim]")
             continue
-        failed |= _generate_role(ctx, role, spec, sampling, todo, convs[role], wanted[role], caches[role],
-                                 endpoints)
+        ctx.console.print(f"{role}: loading {spec.name} ({spec.engine}) for {len(todo)} prompts")
+
+        def on_error(i: int, exc: BaseException, role=role, todo=todo, spec=spec) -> None:
+            failed.add(todo[i])
+            ctx.store.log_error({"role": role, "id": todo[i], "model": spec.name,
+                                 "error": f"{type(exc).__name__}: {exc}"})
+
+        with calls[role] as c:
+            c.generate([convs[role][pid] for pid in todo], structured=_constraint(sampling),
+                       meta=[{"post_id": pid} for pid in todo], on_error=on_error if spec.engine == "openai" else None)
+            if spec.engine == "openai":
+                endpoints[role] = c.engine.endpoint_stats()
     ctx.store.write_manifest(endpoints=endpoints)  # written before a PairsIncomplete is raised, too
 
-    written = _write_records(ctx, posts, prompts, pair_key, wanted, caches, setups)
+    written = _write_records(ctx, posts, prompts, pair_key, wanted, {role: c.records() for role, c in calls.items()},
+                             setups)
     counts.update(pairs=len(ctx.store.ids()), written=written, failed=len(failed))
     records = ctx.store.records()
     for role in ROLES:
@@ -108,52 +110,14 @@ def run_stage(ctx: StageContext) -> dict:
     return counts
 
 
-def _generate_role(ctx, role, spec, sampling, todo, convs, wanted, cache, endpoints) -> set[str]:
-    """Generate every sample of the ``todo`` prompts for one role; returns the prompt ids that failed.
-    An openai role's per-endpoint counts go into ``endpoints[role]``."""
-    failed: set[str] = set()
-    batch_size = ctx.recipe.pairs.batch_size
-    constraint = Structured(regex=sampling.regex) if sampling.regex else None  # part of the cache key (sampling)
-    ctx.console.print(f"{role}: loading {spec.name} ({spec.engine}) for {len(todo)} prompts")
-    with ctx.engine(spec) as engine, Progress(
-        TextColumn(f"[bold]{role}[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-        TextColumn("{task.fields[tps]:.1f} out tok/s"), TimeElapsedColumn(), console=ctx.console,
-    ) as bar:
-        task = bar.add_task(role, total=len(todo), tps=0.0)
-        t0, out_tokens = time.perf_counter(), 0
-        with cache.writer(batch_size=max(1, batch_size)) as w:
-            for start in range(0, len(todo), batch_size):
-                ids = todo[start : start + batch_size]
-
-                def on_error(i: int, exc: BaseException, ids=ids) -> None:
-                    failed.add(ids[i])
-                    ctx.store.log_error(
-                        {"role": role, "id": ids[i], "model": spec.name, "error": f"{type(exc).__name__}: {exc}"}
-                    )
-
-                batch = [convs[pid] for pid in ids]
-                if spec.engine == "openai":
-                    results = engine.generate(batch, sampling, structured=constraint, on_error=on_error)
-                    endpoints[role] = engine.endpoint_stats()
-                else:
-                    results = engine.generate(batch, sampling, structured=constraint)
-                for pid, comps in zip(ids, results):
-                    for key, c in zip(wanted[pid], comps):
-                        w.write({"id": key, "post_id": pid, "completion": c.to_dict()})
-                        out_tokens += c.completion_tokens
-                w.flush()
-                bar.update(task, advance=len(ids), tps=out_tokens / max(1e-9, time.perf_counter() - t0))
-    return failed
+def _constraint(sampling: Sampling) -> Structured | None:
+    return Structured(regex=sampling.regex) if sampling.regex else None
 
 
-def _cache_map(cache: StageStore) -> dict[str, dict]:
-    return {r["id"]: r["completion"] for r in cache.records()}
-
-
-def _write_records(ctx, posts, prompts, pair_key, wanted, caches, setups) -> int:
-    """Append a pair record for every prompt whose weak and strong samples are all cached."""
+def _write_records(ctx, posts, prompts, pair_key, wanted, cached, setups) -> int:
+    """Append a pair record for every prompt whose weak and strong samples are all cached (``cached``: role ->
+    the role's calls by key)."""
     done = ctx.store.ids()
-    cached = {role: _cache_map(caches[role]) for role in ROLES}
     written = 0
     with ctx.store.writer() as w:
         for r in posts:
@@ -171,7 +135,7 @@ def _write_records(ctx, posts, prompts, pair_key, wanted, caches, setups) -> int
                 "key": pair_key[pid],
             }
             for role in ROLES:
-                rec[role] = [Completion.from_dict(cached[role][k]).to_dict() for k in wanted[role][pid]]
+                rec[role] = [Completion.from_dict(cached[role][k]["completion"]).to_dict() for k in wanted[role][pid]]
                 rec[f"{role}_system"] = setups[role][2]
             rec["models"] = {role: setups[role][0].name for role in ROLES}
             rec["sampling"] = {role: setups[role][1].model_dump(mode="json") for role in ROLES}

@@ -12,10 +12,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from toushi.calls import Calls
 from toushi.engines import Structured, cache_model
 from toushi.metrics import apology_open, detect_lang, markdown_count, repetition_ratio, sentences, tokens
 from toushi.recipe import Sampling
-from toushi.store import StageStore, stable_id
+from toushi.store import StageStore
 from toushi.templates import render
 
 THINK_MARKERS = ("<think>", "</think>")
@@ -133,19 +134,21 @@ def unit_score(score: int) -> float:
 
 
 class JudgeScorer:
-    """Rubric score (1-10, mapped to [-1, 1]) of an answer by a judge engine, cached on disk.
+    """Rubric score (1-10, mapped to [-1, 1]) of an answer by a judge engine, its calls cached on disk.
 
-    With ``guidance`` it becomes the adherence reward: the judge also checks the run's guidance. Cache
-    entries are keyed by post, answer, judge model and guidance, so repeated completions cost nothing and
-    a resumed run reuses every earlier verdict. The verdict is decoded under ``SCORE_FORMAT``; one that
-    still cannot be read is counted (``invalid``) and has no score (None), never a made-up 0.
+    With ``guidance`` it becomes the adherence reward: the judge also checks the run's guidance. The calls go
+    through :class:`toushi.calls.Calls` (keyed by the prompt, which holds post, answer and guidance, the judge
+    model and its sampling), so repeated completions cost nothing and a resumed run reuses every earlier
+    verdict; the raw verdict is stored and parsed on read. The verdict is decoded under ``SCORE_FORMAT``; one
+    that cannot be read is asked once more, and if it still cannot it is counted (``invalid``) and has no score
+    (None), never a made-up 0.
     """
 
     def __init__(self, engine, sampling, cache: StageStore, model_name: str, guidance: str | None = None):
-        self.engine, self.sampling, self.cache = engine, sampling, cache
-        self.model_name, self.guidance = model_name, guidance
+        self.guidance = guidance
+        self.calls = Calls(cache, model_name, lambda: engine, sampling.model_copy(update={"n": 1}),
+                           kind="judge-score", label="judge scores")
         self.invalid = 0
-        self._known = {r["id"]: r["score"] for r in cache.records()}
 
     def scores(self, posts: list[str], answers: list[str]) -> list[float | None]:
         """Scores in [-1, 1]; None for an unparseable verdict (TRL then leaves this reward out of that
@@ -154,27 +157,12 @@ class JudgeScorer:
 
     def raw_scores(self, posts: list[str], answers: list[str]) -> list[int | None]:
         """The judge's 1-10 score of each answer, None where its verdict could not be parsed."""
-        sampling = self.sampling.model_dump(mode="json")  # the judge's model as caches key it, and its sampling
-        keys = [stable_id("judge-score", p, a, self.model_name, sampling, self.guidance) for p, a in zip(posts, answers)]
-        todo: dict[str, int] = {}  # unknown key -> its first index: a GRPO group often repeats a completion
-        for i, k in enumerate(keys):
-            if k not in self._known:
-                todo.setdefault(k, i)
-        if todo:
-            convs = []
-            for i in todo.values():
-                prompt = render("judge_score", detect_lang(posts[i]) or "en", post=posts[i],
-                                answer=answers[i], guidance=self.guidance)
-                convs.append([{"role": "user", "content": prompt}])
-            outputs = self.engine.generate(convs, self.sampling, structured=SCORE_FORMAT)
-            with self.cache.writer() as w:
-                for key, out in zip(todo, outputs):
-                    raw = out[0].text
-                    score = parse_score(raw)
-                    self.invalid += score is None
-                    self._known[key] = score
-                    w.write({"id": key, "score": score, "raw": raw[:500]})
-        return [self._known[k] for k in keys]
+        convs = [[{"role": "user", "content": render("judge_score", detect_lang(p) or "en", post=p, answer=a,
+                                                     guidance=self.guidance)}] for p, a in zip(posts, answers)]
+        verdicts = self.calls.texts(convs, structured=SCORE_FORMAT, valid=lambda c: parse_score(c.text) is not None)
+        scores = [parse_score(v) for v in verdicts]
+        self.invalid += sum(s is None for s in scores)  # unreadable after the retry: scores this scorer gave as None
+        return scores
 
     def as_reward(self, name: str) -> Callable[..., list[float | None]]:
         def reward(prompts, completions, post=None, **kwargs) -> list[float | None]:

@@ -57,6 +57,15 @@ class StageContext:
 
         return make_engine(spec)
 
+    def calls(self, kind: str, spec, sampling, store: StageStore | None = None, **kw):
+        """The stage's model calls of one kind by one role (toushi/calls.py): cached in ``store``, by default
+        the stage's ``calls/`` store; the engine opens at the first call that is not cached."""
+        from toushi.calls import Calls
+        from toushi.engines import cache_model
+
+        return Calls(store or StageStore(self.store.dir, "calls"), cache_model(spec), lambda: self.engine(spec),
+                     sampling, kind=kind, console=self.console, **kw)
+
     def free_engines(self) -> None:
         """Free the run's engines (before training in this process or a launched one)."""
         if self.engines is not None:

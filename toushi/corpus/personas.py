@@ -15,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from toushi.corpus.llm import OutputCache, cache_key, dumps, generate_cached, strip_wrapping
+from toushi.calls import Calls
+from toushi.corpus.llm import dumps, strip_wrapping
 from toushi.corpus.loaders import Post
 from toushi.engines import Structured
 from toushi.recipe import Sampling
-from toushi.store import stable_id
+from toushi.store import StageStore, stable_id
 from toushi.templates import TEMPLATE_DIR, render_any
 
 KEYS = ("age", "occupation", "life_situation", "mbti", "writing_style")
@@ -122,35 +123,32 @@ class PersonaPosts:
 
 
 def persona_posts(scenes: list[str], *, per_scene: int, lang: str, get_engine: Callable[[], object], model: str,
-                  sampling: Sampling, cache_path: Path, persona_template: str | Path | None = None,
+                  sampling: Sampling, cache: StageStore, persona_template: str | Path | None = None,
                   post_template: str | Path | None = None, min_chars: int = 8) -> PersonaPosts:
     """``per_scene`` personas for each scene (one prompt, n samples), then one post written as each."""
-    cache = OutputCache(cache_path)
-    persona_sampling = sampling.model_copy(update={"n": per_scene})
-    prompts = {s: render_any("persona", lang, persona_template, scene=s) for s in scenes}
-    schema = Structured(json_schema=PERSONA_SCHEMA)
-    keys = {s: cache_key("persona", p, model, persona_sampling, schema) for s, p in prompts.items()}
-    generated = generate_cached(cache, {keys[s]: prompts[s] for s in scenes}, get_engine, persona_sampling,
-                                "writing personas", structured=schema)
+    calls = Calls(cache, model, get_engine, sampling.model_copy(update={"n": per_scene}), kind="persona",
+                  label="writing personas")
+    asked = [[{"role": "user", "content": render_any("persona", lang, persona_template, scene=s)}] for s in scenes]
+    outputs = calls.generate(asked, structured=Structured(json_schema=PERSONA_SCHEMA))
+    generated = calls.stats.new
     personas: list[tuple[str, int, dict, list[str]]] = []
     repaired = failures = 0
-    for s in scenes:
-        texts = (cache[keys[s]] + [""] * per_scene)[:per_scene]
+    for s, completions in zip(scenes, outputs, strict=True):
+        texts = ([c.text for c in completions] + [""] * per_scene)[:per_scene]
         for i, text in enumerate(texts):
             persona, flags = parse_persona(text, lang=lang, seed_parts=(s, i, lang))
             repaired += "persona_repaired" in flags
             failures += "persona_fallback" in flags
             personas.append((s, i, persona, flags))
 
-    post_sampling = sampling.model_copy(update={"n": 1})
-    post_prompts = [render_any("persona_post", lang, post_template, scene=s, persona=p)
-                    for s, _, p, _ in personas]
-    post_keys = [cache_key("persona_post", pr, model, post_sampling) for pr in post_prompts]
-    generated += generate_cached(cache, dict(zip(post_keys, post_prompts)), get_engine, post_sampling,
-                                 "writing persona posts")
+    calls = Calls(cache, model, get_engine, sampling.model_copy(update={"n": 1}), kind="persona_post",
+                  label="writing persona posts")
+    outputs = calls.texts([[{"role": "user", "content": render_any("persona_post", lang, post_template, scene=s,
+                                                                   persona=p)}] for s, _, p, _ in personas])
+    generated += calls.stats.new
     posts, empty = [], 0
-    for (s, i, persona, flags), key in zip(personas, post_keys, strict=True):
-        text = strip_wrapping(cache[key][0] if cache[key] else "")
+    for (s, i, persona, flags), output in zip(personas, outputs, strict=True):
+        text = strip_wrapping(output)
         if len(text) < min_chars:
             empty += 1
             continue

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from toushi.corpus.llm import OutputCache, cache_key, generate_cached, strip_wrapping
+from toushi.calls import Calls
+from toushi.corpus.llm import strip_wrapping
 from toushi.corpus.loaders import Post
 from toushi.metrics import detect_lang
 from toushi.recipe import Sampling
+from toushi.store import StageStore
 from toushi.templates import render_any
 
 MIN_CHARS = 8  # shorter output is not a post (the tiny model sometimes answers "Sure!")
@@ -39,16 +41,15 @@ def accept(text: str, target_lang: str) -> bool:
 
 
 def rewrite_posts(posts: list[Post], *, target_lang: str, get_engine: Callable[[], object], model: str,
-                  sampling: Sampling, cache_path: Path, template: str | Path | None = None) -> Rewritten:
+                  sampling: Sampling, cache: StageStore, template: str | Path | None = None) -> Rewritten:
     """Rewrite ``posts`` (those the caller chose) into first-person posts in ``target_lang``."""
     sampling = sampling.model_copy(update={"n": 1})
-    cache = OutputCache(cache_path)
-    prompts = [rewrite_prompt(p, target_lang, template) for p in posts]
-    keys = [cache_key("rewrite", pr, model, sampling) for pr in prompts]
-    generated = generate_cached(cache, dict(zip(keys, prompts)), get_engine, sampling, "rewriting posts")
+    calls = Calls(cache, model, get_engine, sampling, kind="rewrite", label="rewriting posts")
+    outputs = calls.texts([[{"role": "user", "content": rewrite_prompt(p, target_lang, template)}] for p in posts])
+    generated = calls.stats.new
     out, rewritten, failed, dropped = [], 0, 0, 0
-    for post, key in zip(posts, keys, strict=True):
-        text = strip_wrapping(cache[key][0] if cache[key] else "")
+    for post, output in zip(posts, outputs, strict=True):
+        text = strip_wrapping(output)
         if accept(text, target_lang):
             if post.lang != target_lang:
                 post.flags.append("translated")

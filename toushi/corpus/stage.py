@@ -3,7 +3,7 @@
 
 Output: ``records.jsonl`` (the whole corpus, replaced atomically: it is small and must never hold posts of
 an older recipe), ``diversity.json`` + ``diversity.md`` (with the tagger's agreement with dataset labels when
-it ran on labelled posts), and caches of model outputs (``rewrites.jsonl``, ``personas.jsonl``, ``tags.jsonl``)
+it ran on labelled posts), and ``calls/`` (the rewrite, persona and tagging model calls, toushi/calls.py)
 so a rerun only generates what is missing.
 """
 
@@ -21,7 +21,7 @@ from toushi.corpus.sampling import sample_per_scene, split_of
 from toushi.corpus.tagging import KINDS, label_set, merge, tag_texts
 from toushi.engines import cache_model
 from toushi.runner import StageContext
-from toushi.store import atomic_write_text, stable_id
+from toushi.store import StageStore, atomic_write_text, stable_id
 
 COUNT_KEYS = ("loaded", "skipped_errors", "dropped_empty", "truncated", "dropped_lang", "exact_dups", "near_dups",
               "embedding_dups", "sampled", "rewritten", "rewrite_failed", "rewrite_dropped", "personas",
@@ -115,6 +115,8 @@ def run_stage(ctx: StageContext) -> dict:
 
         return get
 
+    calls_store = StageStore(store.dir, "calls")  # every model call of the corpus's steps (toushi/calls.py)
+
     def model_name(role: str) -> str:
         """The role's model as the cached calls key it (engines.cache_model, as every other stage's calls)."""
         spec = specs[role]
@@ -128,7 +130,7 @@ def run_stage(ctx: StageContext) -> dict:
             rw = cfg.rewrite
             res = rewrite_posts(to_rewrite, target_lang=lang, get_engine=engine_for(rw.role),
                                 model=model_name(rw.role), sampling=rw.sampling,
-                                cache_path=store.path("rewrites.jsonl"), template=rw.template)
+                                cache=calls_store, template=rw.template)
             counts.update(rewritten=res.rewritten, rewrite_failed=res.failed, rewrite_dropped=res.dropped,
                           generated=res.generated)
             picked = [p for p in picked if not p.rewrite] + res.posts
@@ -137,7 +139,7 @@ def run_stage(ctx: StageContext) -> dict:
             scenes = sorted({p.scene for p in picked})
             res = persona_posts(scenes, per_scene=ps.per_scene, lang=lang, get_engine=engine_for(ps.role),
                                 model=model_name(ps.role), sampling=ps.sampling,
-                                cache_path=store.path("personas.jsonl"), persona_template=ps.persona_template,
+                                cache=calls_store, persona_template=ps.persona_template,
                                 post_template=ps.post_template)
             counts.update(personas=res.personas, persona_repaired=res.repaired, persona_failures=res.failures,
                           persona_posts=len(res.posts), generated=res.generated)
@@ -152,7 +154,7 @@ def run_stage(ctx: StageContext) -> dict:
         if to_tag:
             tg = cfg.tagging
             res = tag_texts([p.text for p in to_tag], lang=lang, get_engine=engine_for(tg.role),
-                            model=model_name(tg.role), sampling=tg.sampling, cache_path=store.path("tags.jsonl"),
+                            model=model_name(tg.role), sampling=tg.sampling, cache=calls_store,
                             template=tg.template, labels_file=tg.labels_file)
             for post, tag in zip(to_tag, res.tags, strict=True):
                 labels, post.label_source = merge({"emotion": post.emotion, "intent": post.intent},

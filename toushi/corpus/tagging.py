@@ -22,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from toushi.corpus.llm import OutputCache, cache_key, generate_cached
+from toushi.calls import Calls
 from toushi.engines import Structured
 from toushi.errors import ToushiError
 from toushi.recipe import Sampling
+from toushi.store import StageStore
 from toushi.templates import TEMPLATE_DIR, render_any
 
 KINDS = ("emotion", "intent")
@@ -102,21 +103,21 @@ class Tagged:
 
 
 def tag_texts(texts: Sequence[str], *, lang: str, get_engine: Callable[[], object], model: str, sampling: Sampling,
-              cache_path: Path, template: str | Path | None = None, labels_file: str | Path | None = None,
+              cache: StageStore, template: str | Path | None = None, labels_file: str | Path | None = None,
               batch_size: int = 32) -> Tagged:
-    """Tag every text; model outputs are cached in ``cache_path`` by (prompt, model, sampling, label set), so a
-    rerun only tags what is new. The engine is started (``get_engine()``) only when something is missing."""
+    """Tag every text; model calls are cached in ``cache`` (toushi/calls.py: by prompt, model, sampling and the
+    label set's schema), so a rerun only tags what is new. The engine is started (``get_engine()``) only when
+    something is missing."""
     labels = label_set(lang, labels_file)
     sampling = sampling.model_copy(update={"n": 1})
     schema = Structured(json_schema=tag_schema(labels))
-    cache = OutputCache(cache_path)
-    prompts = [tag_prompt(t, lang, labels, template) for t in texts]
-    keys = [cache_key("tag", p, model, sampling, schema) for p in prompts]
-    generated = generate_cached(cache, dict(zip(keys, prompts)), get_engine, sampling, "tagging posts",
-                                batch_size=batch_size, structured=schema)
+    calls = Calls(cache, model, get_engine, sampling, kind="tag", label="tagging posts", batch_size=batch_size)
+    outputs = calls.texts([[{"role": "user", "content": tag_prompt(t, lang, labels, template)}] for t in texts],
+                          structured=schema)
+    generated = calls.stats.new
     tags, invalid = [], 0
-    for key in keys:
-        parsed = parse_tags(cache[key][0] if cache[key] else "", labels)
+    for output in outputs:
+        parsed = parse_tags(output, labels)
         invalid += any(v is None for v in parsed.values())
         tags.append({"model": model, **parsed})
     return Tagged(tags, generated, invalid)
@@ -209,8 +210,8 @@ def tag_file(path: Path, out: Path, *, lang: str, get_engine: Callable[[], objec
     Each output record is the input record plus ``emotion``, ``intent`` (the file's own label where it has one,
     else the tagger's), ``label_source`` and ``tags`` (the tagger's answer and model). Where the file has an
     emotion label (``gold_field``, default: emotion or emotion_type) the tagger is measured against it;
-    the agreement goes to ``<out stem>.agreement.json`` and ``.md``. Model outputs are cached beside ``out``
-    (``<out stem>.cache.jsonl``), so a rerun tags only new records. Returns the counts and the agreement.
+    the agreement goes to ``<out stem>.agreement.json`` and ``.md``. Model calls are cached beside ``out``
+    (``<out stem>.cache/records.jsonl``), so a rerun tags only new records. Returns the counts and the agreement.
     """
     from toushi.corpus.loaders import CorpusError, container_of, normalise_label, read_records
 
@@ -229,9 +230,8 @@ def tag_file(path: Path, out: Path, *, lang: str, get_engine: Callable[[], objec
         raise TaggingError(f"{path}: record {missing[0]} has no {text_field!r} text ({len(missing)} such records)")
     gold = gold_field or next((f for f in GOLD_FIELDS if any(r.get(f) for r in records)), None)
     out = Path(out)
-    cache = out.with_name(out.stem + ".cache.jsonl")
     tagged = tag_texts([str(r[text_field]) for r in records], lang=lang, get_engine=get_engine, model=model,
-                       sampling=sampling, cache_path=cache, template=template, labels_file=labels_file)
+                       sampling=sampling, cache=StageStore(out.parent, out.stem + ".cache"), template=template, labels_file=labels_file)
     rows = []
     for rec, tag in zip(records, tagged.tags):
         own = {"emotion": normalise_label(rec.get(gold)) if gold else None, "intent": normalise_label(rec.get("intent"))}

@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from toushi.calls import Calls
 from toushi.engines import cache_model, is_truncated
 from toushi.engines.pool import EnginePool
 from toushi.eval.judge import rubric
@@ -69,18 +70,17 @@ def _make_gate(ctx, pool, dev: list[dict]):
     """gate(new_memory, old_memory | None) -> decision dict, using the weak role to answer the dev prompts
     and the judge role to compare (both cached)."""
     from toushi.guidance.gate import decide, judge_outcomes
-    from toushi.guidance.session import CallCache
-
     r = ctx.recipe
     weak, judge = r.models.weak, r.models.judge
-    weak_calls = CallCache(ctx.store, lambda: pool.get(weak), cache_model(weak), r.guided.sampling or weak.sampling)
+    sampling = (r.guided.sampling or weak.sampling).model_copy(update={"n": 1})
+    weak_calls = Calls(ctx.store, cache_model(weak), lambda: pool.get(weak), sampling, kind="gate-answer")
     gate_store = StageStore(ctx.store.dir, "gate")
 
     def answers(memory) -> list[str]:
         sp = system_prompt(memory, r.run.lang) if memory is not None else None
         convs = [([{"role": "system", "content": sp}] if sp else []) + [{"role": "user", "content": p["prompt"]}]
                  for p in dev]
-        return weak_calls.generate(convs, [f"gate-answer-{p['label']}" for p in dev])
+        return weak_calls.texts(convs, meta=[{"step": f"gate-answer-{p['label']}"} for p in dev])
 
     def gate(new, old) -> dict:
         outcomes = judge_outcomes(pool.get(judge), gate_store, cache_model(judge), judge.sampling, r.run.lang, None,
@@ -97,7 +97,7 @@ def run_stage(ctx) -> dict:
         return _use_edited(ctx, Path(cfg.edited_file))
     from toushi.guidance.modes import MODES
     from toushi.guidance.packing import token_counter
-    from toushi.guidance.session import CallCache, Session
+    from toushi.guidance.session import Session
 
     if r.models.strong is None:
         raise ValueError("guidance: models.strong is not set (the strong role writes the analysis)")
@@ -139,7 +139,8 @@ def run_stage(ctx) -> dict:
     try:
         session = Session(
             store=store, lang=r.run.lang,
-            calls=CallCache(store, lambda: pool.get(spec), cache_model(spec), cfg.sampling),
+            calls=Calls(store, cache_model(spec), lambda: pool.get(spec), cfg.sampling.model_copy(update={"n": 1}),
+                        kind="guidance"),
             pairs=pairs, blind=cfg.blind_labels, cap=cfg.max_rules_per_dimension,
             max_dimensions=cfg.max_dimensions, batch_size=cfg.batch_size,
             count_tokens=token_counter(_local_path(spec)), prompt_budget=budget,
@@ -184,7 +185,7 @@ def finish(session, store: StageStore, pairs: list[dict], skipped: int, gate_on:
     return {"pairs": len(pairs), "skipped_pairs": skipped, "versions": len(session.versions),
             "accepted": accepted, "rejected": len(session.versions) - accepted, "kept_version": version,
             "dimensions": len(memory.dimensions), "rules": memory.n_rules(),
-            "calls": session.calls.new_calls, "cached_calls": session.calls.cached_calls,
+            "calls": session.calls.stats.new, "cached_calls": session.calls.stats.cached,
             "malformed_ops": session.totals.malformed, "unknown_pair_ids": session.totals.unknown_pairs,
             "pruned_rules": session.totals.pruned, "unstructured": session.flag_counts.get("unstructured", 0),
             "repaired": session.flag_counts.get("repaired", 0), "gate": gate_on}

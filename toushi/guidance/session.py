@@ -1,10 +1,9 @@
 """What every extraction mode shares: cached model calls, operation calls with one repair attempt,
 packing into the context, and versions (drift score, acceptance gate, history with diffs).
 
-Every model call is cached in the guidance stage's records.jsonl under
-``stable_id(conversation, model, sampling)``, written as soon as its batch returns, so a run killed
-mid-mode repeats no finished call: the rerun replays the cached outputs through the same deterministic
-operations and arrives at the same memory.
+Every model call goes through :class:`toushi.calls.Calls` (the guidance stage's records.jsonl holds them),
+written as soon as its batch returns, so a run killed mid-mode repeats no finished call: the rerun replays the
+cached outputs through the same deterministic operations and arrives at the same memory.
 """
 
 from __future__ import annotations
@@ -16,65 +15,15 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from toushi.calls import Calls
 from toushi.engines import Structured
 from toushi.guidance import drift
 from toushi.guidance.memory import ApplyStats, Memory, ParseResult, parse_ops
 from toushi.guidance.packing import pack, shrink_pair
 from toushi.guidance.render import to_json, to_markdown
 from toushi.guidance.structured import ops_constraint, parse_json_ops
-from toushi.recipe import Sampling
-from toushi.store import StageStore, atomic_write_text, stable_id
+from toushi.store import StageStore, atomic_write_text
 from toushi.templates import render
-
-
-class CallCache:
-    """engine.generate with a record cache; the engine is built only when a call is not cached."""
-
-    def __init__(self, store: StageStore, engine_fn: Callable[[], object], model: str, sampling: Sampling):
-        self.store = store
-        self.engine_fn = engine_fn
-        self.model = model
-        self.sampling = sampling.model_copy(update={"n": 1})
-        self._engine = None
-        self._cache: dict[str, dict] | None = None
-        self.new_calls = 0
-        self.cached_calls = 0
-
-    def key(self, conversation: list[dict], structured: Structured | None = None) -> str:
-        parts = [conversation, self.model, self.sampling.model_dump(mode="json")]
-        if structured is not None:  # a constrained call is another call (free calls keep their old keys)
-            parts.append(structured.key())
-        return stable_id(*parts)
-
-    def _load(self) -> dict[str, dict]:
-        if self._cache is None:
-            self._cache = {r["id"]: r for r in self.store.records()}
-        return self._cache
-
-    def generate(self, conversations: Sequence[list[dict]], steps: Sequence[str],
-                 structured: Sequence[Structured | None] | None = None) -> list[str]:
-        cache = self._load()
-        structured = list(structured) if structured is not None else [None] * len(conversations)
-        keys = [self.key(c, st) for c, st in zip(conversations, structured)]
-        todo = [i for i, k in enumerate(keys) if k not in cache]
-        # the same prompt twice in one batch is generated once
-        todo = list({keys[i]: i for i in reversed(todo)}.values())[::-1]
-        self.cached_calls += len(conversations) - len(todo)
-        if todo:
-            if self._engine is None:
-                self._engine = self.engine_fn()
-            outs = self._engine.generate([conversations[i] for i in todo], self.sampling,
-                                         structured=[structured[i] for i in todo])
-            with self.store.writer(batch_size=len(todo)) as w:
-                for i, completions in zip(todo, outs):
-                    c = completions[0]
-                    rec = {"id": keys[i], "step": steps[i], "model": self.model, "conversation": conversations[i],
-                           "text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                           "completion_tokens": c.completion_tokens, "flags": list(c.flags)}
-                    w.write(rec)
-                    cache[keys[i]] = rec
-            self.new_calls += len(todo)
-        return [cache[k]["text"] for k in keys]
 
 
 def parse_output(output: str, seeds: dict[str, str] | None = None) -> ParseResult:
@@ -103,7 +52,7 @@ class StepResult:
 
 
 class Session:
-    def __init__(self, *, store: StageStore, lang: str, calls: CallCache, pairs: list[dict], blind: bool,
+    def __init__(self, *, store: StageStore, lang: str, calls: Calls, pairs: list[dict], blind: bool,
                  cap: int, max_dimensions: int, batch_size: int, count_tokens: Callable[[str], int],
                  prompt_budget: int, drift_threshold: float, mode: str,
                  gate: Callable[[Memory, Memory | None], dict] | None = None, console: Console | None = None,
@@ -157,7 +106,8 @@ class Session:
                    structured: Sequence[Structured | None] | None = None) -> list[str]:
         for n, p in zip(names, prompts):
             self._save_prompt(n, p)
-        return self.calls.generate([[{"role": "user", "content": p}] for p in prompts], names, structured)
+        return self.calls.texts([[{"role": "user", "content": p}] for p in prompts], structured=structured,
+                                meta=[{"step": n} for n in names])
 
     def ops_calls(self, steps: list[Step]) -> list[StepResult]:
         """Render, call (decoding under the call's operations schema), parse; outputs with no operation get
