@@ -454,7 +454,7 @@ def test_repair_path_keeps_structured_repair(tmp_path, engine, pairs_records):
             return out
 
     s = _session(tmp_path, engine, pairs, "per-example")
-    s.calls.engine_fn = Scripted
+    s.calls.open_engine = Scripted
     M.per_example(s, pairs[:2])
     inter = json.loads((tmp_path / "guidance" / "intermediate" / "example-000.json").read_text())
     assert inter["flags"] == ["repaired"] and inter["ops"][0].startswith("DIM Warmth")

@@ -5,7 +5,7 @@ Input records (JSONL, JSON, CSV/TSV, or a ``datasets`` directory) have an option
 gets the same support-task prompt as the pairs stage). Output lines are ``{id, messages, completions,
 model, model_key, lora, lora_digest, system, sampling}``. Records are flushed after every batch; a rerun skips
 ids already in the output file (a torn last line left by a kill is dropped first), so an interrupted run
-resumes where it stopped. An output file written with another model (or dtype), adapter (or the same adapter
+resumes where it stopped; the model calls go through toushi/calls.py, cached in ``<out>.calls/``. An output file written with another model (or dtype), adapter (or the same adapter
 retrained: its weights' digest), system prompt or sampling is never topped up with this run's answers: that is
 an error naming both settings, so one file always holds one system's answers.
 """
@@ -13,12 +13,11 @@ an error naming both settings, so one file always holds one system's answers.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from toushi.calls import Calls
 from toushi.engines import Conversation, cache_model, make_engine
 from toushi.engines.adapters import adapter_fingerprint
 from toushi.pairs import conversation, task_prompt
@@ -139,13 +138,13 @@ def generate_file(
         return counts
     console.print(f"generating {len(todo)} of {len(items)} prompts with {model} ({spec.engine}) -> {out}")
     failed: set[str] = set()
-    with make_engine(spec) as engine, RecordWriter(out, batch_size=max(1, batch_size)) as w, Progress(
-        TextColumn("[bold]generate[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-        TextColumn("{task.fields[tps]:.1f} out tok/s"), TimeElapsedColumn(), console=console,
-    ) as bar:
-        task = bar.add_task("generate", total=len(todo), tps=0.0)
-        t0, tokens = time.perf_counter(), 0
-        for start in range(0, len(todo), batch_size):
+    # the calls themselves go through the call layer, cached beside the output (``<out>.calls/``)
+    calls = Calls(StageStore(out.parent, out.name + ".calls"), meta["model_key"], lambda: make_engine(spec), sampling,
+                  kind="generate", adapters={lora_name: meta["lora_digest"]} if adapter else None,
+                  batch_size=batch_size, console=console, label="generate")
+    lora = lora_name if spec.engine != "openai" else None  # an endpoint serves the adapter under its own name
+    with calls, RecordWriter(out, batch_size=max(1, batch_size)) as w:
+        for start in range(0, len(todo), batch_size):  # the output grows batch by batch, as the calls do
             batch = todo[start : start + batch_size]
             convs = [with_system(it["messages"], system) for it in batch]
 
@@ -153,18 +152,13 @@ def generate_file(
                 failed.add(batch[i]["id"])
                 console.print(f"[red]{batch[i]['id']}: {type(exc).__name__}: {exc}[/red]", highlight=False)
 
-            if spec.engine == "openai":  # per-request failures are reported, the rest of the batch kept
-                results = engine.generate(convs, sampling, on_error=on_error)
-            else:
-                results = engine.generate(convs, sampling, lora_name=lora_name)
+            # an endpoint's per-request failures are reported, the rest of the batch kept
+            results = calls.generate(convs, lora=lora, on_error=on_error if spec.engine == "openai" else None)
             for it, conv, comps in zip(batch, convs, results):
-                if not comps:
-                    continue
-                w.write({"id": it["id"], "messages": conv, "completions": [c.to_dict() for c in comps], **meta})
-                tokens += sum(c.completion_tokens for c in comps)
-                counts["generated"] += 1
+                if comps:
+                    w.write({"id": it["id"], "messages": conv, "completions": [c.to_dict() for c in comps], **meta})
+                    counts["generated"] += 1
             w.flush()
-            bar.update(task, advance=len(batch), tps=tokens / max(1e-9, time.perf_counter() - t0))
     counts["failed"] = len(failed)
     return counts
 

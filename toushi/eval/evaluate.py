@@ -29,7 +29,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from toushi import metrics as M
-from toushi.engines import cache_model, is_truncated
+from toushi.engines import Completion, cache_model, is_truncated
 from toushi.engines.adapters import ADAPTER_STAGES, adapter_fingerprint, run_adapters
 from toushi.errors import ToushiError
 from toushi.eval.ladder import compare as ladder_compare
@@ -70,43 +70,44 @@ def user_conversation(prompt: str) -> list[dict]:
 # --------------------------------------------------------------------------------------- students
 
 
-def generate_students(
-    spec: ModelSpec, adapters: dict[str, Path], todo: list[tuple[str, list[dict]]], sampling: Sampling, console,
-    save, batch_size: int = 128, open_engine=None,
-) -> str:
+def generate_students(ctx, spec: ModelSpec, adapters: dict[str, Path], todo: list[tuple[str, list[dict]]],
+                      sampling: Sampling, store: StageStore, batch_size: int = 128, meta: list[dict] | None = None,
+                      ) -> tuple[list[Completion], str]:
     """Answer each ``(system, conversation)`` of ``todo`` (system "student": the base, else an adapter's name)
-    in batches of ``batch_size``, handing each batch to ``save(start, completions)`` (``start``: its first
-    index in ``todo``) as it finishes, so a kill loses at most one batch. Returns the engine used.
+    through the call layer (toushi/calls.py: cached in ``store`` by model, adapter content, sampling and
+    conversation, each batch flushed, so a kill loses at most one batch). Returns the first completion of
+    each and the engine used.
 
     One engine serves the base and every adapter (``lora_name`` per request, so the adapters share decode
-    steps): ``open_engine(spec)`` (the run's shared engine under `toushi run`), else a new one. If vLLM with
-    LoRA fails (LoRA support varies on CPU builds), the rest goes to the transformers engine with PEFT.
+    steps): the run's shared engine under `toushi run`, else a new one. If vLLM with LoRA fails (LoRA support
+    varies on CPU builds), the transformers engine with PEFT answers instead (its own cache keys: another
+    engine, other answers).
     """
+    from toushi.calls import Calls
     from toushi.engines import make_engine
 
-    done = 0
+    lora = {"enable_lora": bool(adapters), "lora_adapters": {n: str(p) for n, p in adapters.items()}}
+    fps = {n: adapter_fingerprint(p) for n, p in adapters.items()}
+    convs = [c for _, c in todo]
+    names = [None if n == "student" else n for n, _ in todo]
 
-    def run(s: ModelSpec, opener=open_engine or make_engine) -> None:
-        nonlocal done
-        with opener(s) as engine:
-            while done < len(todo):
-                batch = todo[done : done + batch_size]
-                outs = engine.generate([c for _, c in batch], sampling,
-                                       lora_name=[None if n == "student" else n for n, _ in batch])
-                save(done, [o[0] for o in outs])
-                done += len(batch)
+    def answer(calls: Calls) -> list[Completion]:
+        with calls:
+            return [c[0] for c in calls.generate(convs, lora=names, meta=meta)]
 
-    lora = {"enable_lora": bool(adapters), "lora_adapters": dict(adapters)}
+    served = spec.model_copy(update=lora)
     try:
-        run(spec.model_copy(update=lora))
-        return spec.engine
+        return answer(ctx.calls("student", served, sampling, store=store, adapters=fps,
+                                        batch_size=batch_size, label="students")), spec.engine
     except Exception as e:  # noqa: BLE001 - any vLLM LoRA failure gets the fallback, with the reason shown
         if not adapters or spec.engine != "vllm":
             raise
-        console.print(f"[yellow]eval: vLLM with LoRA failed ({type(e).__name__}: {e}); "
-                      "falling back to the transformers engine with PEFT[/yellow]")
-    run(spec.model_copy(update={**lora, "engine": "hf"}), make_engine)
-    return "hf+peft (vLLM LoRA failed)"
+        ctx.console.print(f"[yellow]eval: vLLM with LoRA failed ({type(e).__name__}: {e}); "
+                          "falling back to the transformers engine with PEFT[/yellow]")
+    hf = spec.model_copy(update={**lora, "engine": "hf"})
+    calls = Calls(store, cache_model(hf), lambda: make_engine(hf), sampling, kind="student", adapters=fps,
+                  batch_size=batch_size, console=ctx.console, label="students")
+    return answer(calls), "hf+peft (vLLM LoRA failed)"
 
 
 def _load_student(spec: ModelSpec, adapters: dict[str, Path]):
@@ -312,34 +313,20 @@ def run_stage(ctx: StageContext) -> dict:
     if spec is None and ("student" in cfg.systems or adapters):
         notes.append("students: models.student is not set, skipped")
     sstore = StageStore(ctx.store.dir, "students")
-    fps = {n: adapter_fingerprint(p) for n, p in adapters.items()} | {"student": "base"}
     sampling = cfg.sampling.model_copy(update={"n": 1})
     generated = 0
     if students:
-        key = {n: [stable_id("gen", cache_model(spec), fps[n], sampling.model_dump(mode="json"), c) for c in convs]
-               for n in students}
-        have = sstore.ids()
-        todo = [(n, i) for n in students for i in range(len(convs)) if key[n][i] not in have]
-        if todo:
-            missing = sorted({n for n, _ in todo}, key=students.index)
-            use = {n: adapters[n] for n in missing if n in adapters}
-            console.print(f"eval: generating {len(todo)} answers for {', '.join(missing)}")
-            with sstore.writer(batch_size=cfg.batch_size) as w:
-                def save(start, got):
-                    for (n, i), comp in zip(todo[start:], got):
-                        w.write({"id": key[n][i], "system": n, "prompt_id": ids[i], "text": comp.text,
-                                 "finish_reason": comp.finish_reason, "flags": comp.flags})
-                    w.flush()
-
-                engine_used = generate_students(spec, use, [(n, convs[i]) for n, i in todo], sampling, console,
-                                                save, cfg.batch_size, open_engine=ctx.engine)
-            generated = len(todo)
-            if engine_used != spec.engine:
-                notes.append(f"students generated with {engine_used}")
-        cached = {rec["id"]: rec for rec in sstore.records()}
+        todo = [(n, i) for n in students for i in range(len(convs))]
+        new = len(sstore.ids())
+        comps, engine_used = generate_students(ctx, spec, adapters, [(n, convs[i]) for n, i in todo], sampling, sstore,
+                                               cfg.batch_size, meta=[{"system": n, "prompt_id": ids[i]} for n, i in todo])
+        generated = len(sstore.ids()) - new
+        if generated and engine_used != spec.engine:
+            notes.append(f"students generated with {engine_used}")
         for n in students:
-            answers[n] = [cached[k]["text"] for k in key[n]]
-            completions[n] = [cached[k] for k in key[n]]
+            got = [c for (m, _), c in zip(todo, comps) if m == n]
+            answers[n] = [c.text for c in got]
+            completions[n] = [c.to_dict() for c in got]
 
     # ---- per-answer records with rule metrics (+ embedding similarity to the strong answer)
     strong = answers.get("strong") or [first_text(p.get("strong")) for p in prompts]
