@@ -106,3 +106,61 @@ def test_samples_repeats_and_a_kill_between_batches(tmp_path):
     out = again.generate([*convs, convs[3]])
     assert [len(c) for c in out] == [3] * 5 and [a for a, _ in engine.asked] == ["post 2", "post 3"]
     assert len(store.records()) == 4 * 3 and again.stats.cached == 3  # two from disk, one repeat in the request
+
+
+def test_every_call_kind_goes_through_calls(tmp_path, tiny_model, monkeypatch):
+    """A run of every stage that calls a model (the corpus tagger, pairs, guidance with its acceptance gate,
+    guided, eval's students, judge and seeker) and `toushi generate`, with the engine instrumented: every call
+    it gets comes through toushi/calls.py, and every kind of call is seen there. (The random-weight tiny model:
+    the call path is under test, not the answers.)"""
+    from toushi.engines.hf_engine import HFEngine
+    from toushi.generate import generate_from_recipe
+    from toushi.paths import repo_root
+    from toushi.recipe import Recipe
+    from toushi.runner import run_stages
+    from toushi.stages import STAGES
+
+    kinds: set[str] = set()
+    inside: list[str] = []
+    outside: list[str] = []
+    fill, generate = Calls._fill, HFEngine.generate
+
+    def through_calls(self, *args, **kw):
+        inside.append(self.kind)
+        try:
+            return fill(self, *args, **kw)
+        finally:
+            inside.pop()
+
+    def watched(self, conversations, *args, **kw):
+        if inside:
+            kinds.add(inside[-1])
+        else:
+            outside.append(conversations[0][-1]["content"][:80])
+        return generate(self, conversations, *args, **kw)
+
+    monkeypatch.setattr(Calls, "_fill", through_calls)
+    monkeypatch.setattr(HFEngine, "generate", watched)
+    # answers end at their first space: short, and finished (a cut answer is no answer to learn from); many are
+    # empty (a first token with a leading space), so 16 posts leave guidance a few complete pairs
+    tiny = {"name": str(tiny_model), "engine": "hf", "dtype": "float32", "hf_batch_size": 8,
+            "sampling": {"temperature": 1.0, "max_tokens": 8, "stop": [" "], "seed": 0}}
+    short = {"temperature": 0.0, "max_tokens": 48, "seed": 0}
+    recipe = Recipe.model_validate({
+        "run": {"name": "calls", "dir": str(tmp_path / "runs"), "lang": "en",
+                "stages": ["corpus", "pairs", "guidance", "guided", "eval"]},
+        "models": {"weak": tiny, "strong": tiny, "student": tiny, "judge": tiny},
+        "corpus": {"sources": [{"path": str(repo_root() / "data" / "venting_en.jsonl"), "format": "openings"}],
+                   "per_scene": None, "max_posts": 16, "heldout_fraction": 0.13,
+                   "tagging": {"enabled": True, "sampling": short}},
+        "guidance": {"mode": "map-reduce", "batch_size": 4, "accept_gate": True, "dev_prompts": 1, "sampling": short},
+        "eval": {"systems": ["weak", "strong", "guided", "student"], "judge_mode": "generate", "ladder": False,
+                 "bootstrap": 10, "judge_sampling": short, "sampling": tiny["sampling"],
+                 "simulate": {"enabled": True, "max_posts": 2, "sampling": short}},
+    })
+    assert set(run_stages(recipe, STAGES).values()) == {"ran"}
+    counts, _ = generate_from_recipe(recipe, role="student")
+    assert counts["generated"] == counts["prompts"] > 0
+    assert outside == [], outside
+    assert kinds >= {"tag", "weak", "strong", "guidance", "gate-answer", "judge", "guided", "student",
+                     "seeker-feeling", "generate"}, kinds

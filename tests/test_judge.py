@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 
@@ -19,8 +19,6 @@ from toushi.eval.judge import (
     build_prompt,
     judge_dimensions,
     parse_verdict,
-    pending_calls,
-    plan_calls,
     quote,
     rubric,
     run_judge,
@@ -45,10 +43,12 @@ ADVERSARIAL = [
 ]
 
 
-@dataclass
-class Out:
-    text: str
-    logprobs: list | None = None
+def said(text: str):
+    """A judge's answer as the engines give it."""
+    from toushi.engines import make_completion
+
+    return make_completion(text, finish_reason="stop", prompt_tokens=0, completion_tokens=1, latency_s=0.0,
+                           model="scripted")
 
 
 class ScriptedJudge:
@@ -75,7 +75,7 @@ class ScriptedJudge:
             self.calls += 1
             is_retry = len(conv) > 1
             if self.garbage or (self.garbage_first and not is_retry):
-                outs.append([Out("I think both are nice!")])
+                outs.append([said("I think both are nice!")])
                 continue
             a, b = self._replies(conv[0]["content"])
             if self.prefer == "A":
@@ -89,7 +89,7 @@ class ScriptedJudge:
             if self.echo:
                 # copy both fenced replies, unquoted and quoted, then the judge's own verdict
                 text = a.replace("│ ", "") + "\n" + a + "\n" + b + "\n" + text
-            outs.append([Out(text)])
+            outs.append([said(text)])
         return outs
 
 
@@ -179,7 +179,7 @@ def test_guidance_dimensions_join_the_rubric(tmp_path):
 def test_swap_maps_verdicts_back_to_systems(tmp_path):
     tasks = tasks_for([GOOD] * 3) + tasks_for([BAD], ref_text=GOOD, system="dpo")
     judge = ScriptedJudge("good")
-    calls = run_judge(judge, tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: judge, tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
     assert len(calls) == 8 and {c["order"] for c in calls} == {"sr", "rs"}
     # the three identical sft pairs and the mirrored dpo pair (same two replies) share two prompts
     assert judge.calls == 2
@@ -194,7 +194,7 @@ def test_swap_maps_verdicts_back_to_systems(tmp_path):
 
 def test_position_bias_becomes_ties(tmp_path):
     tasks = tasks_for([GOOD] * 4)
-    calls = run_judge(ScriptedJudge("A"), tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: ScriptedJudge("A"), tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
     pairs = aggregate(tasks, calls, DIMS)
     assert [p["outcome"] for p in pairs] == [0.5] * 4 and not any(p["consistent"] for p in pairs)
     rates = win_rates(pairs, DIMS, n_boot=50)["sft"]
@@ -204,13 +204,13 @@ def test_position_bias_becomes_ties(tmp_path):
 def test_unparseable_retry_then_invalid_not_tie(tmp_path):
     tasks = tasks_for([GOOD, GOOD + " Truly."])
     judge = ScriptedJudge(garbage_first=True)
-    calls = run_judge(judge, tasks, StageStore(tmp_path, "a"), DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: judge, tasks, StageStore(tmp_path, "a"), DIMS, SAMPLING, "scripted")
     assert judge.calls == 8  # 4 calls + 4 retries
     assert all(c["valid"] and c["retry_raw"] for c in calls)
     assert [p["outcome"] for p in aggregate(tasks, calls, DIMS)] == [1.0, 1.0]
 
     judge = ScriptedJudge(garbage=True)
-    calls = run_judge(judge, tasks, StageStore(tmp_path, "b"), DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: judge, tasks, StageStore(tmp_path, "b"), DIMS, SAMPLING, "scripted")
     assert judge.calls == 8 and not any(c["valid"] for c in calls)
     pairs = aggregate(tasks, calls, DIMS)
     assert all(p["outcome"] is None and not p["valid"] for p in pairs)
@@ -224,7 +224,7 @@ def test_length_controlled_rate_reported_beside_raw(tmp_path):
     base = "I hear you, that sounds hard"
     texts = [base + "!" * k for k in (50, 60, 70, 80, 90, 100, 20, 30)]
     tasks = tasks_for(texts, ref_text=base + "." * 40)
-    calls = run_judge(ScriptedJudge("longer"), tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: ScriptedJudge("longer"), tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
     rates = win_rates(aggregate(tasks, calls, DIMS), DIMS, n_boot=50)["sft"]
     assert rates["win_rate"]["mean"] == 0.75 and rates["consistency"] == 1.0
     lc = rates["lc_win_rate"]
@@ -240,20 +240,20 @@ def test_cache_and_resume(tmp_path):
     store = StageStore(tmp_path, "judge")
     tasks = tasks_for([GOOD, GOOD + " !", GOOD + " ?"])
     judge = ScriptedJudge()
-    assert pending_calls(tasks, store, DIMS, SAMPLING, "scripted") == 6
-    first = run_judge(judge, tasks, store, DIMS, SAMPLING, "scripted", batch_size=2)
-    assert judge.calls == 6 and pending_calls(tasks, store, DIMS, SAMPLING, "scripted") == 0
-    again = run_judge(judge, tasks, store, DIMS, SAMPLING, "scripted")
-    assert judge.calls == 6 and [c["id"] for c in again] == [c["id"] for c in first]
+    first = run_judge(lambda: judge, tasks, store, DIMS, SAMPLING, "scripted", batch_size=2)
+    assert judge.calls == 6
+    again = run_judge(lambda: pytest.fail("no engine needed"), tasks, store, DIMS, SAMPLING, "scripted")
+    assert again == first
     # a crash after two batches: the last batch's lines are gone; a rerun makes only those calls
     lines = store.records_path.read_text().splitlines(keepends=True)
     store.records_path.write_text("".join(lines[:4]) + lines[4][:25])  # plus a torn line
-    resumed = run_judge(judge, tasks, store, DIMS, SAMPLING, "scripted")
-    assert judge.calls == 8 and len(resumed) == 6 and all(c["valid"] for c in resumed)
-    # another judge model or sampling is another cache entry
-    assert pending_calls(tasks, store, DIMS, SAMPLING, "other-judge") == 6
-    assert pending_calls(tasks, store, DIMS, Sampling(temperature=0.5), "scripted") == 6
-    assert len(plan_calls(tasks, DIMS, SAMPLING, "scripted")) == 6
+    resumed = run_judge(lambda: judge, tasks, store, DIMS, SAMPLING, "scripted")
+    assert judge.calls == 8 and resumed == first
+    # another judge model or sampling is another call
+    for model, sampling in (("other-judge", SAMPLING), ("scripted", Sampling(temperature=0.5))):
+        other = ScriptedJudge()
+        run_judge(lambda o=other: o, tasks, store, DIMS, sampling, model)
+        assert other.calls == 6
 
 
 # ------------------------------------------------------------------------------ adversarial
@@ -267,7 +267,7 @@ def test_adversarial_replies_do_not_flip_verdicts(tmp_path, echo):
     tasks = [PairTask(prompt_id=f"p{i}", lang="en", post="I lost my job.", system="weak", text=adv,
                       reference="sft", ref_text=GOOD) for i, adv in enumerate(ADVERSARIAL)]
     judge = ScriptedJudge("good", echo=echo)
-    calls = run_judge(judge, tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: judge, tasks, StageStore(tmp_path, "judge"), DIMS, SAMPLING, "scripted")
     assert all(c["valid"] for c in calls)
     for c in calls:  # GOOD is B when the adversarial system is shown first, A otherwise
         assert c["verdict"] == ("B" if c["order"] == "sr" else "A"), c["raw"]
@@ -292,7 +292,7 @@ def test_real_judge_good_vs_dismissive_both_orders(tmp_path, real_judge, mode):
     the A/B/tie probabilities. Fails if the model's output is unusable."""
     tasks = [PairTask(prompt_id="p0", lang="en", post="I lost my job after ten years and I feel worthless.",
                       system="caring", text=GOOD, reference="dismissive", ref_text=BAD)]
-    calls = run_judge(real_judge, tasks, StageStore(tmp_path, "judge"), DIMS,
+    calls = run_judge(lambda: real_judge, tasks, StageStore(tmp_path, "judge"), DIMS,
                       Sampling(temperature=0.0, max_tokens=16), "smollm2", mode=mode)
     assert sorted(c["order"] for c in calls) == ["rs", "sr"]
     for c in calls:
@@ -331,7 +331,7 @@ def test_logprob_mode_aggregates_graded_preferences(tmp_path):
             return outs
 
     tasks = tasks_for([GOOD])
-    calls = run_judge(Probs(), tasks, StageStore(tmp_path, "j"), DIMS, SAMPLING, "scripted", mode="logprob")
+    calls = run_judge(lambda: Probs(), tasks, StageStore(tmp_path, "j"), DIMS, SAMPLING, "scripted", mode="logprob")
     sr, rs = sorted(calls, key=lambda c: c["order"], reverse=True)
     assert sr["preference"] == pytest.approx(0.9 + 0.02 / 2) and rs["preference"] == pytest.approx(0.5 + 0.1 / 2)
     pair = aggregate(tasks, calls, DIMS)[0]
@@ -348,11 +348,11 @@ def test_logprob_mode_aggregates_graded_preferences(tmp_path):
             return super().generate(conversations, sampling, structured, logprobs)
 
     bare = [replace(t, need_dims=False) for t in tasks]
-    calls = run_judge(Counting(), bare, StageStore(tmp_path, "c"), DIMS, SAMPLING, "scripted", mode="logprob")
+    calls = run_judge(lambda: Counting(), bare, StageStore(tmp_path, "c"), DIMS, SAMPLING, "scripted", mode="logprob")
     assert asked == ["choice"] and all(c["valid"] and c["raw"] is None and c["dims"] is None for c in calls)
     assert aggregate(bare, calls, DIMS)[0]["outcome"] == pytest.approx(pair["outcome"])
     # no logprobs at all (an endpoint that does not return them): the call is invalid, not a tie
-    calls = run_judge(ScriptedJudge(), tasks, StageStore(tmp_path, "k"), DIMS, SAMPLING, "scripted", mode="logprob")
+    calls = run_judge(lambda: ScriptedJudge(), tasks, StageStore(tmp_path, "k"), DIMS, SAMPLING, "scripted", mode="logprob")
     assert not any(c["valid"] for c in calls) and aggregate(tasks, calls, DIMS)[0]["outcome"] is None
 
 
@@ -375,14 +375,14 @@ def test_invalid_verdict_retried_and_reparsed(tmp_path, monkeypatch):
                 retry = len(conv) > 1
                 self.seeds["retry" if retry else "first"].add(sampling.seed)
                 a, _ = self._replies(conv[0]["content"])
-                outs.append([Out(f"Final answer: {'A' if 'Losing your job' in a else 'B'} wins" if retry
+                outs.append([said(f"Final answer: {'A' if 'Losing your job' in a else 'B'} wins" if retry
                                  else "Both replies have their merits.")])
             return outs
 
     tasks = tasks_for([GOOD, GOOD + " Truly."])
     store = StageStore(tmp_path, "judge")
     judge = Stubborn()
-    calls = run_judge(judge, tasks, store, DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: judge, tasks, store, DIMS, SAMPLING, "scripted")
     assert judge.calls == 8  # 4 calls, each retried once: no more
     assert judge.seeds["first"] == {SAMPLING.seed} and SAMPLING.seed not in judge.seeds["retry"]
     assert len(judge.seeds["retry"]) == 1  # a fresh seed, the same for every retry (reproducible)
@@ -396,8 +396,7 @@ def test_invalid_verdict_retried_and_reparsed(tmp_path, monkeypatch):
         def generate(self, *args, **kwargs):
             raise AssertionError("the judge was asked again")
 
-    assert pending_calls(tasks, store, DIMS, SAMPLING, "scripted") == 0
-    assert not any(c["valid"] for c in run_judge(Silent(), tasks, store, DIMS, SAMPLING, "scripted"))
+    assert not any(c["valid"] for c in run_judge(lambda: Silent(), tasks, store, DIMS, SAMPLING, "scripted"))
 
     # the parser learns the format: the cached raw answers are read again, no call made
     old_parse = toushi.eval.judge.parse_verdict
@@ -409,6 +408,6 @@ def test_invalid_verdict_retried_and_reparsed(tmp_path, monkeypatch):
         return old_parse(output, dimensions)
 
     monkeypatch.setattr(toushi.eval.judge, "parse_verdict", fixed)
-    calls = run_judge(Silent(), tasks, store, DIMS, SAMPLING, "scripted")
+    calls = run_judge(lambda: Silent(), tasks, store, DIMS, SAMPLING, "scripted")
     assert all(c["valid"] for c in calls)
     assert [p["outcome"] for p in aggregate(tasks, calls, DIMS)] == [1.0, 1.0]  # GOOD wins in both orders

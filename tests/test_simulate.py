@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from toushi.calls import Calls
 from toushi.corpus.tagging import label_set
 from toushi.eval.simulate import (
     Responder,
@@ -90,14 +91,16 @@ def test_seeker_scores_every_system_on_the_offline_model(engine, tmp_path):
 
     # two turns: the seeker writes back, the system (here the same small model) replies, the seeker says how it
     # feels after each reply; its "before" is the one already cached
-    calls = []
+    class Seen:  # the engine, remembering what the system was asked
+        asked: list = []
 
-    def reply(convs):
-        calls.append(convs)
-        return [c[0].text for c in engine.generate(convs, Sampling(temperature=0.0, max_tokens=24))]
+        def generate(self, convs, sampling, **kw):
+            self.asked.append(convs)
+            return engine.generate(convs, sampling, **kw)
 
-    responders = {"guided": Responder("guided-test", lambda pid, chat: [{"role": "system", "content": "Be kind."},
-                                                                        *chat], reply)}
+    seen = Seen()
+    replies = Calls(store, "smollm2", lambda: seen, Sampling(temperature=0.0, max_tokens=24), kind="seeker-respond")
+    responders = {"guided": Responder(replies, lambda pid, chat: [{"role": "system", "content": "Be kind."}, *chat])}
     two = run_seeker(lambda: engine, cards[:1], {"guided": ANSWERS["guided"][:1]}, store, model="smollm2",
                      sampling=sampling, turns=2, reply_sampling=Sampling(temperature=0.7, max_tokens=24),
                      responders=responders)
@@ -107,7 +110,7 @@ def test_seeker_scores_every_system_on_the_offline_model(engine, tmp_path):
     assert item["before"] == res["before"][0] and item["delta"] == item["feelings"][-1] - item["before"]
     assert [t["who"] for t in item["transcript"]] == ["commenter", "you", "commenter"]
     assert two["generated"] == 3  # the seeker's message, the system's reply, the feeling after it
-    sent = calls[0][0]  # what the system saw: its system prompt, the task, its comment, the seeker's message
+    sent = seen.asked[0][0]  # what the system saw: its system prompt, the task, its comment, the seeker's message
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
     assert sent[1]["content"] == POSTS[0]["prompt"] and sent[3]["content"] == item["transcript"][1]["text"]
     with pytest.raises(ValueError, match="responder"):

@@ -40,13 +40,15 @@ class Calls:
     ``model`` is the model's cache identity (``engines.cache_model(spec)``); ``open_engine()`` gives the engine
     (the run's shared one, or one this object closes in :meth:`close`); ``adapters`` maps LoRA names to their
     content digests (``engines.adapters.adapter_fingerprint``), so a retrained adapter of the same name is asked
-    anew.
+    anew; ``logprobs`` asks the engine for each token's top-k log-probabilities (a call that keeps them is
+    another call).
     """
 
     def __init__(self, store: StageStore, model: str, open_engine: Callable[[], object], sampling: Sampling, *,
                  kind: str, adapters: Mapping[str, str] | None = None, batch_size: int = 8,
-                 console: Console | None = None, label: str | None = None):
+                 console: Console | None = None, label: str | None = None, logprobs: int | None = None):
         self.store, self.model, self.open_engine, self.kind = store, model, open_engine, kind
+        self.logprobs = logprobs  # top-k logprobs per generated token, stored with the completion
         self.sampling = sampling
         self.adapters = dict(adapters or {})
         self.batch_size = max(1, batch_size)
@@ -63,7 +65,7 @@ class Calls:
             raise ValueError(f"{self.kind}: no content digest for adapter {lora!r}")
         return stable_id("call", self.kind, conversation, self.model, self.adapters.get(lora) if lora else None,
                          self.sampling.model_dump(mode="json", exclude={"n"}),
-                         structured.key() if structured is not None else None, k, attempt)
+                         structured.key() if structured is not None else None, k, attempt, self.logprobs)
 
     # ------------------------------------------------------------------ calls
 
@@ -144,6 +146,8 @@ class Calls:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
                 kw = {}  # only what is used: a stand-in engine of a test need not take every argument
+                if self.logprobs is not None:
+                    kw["logprobs"] = self.logprobs
                 if on_error is not None:
                     def failure(j: int, exc: BaseException, chunk=chunk) -> None:
                         failed.add(chunk[j])

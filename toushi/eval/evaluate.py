@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.progress import Progress
@@ -361,26 +362,21 @@ def run_stage(ctx: StageContext) -> dict:
     atomic_write_text(ctx.store.records_path,
                       "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
-    with Progress(console=console, transient=True) as progress:
-        # ---- held-out NLL of the strong answers under each student
-        nll_records: list[dict] = []
-        if spec is not None and students:
-            items = [{"prompt_id": p["id"], "prompt": p["prompt"], "answer": t}
-                     for p, t in zip(prompts, strong) if t]
+    # ---- held-out NLL of the strong answers under each student
+    nll_records: list[dict] = []
+    if spec is not None and students:
+        items = [{"prompt_id": p["id"], "prompt": p["prompt"], "answer": t} for p, t in zip(prompts, strong) if t]
+        with Progress(console=console, transient=True) as progress:
             nll_records = heldout_nll(spec, {n: adapters[n] for n in students if n in adapters}, items,
                                       StageStore(ctx.store.dir, "nll"), progress)
-            if "student" not in students:
-                nll_records = [x for x in nll_records if x["system"] != "student"]
+        if "student" not in students:
+            nll_records = [x for x in nll_records if x["system"] != "student"]
 
-        # ---- pairwise judge vs the reference system
-        judge_block = None
-        if cfg.judge:
-            judge_block = _judge(ctx, prompts, answers, notes, progress)
+    # ---- pairwise judge vs the reference system (its calls show their own progress, toushi/calls.py)
+    judge_block = _judge(ctx, prompts, answers, notes) if cfg.judge else None
 
-        # ---- the simulated seeker reads every system's comment
-        seeker_block = None
-        if cfg.simulate.enabled:
-            seeker_block = _simulate(ctx, prompts, answers, adapters, notes, progress)
+    # ---- the simulated seeker reads every system's comment
+    seeker_block = _simulate(ctx, prompts, answers, adapters, notes) if cfg.simulate.enabled else None
 
     summary = summarise(records, nll_records, judge_block, cfg.bootstrap, r.run.seed, seeker=seeker_block,
                         facets=cfg.strata.facets, min_posts=cfg.strata.min_posts, ladder=cfg.ladder)
@@ -409,8 +405,8 @@ def run_stage(ctx: StageContext) -> dict:
     return counts
 
 
-def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[str], progress: Progress) -> dict | None:
-    from toushi.eval.judge import PairTask, aggregate, judge_dimensions, pending_calls, run_judge, win_rates
+def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[str]) -> dict | None:
+    from toushi.eval.judge import PairTask, aggregate, judge_dimensions, run_judge, win_rates
 
     r, cfg = ctx.recipe, ctx.recipe.eval
     spec = r.models.judge or r.models.strong
@@ -441,15 +437,10 @@ def _judge(ctx: StageContext, prompts: list[dict], answers: dict, notes: list[st
     every = tasks + ladder_tasks
     sampling = (cfg.judge_sampling or spec.sampling).model_copy(update={"n": 1})
     store = StageStore(ctx.store.dir, "judge")
-    task = progress.add_task("judge", total=2 * len(every))
-    # Open the engine only when some call is not cached (a vLLM start costs a minute on CPU).
     mode = cfg.judge_mode
-    if pending_calls(every, store, dims, sampling, cache_model(spec), mode):
-        with ctx.engine(spec) as engine:
-            calls = run_judge(engine, every, store, dims, sampling, cache_model(spec),
-                              progress=lambda n: progress.advance(task, n), mode=mode)
-    else:
-        calls = run_judge(None, every, store, dims, sampling, cache_model(spec), mode=mode)
+    with ExitStack() as stack:  # the engine opens only when some call is not cached (a vLLM start: a minute on CPU)
+        calls = run_judge(lambda: stack.enter_context(ctx.engine(spec)), every, store, dims, sampling,
+                          cache_model(spec), mode=mode)
     calls, ladder_calls = calls[: 2 * len(tasks)], calls[2 * len(tasks) :]  # two calls per task, in task order
     pairs = aggregate(tasks, calls, dims)
     return {
@@ -472,11 +463,9 @@ def self_judged(recipe, judge: ModelSpec, systems: list[str]) -> list[str]:
     return [s for s in systems if wrote.get(s) is not None and wrote[s].name == judge.name]
 
 
-def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: dict[str, Path], notes: list[str],
-              progress: Progress) -> dict | None:
+def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: dict[str, Path],
+              notes: list[str]) -> dict | None:
     """The simulated seeker over the first ``simulate.max_posts`` held-out prompts, every system with answers."""
-    from contextlib import ExitStack
-
     from toushi.corpus.tagging import label_set
     from toushi.eval.simulate import make_card, run_seeker, seeker_summary
 
@@ -490,8 +479,6 @@ def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: d
     cards = [make_card(p, r.run.lang, sets[p.get("lang") or r.run.lang]) for p in chosen]
     shown = {s: list(texts[: len(chosen)]) for s, texts in answers.items()}
     store = StageStore(ctx.store.dir, "seeker")
-    n_calls = len(cards) + len(shown) * len(cards) * (2 * cfg.turns - 1)
-    task = progress.add_task("simulated seeker", total=n_calls)
     with ExitStack() as stack:
         opened: dict[str, object] = {}
 
@@ -503,14 +490,13 @@ def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: d
 
         responders = None
         if cfg.turns > 1:
-            responders = _responders(ctx, chosen, adapters, engine_of)
+            responders = _responders(ctx, chosen, adapters, engine_of, store)
             for s in [s for s in shown if s not in responders]:
                 notes.append(f"simulate: {s} has no model to answer the seeker with (turns > 1), skipped")
                 del shown[s]
         res = run_seeker(lambda: engine_of(spec), cards, shown, store, model=cache_model(spec), sampling=cfg.sampling,
                          turns=cfg.turns, reply_sampling=cfg.reply_sampling, responders=responders,
-                         feeling_template=cfg.feeling_template, reply_template=cfg.reply_template,
-                         progress=lambda n: progress.advance(task, n))
+                         feeling_template=cfg.feeling_template, reply_template=cfg.reply_template)
     if res["invalid_calls"]:
         notes.append(f"simulate: {res['invalid_calls']} of {res['calls']} seeker answers had no score in 0..100 "
                      "(those simulations are counted as invalid, not scored)")
@@ -520,10 +506,12 @@ def _simulate(ctx: StageContext, prompts: list[dict], answers: dict, adapters: d
             "before": res["before"], "items": res["items"]}
 
 
-def _responders(ctx: StageContext, prompts: list[dict], adapters: dict[str, Path], engine_of) -> dict:
+def _responders(ctx: StageContext, prompts: list[dict], adapters: dict[str, Path], engine_of,
+                store: StageStore) -> dict:
     """How each system answers the seeker in later turns: the model, adapter, system prompt and sampling it
     answered the post with (weak/strong: the pairs' roles; guided: the weak role with its guidance prompt;
     student and adapters: the student with eval's sampling)."""
+    from toushi.calls import Calls
     from toushi.eval.simulate import Responder
 
     r = ctx.recipe
@@ -533,18 +521,15 @@ def _responders(ctx: StageContext, prompts: list[dict], adapters: dict[str, Path
     def responder(spec: ModelSpec | None, sampling: Sampling, system_of, lora: str | None = None) -> Responder | None:
         if spec is None:
             return None
-        sampling = sampling.model_copy(update={"n": 1})
-        fp = adapter_fingerprint(adapters[lora]) if lora else None
-        key = stable_id(cache_model(spec), lora, fp, sampling.model_dump(mode="json"))
+        calls = Calls(store, cache_model(spec), lambda: engine_of(spec), sampling.model_copy(update={"n": 1}),
+                      kind="seeker-respond", adapters={n: adapter_fingerprint(p) for n, p in adapters.items()},
+                      console=ctx.console, label="seeker's commenters")
 
         def conversation(pid: str, chat: list[dict]) -> list[dict]:
             system = system_of(pid)
             return ([{"role": "system", "content": system}] if system else []) + chat
 
-        def generate(convs: list[list[dict]]) -> list[str]:
-            return [c[0].text for c in engine_of(spec).generate(convs, sampling, lora_name=lora)]
-
-        return Responder(key, conversation, generate)
+        return Responder(calls, conversation, lora)
 
     weak, strong, student = r.models.weak, r.models.strong, r.models.student
     out = {

@@ -20,8 +20,8 @@
 
 Any engine can judge: it only needs ``generate(conversations, sampling, structured=..., logprobs=...)
 -> [[completion with .text and .logprobs]]``.
-Calls are cached in a StageStore keyed by a content hash of (judge model, sampling, prompt), so a
-rerun makes no call it already made and a crash loses at most one batch.
+Calls go through toushi/calls.py (keyed by judge model, sampling, constraint and prompt), so a rerun makes no
+call it already made and a crash loses at most one batch.
 """
 
 from __future__ import annotations
@@ -244,47 +244,27 @@ class PairTask:
         return stable_id("pair", self.prompt_id, self.system, self.reference, self.text, self.ref_text)
 
 
-def _calls(task: PairTask, dimensions: list[dict], cache_key: str, mode: str) -> list[dict]:
-    """The two orders of a pair: "sr" (system is A) and "rs" (reference is A)."""
+def _calls(task: PairTask, dimensions: list[dict], mode: str) -> list[dict]:
+    """The two orders of a pair: "sr" (system is A) and "rs" (reference is A). ``prompt`` is None for a pair
+    judged by the choice call alone (logprob mode, no dimensions wanted)."""
     out = []
     for order, (a, b) in (("sr", (task.text, task.ref_text)), ("rs", (task.ref_text, task.text))):
         choice_only = mode == "logprob" and not task.need_dims
-        prompt = None if choice_only else build_prompt(task.lang, task.post, a, b, dimensions)
-        call = {"pair_id": task.pair_id, "order": order, "prompt": prompt}
+        call = {"pair_id": task.pair_id, "order": order, "lang": task.lang,
+                "prompt": None if choice_only else build_prompt(task.lang, task.post, a, b, dimensions)}
         if mode == "logprob":
             call["choice_prompt"] = build_prompt(task.lang, task.post, a, b, dimensions, answer="choice")
-        call["id"] = stable_id("judge", cache_key, call["choice_prompt"] if choice_only else prompt,
-                               *(["choice-only"] if choice_only else []))
         out.append(call)
     return out
-
-
-def plan_calls(tasks: Sequence[PairTask], dimensions: list[dict], sampling: Sampling, judge_model: str,
-               mode: str = "generate") -> list[dict]:
-    """Every call the tasks need (two per task), each with its cache id."""
-    if mode not in MODES:
-        raise ValueError(f"judge mode {mode!r}: expected one of {', '.join(MODES)}")
-    sampling = sampling.model_copy(update={"n": 1})
-    cache_key = stable_id(judge_model, sampling.model_dump(mode="json"), mode)
-    return [c for t in tasks for c in _calls(t, dimensions, cache_key, mode)]
-
-
-def pending_calls(
-    tasks: Sequence[PairTask], store: StageStore, dimensions: list[dict], sampling: Sampling, judge_model: str,
-    mode: str = "generate",
-) -> int:
-    """How many calls are not cached yet (0: no judge engine needs to start)."""
-    done = store.ids()
-    return sum(1 for c in plan_calls(tasks, dimensions, sampling, judge_model, mode) if c["id"] not in done)
 
 
 RETRY_SEED_OFFSET = 7919  # the retry's seed: the call's own plus this (any other number than the call's)
 
 
 def settle(call: dict, dimensions: Sequence[dict]) -> dict:
-    """A call record with its verdict read from its cached raw outputs: ``raw`` (the JSON answer), else
+    """A call record with its verdict read from its raw outputs: ``raw`` (the JSON answer), else
     ``retry_raw`` (the one retry), and ``probs`` (the choice token's, logprob mode). ``valid``, ``verdict``,
-    ``dims`` and ``preference`` are derived, never trusted from the cache."""
+    ``dims`` and ``preference`` are derived on every read, never stored."""
     parsed = None
     for text in (call.get("raw"), call.get("retry_raw")):
         if text is not None and parsed is None:
@@ -297,72 +277,62 @@ def settle(call: dict, dimensions: Sequence[dict]) -> dict:
 
 
 def run_judge(
-    engine,
+    open_engine,
     tasks: Sequence[PairTask],
     store: StageStore,
     dimensions: list[dict],
     sampling: Sampling,
     judge_model: str,
     batch_size: int = 32,
-    progress=None,
     mode: str = "generate",
 ) -> list[dict]:
-    """Judge every task in both orders; returns the call records (cached ones read back, new ones
-    written as each batch finishes). ``progress`` is an optional callable(n_done) for progress bars.
+    """Judge every task in both orders; returns one call record per (task, order).
 
-    Each record has the JSON answer's per-dimension verdicts and an overall ``verdict``; in logprob mode
-    also ``probs`` (P(A), P(B), P(tie) of the choice token) and ``preference`` (P(A) + P(tie)/2), and the
-    verdict is the most probable choice. A logprob-mode pair that needs no dimensions (``need_dims=False``)
-    has only the choice call: ``raw`` and ``dims`` are None."""
+    The model calls go through toushi/calls.py, cached in ``store`` (``open_engine()`` runs only when one is
+    missing; identical prompts share one call): the JSON answer, the one retry of an unreadable answer (the
+    question, the answer and a request for the bare format, with a fresh seed) and, in logprob mode, the
+    one-token choice. Each record has the raw outputs and what ``settle`` reads from them: the per-dimension
+    verdicts and an overall ``verdict``; in logprob mode also ``probs`` (P(A), P(B), P(tie) of the choice token)
+    and ``preference`` (P(A) + P(tie)/2), and the verdict is the most probable choice. A logprob-mode pair that
+    needs no dimensions (``need_dims=False``) has only the choice call: ``raw`` and ``dims`` are None."""
+    from toushi.calls import Calls
+
+    if mode not in MODES:
+        raise ValueError(f"judge mode {mode!r}: expected one of {', '.join(MODES)}")
     sampling = sampling.model_copy(update={"n": 1})
-    calls = plan_calls(tasks, dimensions, sampling, judge_model, mode)
-    done = store.ids()
-    # Identical prompts (same post and replies) share one call; ids are content hashes.
-    todo = list({c["id"]: c for c in calls if c["id"] not in done}.values())
-    lang_of = {t.pair_id: t.lang for t in tasks}
-    schema = Structured(json_schema=verdict_schema(dimensions))
     json_sampling = sampling.model_copy(update={"max_tokens": max(sampling.max_tokens, json_budget(dimensions))})
-    # one token decides; a second lets "tie" finish where it takes two
-    choice_sampling = sampling.model_copy(update={"max_tokens": 2})
     # an unreadable verdict is asked again once, with a fresh seed (a sampled judge does not repeat itself)
     retry_sampling = json_sampling.model_copy(update={"seed": (sampling.seed or 0) + RETRY_SEED_OFFSET})
-    with store.writer(batch_size=batch_size) as w:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            convs = [[{"role": "user", "content": c["prompt"]}] if c["prompt"] else None for c in batch]
-            asked = [i for i, c in enumerate(convs) if c is not None]  # choice-only calls have no JSON question
-            first: list[str | None] = [None] * len(batch)
-            if asked:
-                outs = engine.generate([convs[i] for i in asked], json_sampling, structured=schema)
-                for i, o in zip(asked, outs):
-                    first[i] = o[0].text
-            parsed = [parse_verdict(first[i], dimensions) if i in asked else None for i in range(len(batch))]
-            retry_idx = [i for i in asked if parsed[i] is None]
-            retried: dict[int, str] = {}
-            if retry_idx:
-                retry_convs = [
-                    convs[i] + [{"role": "assistant", "content": first[i]},
-                                {"role": "user", "content": build_retry(lang_of[batch[i]["pair_id"]], dimensions)}]
-                    for i in retry_idx
-                ]
-                for i, outs in zip(retry_idx, engine.generate(retry_convs, retry_sampling, structured=schema)):
-                    retried[i] = outs[0].text
-            probs: list[dict | None] = [None] * len(batch)
-            if mode == "logprob":
-                choice_convs = [[{"role": "user", "content": c["choice_prompt"]}] for c in batch]
-                outs = engine.generate(choice_convs, choice_sampling, structured=Structured(choices=CHOICES),
-                                       logprobs=TOP_LOGPROBS)
-                probs = [choice_probabilities(o[0].logprobs) for o in outs]
-            for i, c in enumerate(batch):
-                w.write(settle({**c, "judge_model": judge_model, "mode": mode, "raw": first[i],
-                                "retry_raw": retried.get(i), "probs": probs[i]}, dimensions))
-            w.flush()
-            if progress:
-                progress(len(batch))
-    # verdicts are read again from the cached raw outputs: a parser fix applies to every earlier call
-    by_id = {r["id"]: settle(r, dimensions) for r in store.records()}
-    # A cached call may have been made for another pair with the same prompt: label it with ours.
-    return [{**by_id[c["id"]], "pair_id": c["pair_id"], "order": c["order"]} for c in calls]
+    # one token decides; a second lets "tie" finish where it takes two
+    choice_sampling = sampling.model_copy(update={"max_tokens": 2})
+    engine: list = []
+
+    def opened():  # one engine for the three kinds of call, opened at the first that is not cached
+        if not engine:
+            engine.append(open_engine())
+        return engine[0]
+
+    def calls_of(kind: str, s: Sampling, **kw) -> Calls:
+        return Calls(store, judge_model, opened, s, kind=kind, batch_size=batch_size, label=kind, **kw)
+
+    schema = Structured(json_schema=verdict_schema(dimensions))
+    records = [{**c, "judge_model": judge_model, "mode": mode, "raw": None, "retry_raw": None, "probs": None}
+               for t in tasks for c in _calls(t, dimensions, mode)]
+    asked = [r for r in records if r["prompt"] is not None]  # choice-only calls have no JSON question
+    for r, text in zip(asked, calls_of("judge", json_sampling).texts(
+            [[{"role": "user", "content": r["prompt"]}] for r in asked], structured=schema)):
+        r["raw"] = text
+    again = [r for r in asked if parse_verdict(r["raw"], dimensions) is None]
+    retry_convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["raw"]},
+                    {"role": "user", "content": build_retry(r["lang"], dimensions)}] for r in again]
+    for r, text in zip(again, calls_of("judge-retry", retry_sampling).texts(retry_convs, structured=schema)):
+        r["retry_raw"] = text
+    if mode == "logprob":
+        outs = calls_of("judge-choice", choice_sampling, logprobs=TOP_LOGPROBS).generate(
+            [[{"role": "user", "content": r["choice_prompt"]}] for r in records], structured=Structured(choices=CHOICES))
+        for r, o in zip(records, outs):
+            r["probs"] = choice_probabilities(o[0].logprobs)
+    return [settle(r, dimensions) for r in records]
 
 
 # ------------------------------------------------------------------------------------ aggregation

@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toushi.calls import Calls
 from toushi.engines import Structured
 from toushi.recipe import Sampling
-from toushi.store import StageStore, stable_id
+from toushi.store import StageStore
 from toushi.templates import render_any
 
 WHY_CHARS = 160  # the one sentence of why; the schema ends the string here, so the JSON always closes
@@ -101,12 +102,12 @@ def parse_feeling(output: str) -> dict | None:
 class Responder:
     """How a system answers the seeker in later turns. ``conversation(prompt_id, turns)`` is the whole
     conversation the system sees (its own system prompt, the task prompt, its comment, the seeker's message,
-    ...); ``generate(conversations)`` returns its reply to each. ``key`` names the model, adapter and
-    sampling, so cached replies are never another system's."""
+    ...); ``calls`` are its model calls (toushi/calls.py: keyed by its model, adapter content and sampling, so
+    cached replies are never another system's); ``lora`` its adapter, if any."""
 
-    key: str
+    calls: Calls
     conversation: Callable[[str, Conversation], Conversation]
-    generate: Callable[[list[Conversation]], list[str]]
+    lora: str | None = None
 
 
 @dataclass
@@ -132,7 +133,6 @@ def run_seeker(
     feeling_template: str | Path | None = None,
     reply_template: str | Path | None = None,
     batch_size: int = 32,
-    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Simulate every (system, card) whose answer exists. ``answers[system][i]`` is the system's comment on
     ``cards[i]``. Returns {"before": [feeling per card], "items": [per (system, post)], "calls",
@@ -140,43 +140,26 @@ def run_seeker(
     "delta", "valid", "transcript"}. ``get_engine()`` is called only when some call is not cached."""
     if turns > 1 and not responders:
         raise ValueError("simulate: turns > 1 needs a responder per system (how it answers the seeker)")
-    sampling = sampling.model_copy(update={"n": 1})
-    reply_sampling = (reply_sampling or sampling).model_copy(update={"n": 1})
-    schema = Structured(json_schema=FEELING_SCHEMA)
-    cache_key = stable_id(model, sampling.model_dump(mode="json"), schema.key())
-    reply_key = stable_id(model, reply_sampling.model_dump(mode="json"))
-    done = {r["id"]: r for r in store.records()}
-    stats = {"calls": 0, "invalid_calls": 0, "generated": 0}
     engine_box: list = []
 
-    def engine():
+    def engine():  # one engine for the seeker's feeling and reply calls, opened at the first uncached call
         if not engine_box:
             engine_box.append(get_engine())
         return engine_box[0]
 
-    def cached(kind: str, prompts: list[str], key: str, generate: Callable[[list[str]], list[str]]) -> list[str]:
-        ids = [stable_id("seeker", kind, key, p) for p in prompts]
-        todo = list({i: p for i, p in zip(ids, prompts) if i not in done}.items())
-        with store.writer(batch_size=batch_size) as w:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                for (rid, prompt), text in zip(batch, generate([p for _, p in batch]), strict=True):
-                    done[rid] = {"id": rid, "kind": kind, "prompt": prompt, "text": text}
-                    w.write(done[rid])
-                w.flush()
-                stats["generated"] += len(batch)
-                if progress:
-                    progress(len(batch))
-        return [done[i]["text"] for i in ids]
+    feeling_calls = Calls(store, model, engine, sampling.model_copy(update={"n": 1}), kind="seeker-feeling",
+                          batch_size=batch_size, label="seeker")
+    reply_calls = Calls(store, model, engine, (reply_sampling or sampling).model_copy(update={"n": 1}),
+                        kind="seeker-reply", batch_size=batch_size, label="seeker replies")
+    stats = {"calls": 0, "invalid_calls": 0}
+    schema = Structured(json_schema=FEELING_SCHEMA)
 
-    def ask(prompts: list[str], constrained: bool) -> list[str]:
-        convs = [[{"role": "user", "content": p}] for p in prompts]
-        if constrained:
-            return [o[0].text for o in engine().generate(convs, sampling, structured=schema)]
-        return [o[0].text for o in engine().generate(convs, reply_sampling)]
+    def user(prompts: list[str]) -> list[list[dict]]:
+        return [[{"role": "user", "content": p}] for p in prompts]
 
     def feelings(prompts: list[str]) -> list[dict | None]:
-        parsed = [parse_feeling(t) for t in cached("feeling", prompts, cache_key, lambda ps: ask(ps, True))]
+        texts = feeling_calls.texts(user(prompts), structured=schema, valid=lambda c: parse_feeling(c.text) is not None)
+        parsed = [parse_feeling(t) for t in texts]
         stats["calls"] += len(prompts)
         stats["invalid_calls"] += sum(p is None for p in parsed)
         return parsed
@@ -189,8 +172,8 @@ def run_seeker(
     ]
     for turn in range(turns):
         if turn > 0:
-            said = cached("reply", [reply_prompt(cards[d.card], d.transcript, reply_template) for d in dialogues],
-                          reply_key, lambda ps: ask(ps, False))
+            said = reply_calls.texts(user([reply_prompt(cards[d.card], d.transcript, reply_template)
+                                          for d in dialogues]))
             for d, text in zip(dialogues, said):
                 text = text.strip()
                 d.transcript.append({"who": "you", "text": text})
@@ -201,9 +184,7 @@ def run_seeker(
             for system, group in by_system.items():
                 responder = responders[system]
                 convs = [responder.conversation(cards[d.card].prompt_id, d.chat) for d in group]
-                texts = [p for p in map(json.dumps, convs)]  # the whole conversation is the cache key
-                outs = cached(f"respond:{system}", texts, responder.key,
-                              lambda ps, r=responder: r.generate([json.loads(p) for p in ps]))
+                outs = responder.calls.texts(convs, lora=responder.lora)
                 for d, text in zip(group, outs):
                     d.transcript.append({"who": "commenter", "text": text})
                     d.chat.append({"role": "assistant", "content": text})
@@ -225,7 +206,9 @@ def run_seeker(
             "valid": valid,
             "transcript": d.transcript if turns > 1 else None,
         })
-    return {"before": [b["feeling"] if b else None for b in before], "items": items, **stats}
+    generated = feeling_calls.stats.new + reply_calls.stats.new + sum(r.calls.stats.new
+                                                                      for r in (responders or {}).values())
+    return {"before": [b["feeling"] if b else None for b in before], "items": items, **stats, "generated": generated}
 
 
 def seeker_summary(items: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict:

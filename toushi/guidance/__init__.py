@@ -83,7 +83,7 @@ def _make_gate(ctx, pool, dev: list[dict]):
         return weak_calls.texts(convs, meta=[{"step": f"gate-answer-{p['label']}"} for p in dev])
 
     def gate(new, old) -> dict:
-        outcomes = judge_outcomes(pool.get(judge), gate_store, cache_model(judge), judge.sampling, r.run.lang, None,
+        outcomes = judge_outcomes(lambda: pool.get(judge), gate_store, cache_model(judge), judge.sampling, r.run.lang, None,
                                   [p["id"] for p in dev], [p["post"] for p in dev], answers(new), answers(old),
                                   mode=r.eval.judge_mode)
         return decide(outcomes, margin=r.guidance.accept_margin, n_boot=r.eval.bootstrap, seed=r.run.seed)

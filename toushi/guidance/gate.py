@@ -79,14 +79,15 @@ def decide(outcomes: Sequence[float | None], margin: float = 0.0, n_boot: int = 
     }
 
 
-def judge_outcomes(engine, store, judge_model: str, sampling, lang: str, run_dir: Path | None,
+def judge_outcomes(open_engine, store, judge_model: str, sampling, lang: str, run_dir: Path | None,
                    prompt_ids: Sequence[str], posts: Sequence[str], new: Sequence[str],
                    old: Sequence[str], mode: str = "generate") -> list[float | None]:
-    """The same outcomes from the project's pairwise judge (calls cached in ``store``)."""
+    """The same outcomes from the project's pairwise judge (calls cached in ``store``; ``open_engine()`` runs
+    only when one is not)."""
     from toushi.eval.judge import PairTask, aggregate, judge_dimensions, run_judge
 
     dims = judge_dimensions(lang, None)
     tasks = [PairTask(pid, lang, post, "new", a_new, "previous", a_old)
              for pid, post, a_new, a_old in zip(prompt_ids, posts, new, old, strict=True)]
-    calls = run_judge(engine, tasks, store, dims, sampling, judge_model, mode=mode)
+    calls = run_judge(open_engine, tasks, store, dims, sampling, judge_model, mode=mode)
     return [p["outcome"] if p["valid"] else None for p in aggregate(tasks, calls, dims)]
