@@ -225,11 +225,25 @@ def shared_data() -> Path:
 
 
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range, so no client connection is handed it as its own port in
+    the minute before a server binds it (under two workers one did: a replica's port, taken, failed a run)."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()  # not the tests' seeded global random: two workers must not draw the same ports
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low - 16)  # room for consecutive replica ports
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def cpu_vllm_spec(name: str, **kw):

@@ -4,11 +4,15 @@ two replicas of `toushi serve --replicas 2`."""
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
 from toushi.engines.endpoints import BACKOFF_BASE_S, EndpointPool
 from toushi.recipe import ModelSpec
+
+# what a failed request carries (openai >= 3.60 reads it when the error is made)
+REQUEST = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
 
 A, B = "http://a/v1", "http://b/v1"
 
@@ -34,8 +38,8 @@ def test_pool_least_outstanding_backoff_probe_and_all_down():
     assert pool.choose() is None  # both at capacity: the caller waits
 
     a, b = pool.endpoints
-    pool.failed(b, openai.APIConnectionError(request=None), take_out=True)
-    pool.failed(b, openai.APIConnectionError(request=None), take_out=True)  # same outage: one time out
+    pool.failed(b, openai.APIConnectionError(request=REQUEST), take_out=True)
+    pool.failed(b, openai.APIConnectionError(request=REQUEST), take_out=True)  # same outage: one time out
     assert not b.up(clock.t) and pool.other_up({B}) and not pool.other_up({A, B})
     assert pool.choose() is None  # b has room but is out; a is full
     pool.succeeded(a)
@@ -51,11 +55,11 @@ def test_pool_least_outstanding_backoff_probe_and_all_down():
     assert b.failures_in_row == 0 and b.capacity(2, probe=True) == 2
 
     # every endpoint out: requests still go to the one back soonest (the engine sleeps its retry delay first)
-    pool.failed(a, openai.APITimeoutError(request=None), take_out=True)
+    pool.failed(a, openai.APITimeoutError(request=REQUEST), take_out=True)
     pool.start(b)
     pool.start(b)
-    pool.failed(b, openai.APIConnectionError(request=None), take_out=True)
-    pool.failed(b, openai.APIConnectionError(request=None), take_out=True)
+    pool.failed(b, openai.APIConnectionError(request=REQUEST), take_out=True)
+    pool.failed(b, openai.APIConnectionError(request=REQUEST), take_out=True)
     assert not pool.other_up(set())
     assert pool.choose() is a  # a's back-off ends first (one failure in a row against b's two)
     stats = pool.stats()

@@ -191,11 +191,12 @@ def test_answer_ends_at_end_of_turn_or_stop_string(offline_model):
 
 
 class ScriptedJudge:
-    """Stands in for a remote judge API (models.judge is an endpoint by default): answers every
-    conversation with the next scripted verdict, counting requests."""
+    """Stands in for a remote judge API (models.judge is an endpoint by default): answers each new conversation
+    with the next scripted verdict and the same conversation again (the call layer's one retry of an unreadable
+    verdict) with the same one, counting requests."""
 
     def __init__(self, verdicts):
-        self.verdicts, self.requests, self.closed = list(verdicts), 0, 0
+        self.verdicts, self.requests, self.closed, self.said = list(verdicts), 0, 0, {}
 
     def close(self):
         self.closed += 1
@@ -206,7 +207,8 @@ class ScriptedJudge:
         out = []
         for conv in conversations:
             assert "Score" in conv[-1]["content"]  # the judge_score rubric template
-            text = self.verdicts[self.requests % len(self.verdicts)]
+            asked = conv[-1]["content"]
+            text = self.said.setdefault(asked, self.verdicts[len(self.said) % len(self.verdicts)])
             self.requests += 1
             out.append([Completion(text=text, reasoning=None, finish_reason="stop", prompt_tokens=1,
                                    completion_tokens=1, latency_s=0.0, model="scripted")])
@@ -234,7 +236,9 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     assert len(judged) >= 3
     # only answers that passed the cheap checks (format, finished) were sent to the judge, each once
     cheap = {"format", "truncated"}
-    assert judge.requests == rec["judged"] == len(judged) == sum(not cheap & set(s["rejected"]) for s in samples) > 0
+    assert len(judge.said) == rec["judged"] == len(judged) == sum(not cheap & set(s["rejected"]) for s in samples) > 0
+    unreadable = sum(s["judge_score"] is None for s in judged)
+    assert judge.requests == len(judged) + unreadable  # each unreadable verdict asked once more, no more
     scripted = {0: 9, 1: 4, 2: None}
     assert [s["judge_score"] for s in judged] == [scripted[i % 3] for i in range(len(judged))]
     for s in judged:
@@ -244,13 +248,13 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     assert rec["rejected_by"]["judge_invalid"] == sum(s["judge_score"] is None for s in judged)
     assert rec["trained"] and rec["train_examples"] == 11 + rec["kept"]
     cache = [json.loads(x) for x in (run_dir / "selftrain" / "judge_cache" / "records.jsonl").read_text().splitlines()]
-    assert len(cache) == len(judged)
+    assert len(cache) == judge.requests  # every call kept: the verdicts and the retries
     assert loaded == ["remote-judge"] and judge.closed == 1  # freed before the round trained, not left open
     # an interrupted round is redone with the same seed: the same answers, every verdict from the cache
     (run_dir / "selftrain" / "rounds.jsonl").write_text("")
     (run_dir / "selftrain" / "manifest.json").unlink()
     assert run(recipe_path) == {"selftrain": "ran"}
-    assert judge.requests == len(judged) and rounds(run_dir)[0]["kept"] == rec["kept"]
+    assert judge.requests == len(judged) + unreadable and rounds(run_dir)[0]["kept"] == rec["kept"]
     # every round done (only the manifest lost): the judge is not even loaded
     assert loaded == ["remote-judge", "remote-judge"] and judge.closed == 2
     (run_dir / "selftrain" / "manifest.json").unlink()
@@ -271,14 +275,14 @@ def test_judge_confidence_against_real_server(vllm_server, tmp_path, offline_mod
     assert run(recipe_path) == {"selftrain": "ran"}
     (rec,) = rounds(run_dir)
     samples = [json.loads(x) for x in (run_dir / "selftrain" / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
-    cache = {c["id"]: c for c in (json.loads(x) for x in
-             (run_dir / "selftrain" / "judge_cache" / "records.jsonl").read_text().splitlines())}
+    calls = [json.loads(x) for x in (run_dir / "selftrain" / "judge_cache" / "records.jsonl").read_text().splitlines()]
+    final = {}  # each question's last answer: the retry's where the first verdict was unreadable
+    for c in sorted(calls, key=lambda c: c["attempt"]):
+        final[json.dumps(c["conversation"])] = c["completion"]["text"]
     judged = [s for s in samples if "judge_score" in s]
-    assert len(judged) == rec["judged"] == len(cache) > 0  # distinct answers here, so one verdict each
+    assert len(judged) == rec["judged"] == len(final) > 0  # distinct answers here, so one verdict each
     # each verdict is the server's own words parsed; judge_tau -1 keeps every parsed score above 1
-    assert sorted(str(c["score"]) for c in cache.values()) == sorted(str(s["judge_score"]) for s in judged)
-    for c in cache.values():
-        assert c["score"] == parse_score(c["raw"])
+    assert sorted(str(parse_score(t)) for t in final.values()) == sorted(str(s["judge_score"]) for s in judged)
     for s in judged:
         ok = s["judge_score"] is not None and s["judge_score"] > 1
         assert s["kept"] == ok and (s["rejected"] == ["judge_invalid"]) == (s["judge_score"] is None)
