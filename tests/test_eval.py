@@ -132,6 +132,7 @@ def test_eval_stage_end_to_end(run_dir, tiny_model, monkeypatch):
     # each made once and none retried (every answer read)
     assert judge["ladder_calls"] == 4 * 3 * 2
     assert [c["kind"] for c in calls] == ["judge"] * (30 + 18) and all(c["completion"]["text"] for c in calls)
+    assert all(c["order"] in ("sr", "rs") for c in calls)
     assert judge["invalid_calls"] == 0 and judge["retried_calls"] == 0
     for s in ("guided", "student", "sft", "dpo", "strong"):
         v = judge["systems"][s]

@@ -528,6 +528,7 @@ def test_stage_with_acceptance_gate(tmp_path, offline_model, pairs_records, engi
     gate_calls = StageStore(store.dir, "gate").records()  # the gate's judge calls (toushi/calls.py)
     # logprob mode: the JSON verdict and the choice token of each; every verdict read at once, so no retry
     assert gate_calls and {c["kind"] for c in gate_calls} == {"judge", "judge-choice"}
+    assert {c["order"] for c in gate_calls} == {"sr", "rs"}  # both orders of every comparison
     # the dev prompts were set aside: of the 5 train pairs, the analysis calls saw only the other 3
     labelled = set(json.loads((store.dir / "labels.json").read_text()))
     analysed = {i for f in (store.dir / "intermediate").glob("*.json") for i in json.loads(f.read_text())["pair_ids"]}

@@ -112,7 +112,8 @@ class Calls:
         return out
 
     def texts(self, conversations: Sequence[list[dict]], **kw) -> list[str]:
-        """The first completion's text per conversation."""
+        """The first completion's text per conversation (for calls without ``on_error``, where every call has
+        one)."""
         return [c[0].text for c in self.generate(conversations, **kw)]
 
     @property
@@ -145,7 +146,9 @@ class Calls:
             task = bar.add_task(self.label, total=len(todo), tps=0.0)
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                kw = {}  # only what is used: a stand-in engine of a test need not take every argument
+                # what a call does not use stays at the engine's default (one setting for the whole batch);
+                # on_error is the endpoint engine's alone
+                kw = {}
                 if self.logprobs is not None:
                     kw["logprobs"] = self.logprobs
                 if on_error is not None:
@@ -184,6 +187,19 @@ class Calls:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def once(open_engine: Callable[[], object]) -> Callable[[], object]:
+    """An opener that opens the engine at its first use and then gives that one: for several Calls (kinds, samplings)
+    on one engine, which none of them opens unless a call is not cached."""
+    opened: list = []
+
+    def get():
+        if not opened:
+            opened.append(open_engine())
+        return opened[0]
+
+    return get
 
 
 def _each(value, n: int) -> list:

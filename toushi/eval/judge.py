@@ -295,7 +295,7 @@ def run_judge(
     verdicts and an overall ``verdict``; in logprob mode also ``probs`` (P(A), P(B), P(tie) of the choice token)
     and ``preference`` (P(A) + P(tie)/2), and the verdict is the most probable choice. A logprob-mode pair that
     needs no dimensions (``need_dims=False``) has only the choice call: ``raw`` and ``dims`` are None."""
-    from toushi.calls import Calls
+    from toushi.calls import Calls, once
 
     if mode not in MODES:
         raise ValueError(f"judge mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -305,12 +305,7 @@ def run_judge(
     retry_sampling = json_sampling.model_copy(update={"seed": (sampling.seed or 0) + RETRY_SEED_OFFSET})
     # one token decides; a second lets "tie" finish where it takes two
     choice_sampling = sampling.model_copy(update={"max_tokens": 2})
-    engine: list = []
-
-    def opened():  # one engine for the three kinds of call, opened at the first that is not cached
-        if not engine:
-            engine.append(open_engine())
-        return engine[0]
+    opened = once(open_engine)  # one engine for the three kinds of call
 
     def calls_of(kind: str, s: Sampling, **kw) -> Calls:
         return Calls(store, judge_model, opened, s, kind=kind, batch_size=batch_size, label=kind, **kw)
@@ -319,17 +314,22 @@ def run_judge(
     records = [{**c, "judge_model": judge_model, "mode": mode, "raw": None, "retry_raw": None, "probs": None}
                for t in tasks for c in _calls(t, dimensions, mode)]
     asked = [r for r in records if r["prompt"] is not None]  # choice-only calls have no JSON question
+    def who(rs: list[dict]) -> list[dict]:  # which pair and order asked a call first (for people reading the store)
+        return [{"pair_id": r["pair_id"], "order": r["order"]} for r in rs]
+
     for r, text in zip(asked, calls_of("judge", json_sampling).texts(
-            [[{"role": "user", "content": r["prompt"]}] for r in asked], structured=schema)):
+            [[{"role": "user", "content": r["prompt"]}] for r in asked], structured=schema, meta=who(asked))):
         r["raw"] = text
     again = [r for r in asked if parse_verdict(r["raw"], dimensions) is None]
     retry_convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["raw"]},
                     {"role": "user", "content": build_retry(r["lang"], dimensions)}] for r in again]
-    for r, text in zip(again, calls_of("judge-retry", retry_sampling).texts(retry_convs, structured=schema)):
+    for r, text in zip(again, calls_of("judge-retry", retry_sampling).texts(retry_convs, structured=schema,
+                                                                             meta=who(again))):
         r["retry_raw"] = text
     if mode == "logprob":
         outs = calls_of("judge-choice", choice_sampling, logprobs=TOP_LOGPROBS).generate(
-            [[{"role": "user", "content": r["choice_prompt"]}] for r in records], structured=Structured(choices=CHOICES))
+            [[{"role": "user", "content": r["choice_prompt"]}] for r in records], structured=Structured(choices=CHOICES),
+            meta=who(records))
         for r, o in zip(records, outs):
             r["probs"] = choice_probabilities(o[0].logprobs)
     return [settle(r, dimensions) for r in records]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toushi.calls import Calls
+from toushi.calls import Calls, once
 from toushi.engines import Structured
 from toushi.recipe import Sampling
 from toushi.store import StageStore
@@ -140,12 +140,7 @@ def run_seeker(
     "delta", "valid", "transcript"}. ``get_engine()`` is called only when some call is not cached."""
     if turns > 1 and not responders:
         raise ValueError("simulate: turns > 1 needs a responder per system (how it answers the seeker)")
-    engine_box: list = []
-
-    def engine():  # one engine for the seeker's feeling and reply calls, opened at the first uncached call
-        if not engine_box:
-            engine_box.append(get_engine())
-        return engine_box[0]
+    engine = once(get_engine)  # one engine for the seeker's feeling and reply calls
 
     feeling_calls = Calls(store, model, engine, sampling.model_copy(update={"n": 1}), kind="seeker-feeling",
                           batch_size=batch_size, label="seeker")
