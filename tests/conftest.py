@@ -61,8 +61,7 @@ SERVER_FIXTURES = {"served", "vllm_server"}
 # The files whose tests use the session server. The controller cannot see fixtures (it does not collect), so they
 # are named here; each worker checks the list against the tests' real fixtures and stops the run if one is missing
 # (that file would start a second server on the other worker: minutes, and a GB or two).
-SERVER_FILES = {"test_engines", "test_eval", "test_export", "test_grpo", "test_review", "test_selftrain",
-                "test_serve", "test_twins"}
+SERVER_FILES = {"test_engines", "test_eval", "test_export", "test_grpo", "test_review", "test_serve", "test_twins"}
 # Longest first (scripts/test_budget.py shows where the time goes): the scheduler hands groups out in this order.
 LONG_GROUPS = ("server", "test_effect", "test_guidance", "test_replicas", "test_chaos", "test_caching",
                "test_reasoning_engines", "test_sharded_save", "test_distill", "test_train")

@@ -41,7 +41,7 @@ def accelerate_command(script: str, recipe_path: Path, config_file: Path | None,
 
 def run_training_stage(ctx: StageContext, script: str) -> dict:
     """Launch train/<script>.py on the run's saved recipe; return the data counts from its manifest."""
-    section = getattr(ctx.recipe, script)  # the sft / dpo / grpo section: same shape for all three
+    section = getattr(ctx.recipe, script)  # the stage's own section: each has a train.accelerate_config
     recipe_path = ctx.store.dir / "recipe.yaml"  # the runner saved the resolved recipe here
     if not recipe_path.exists():
         from toushi.recipe import save_recipe

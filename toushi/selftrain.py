@@ -1,5 +1,7 @@
-"""The ``selftrain`` stage: the student answers its own training prompts; the answers it is sure of and
-that pass the format check join the SFT set for another short round of training.
+"""The ``selftrain`` stage's pieces: the student answers its own training prompts; the answers it is sure of and
+that pass the format check join the SFT set for another short round of training. The stage runs
+``accelerate launch train/selftrain.py`` like the other trainers (toushi/launch.py); the script reads top to bottom,
+this module holds what it checks and decides.
 
 Each round r = 1..rounds:
 
@@ -10,62 +12,39 @@ Each round r = 1..rounds:
    student's own untempered distribution (``compute_transition_scores`` on the raw logits: temperature
    shapes what is sampled, not how sure the model is of it), the end-of-turn token included, since choosing
    to stop is part of the answer; or (``confidence: judge``) the judge's 1-10 rubric score
-   (``rewards.JudgeScorer``, cached in ``judge_cache/`` so a redone round asks again for nothing), asked
-   only for answers that passed every other check, on the run's engine pool, which frees the judge before the
-   round trains;
+   (``rewards.JudgeScorer`` through the call layer, cached in ``judge_cache/`` so a redone round asks again for
+   nothing), asked only for answers that passed every other check, on an engine the trainer opens for the
+   round's judging and frees before the round trains (as GRPO's judge reward opens its own);
 3. keep an answer when its format reward is 1 (plain text, the post's language, no ``<think>``), it ended
    before ``max_new_tokens`` (at the end-of-turn token, or at a ``stop`` string: cut before it; a cut-off
    answer is never kept) and its confidence is above ``tau`` (log-prob) or ``judge_tau`` (judge score mapped
    to [-1, 1]); an unparseable verdict rejects (``judge_invalid``);
-4. continue training the current adapter with TRL's SFTTrainer, in this process, on the SFT set
-   (``toushi.datasets.load_sft``, as the sft stage builds it) plus this round's kept answers. A round that
-   keeps nothing does not train: the adapter carries over unchanged.
+4. continue training the current adapter with TRL's SFTTrainer on the SFT set (``toushi.datasets.load_sft``,
+   as the sft stage builds it) plus this round's kept answers. A round that keeps nothing does not train: the
+   adapter carries over unchanged.
 
 Outputs in ``runs/<run>/selftrain/``: ``rounds.jsonl`` (one line per finished round: counts, confidences,
 train loss), ``rounds/<r>/samples.jsonl`` (every sample with its confidence and verdict),
 ``rounds/<r>/adapter`` and ``adapter/`` (the last adapter, what eval loads; absent when no round trained
-and the run has no SFT adapter). A finished round is never redone; an interrupted one is redone whole.
-Rounds belong to one setting (this section but ``rounds``, the sft section, the student, the seed, the
-SFT adapter's weights, the prompts): another setting starts again from round 1, while raising ``rounds``
-only adds rounds.
+and the run has no SFT adapter). A finished round is never redone; an interrupted one samples again with the
+same seed and resumes its training from a checkpoint of the same fingerprint. Rounds belong to one setting
+(:func:`round_key`: this section but ``rounds``, the sft section, the student, the seed, the SFT adapter's
+weights, the prompts, the judge): another setting starts again from round 1, while raising ``rounds`` only adds
+rounds.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from toushi.datasets import load_sft
 from toushi.engines import cache_model
-from toushi.engines.adapters import adapter_fingerprint, complete_adapter
+from toushi.engines.adapters import adapter_fingerprint
 from toushi.errors import ToushiError
-from toushi.models import resolve_model
 from toushi.recipe import Recipe, Sampling
 from toushi.rewards import JudgeScorer, format_reward, unit_score
-from toushi.runner import StageContext
-from toushi.store import (
-    RecordWriter,
-    StageStore,
-    atomic_write_text,
-    read_jsonl,
-    repair_jsonl,
-    stable_id,
-    staged_dir,
-)
-from toushi.tracking import end as end_tracking
-from toushi.tracking import start as start_tracking
-from toushi.training import (
-    load_student,
-    load_tokenizer,
-    lora_config,
-    save_adapter,
-    train_summary,
-    trainer_kwargs,
-    use_bf16,
-)
+from toushi.store import StageStore, read_jsonl, repair_jsonl, stable_id
+from toushi.training import load_student, lora_config
 
 
 class SelfTrainError(ToushiError, RuntimeError):
@@ -185,19 +164,19 @@ def judge_spec(recipe: Recipe):
 
 
 @contextmanager
-def judging(ctx: StageContext, spec):
-    """The rubric scorer on the run's engine for ``spec`` (verdicts cached in judge_cache/), for one round's
-    judging. On leaving, the engine is freed: training follows in this process and needs the memory."""
-    engine = ctx.engine(spec)
+def judging(spec, store: StageStore):
+    """The rubric scorer on an engine for ``spec`` (its calls cached in ``store``), for one round's judging. On
+    leaving, the engine is closed: the round trains next, in this process, and needs the memory."""
+    from toushi.engines import make_engine
+
+    engine = make_engine(spec)
     try:
-        yield JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), StageStore(ctx.store.dir, "judge_cache"),
-                          cache_model(spec))
+        yield JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), store, cache_model(spec))
     finally:
-        engine.close()  # an engine of its own (no run pool) is freed here; a pool's view frees nothing...
-        ctx.free_engines()  # ...so the pool lets go of it
+        engine.close()
 
 
-# --------------------------------------------------------------------------------------- one round
+# --------------------------------------------------------------------------------------- the student
 
 
 def train_prompts(pairs: list[dict], max_prompts: int | None) -> list[dict]:
@@ -214,112 +193,26 @@ def load_round_model(recipe: Recipe, model_path: str, adapter_in: Path | None, b
     cfg, student = recipe.selftrain, recipe.models.student
     model = load_student(model_path, student.dtype, cfg.lora.qlora, bf16)
     if torch.cuda.is_available() and not cfg.lora.qlora:
-        model = model.to("cuda")  # QLoRA is placed on load; a plain model would sample on the CPU
+        from accelerate import PartialState
+
+        model = model.to(PartialState().device)  # this process's device; QLoRA is placed on load
     if adapter_in is not None:
         return PeftModel.from_pretrained(model, str(adapter_in), is_trainable=True)
     lora = cfg.lora
     return get_peft_model(model, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules, "selftrain.lora"))
 
 
-def train_round(model, tok, examples: list[dict], recipe: Recipe, out_dir: Path, bf16: bool,
-                tracking: dict | None = None) -> dict:
-    """Continue training the round's adapter on examples; save it to out_dir/adapter; return the summary."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    tok.padding_side = "right"
-    data = Dataset.from_list([{"prompt": e["messages"][:-1], "completion": e["messages"][-1:]} for e in examples])
-    args = SFTConfig(
-        **trainer_kwargs(recipe.selftrain.train, out_dir / "checkpoints", recipe.run.seed, bf16, has_eval=False,
-                         tracking=tracking),
-        packing=False, completion_only_loss=True, dataset_num_proc=None,
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-    result = trainer.train()
-    save_adapter(trainer.model, tok, out_dir / "adapter")
-    return train_summary(trainer, result, None)
+# --------------------------------------------------------------------------------------- rounds
 
 
-def stable_id_int(*parts) -> int:
-    """A seed from stable inputs: each round samples differently, the same round the same way."""
-    return int(stable_id(*parts), 16) % 2**31
-
-
-def run_round(r: int, key: str, recipe: Recipe, store: StageStore, prompts: list[dict], sft_examples: list[dict],
-              adapter_in: Path | None, console, judge=None, tracking: dict | None = None) -> dict:
-    """Round r: sample from base + adapter_in, filter (asking the scorer of the ``judge()`` context when
-    given), train on the SFT set + kept; the round's record."""
-    import torch
-
+def round_key(recipe: Recipe, prompts: list[dict], sft_examples: list[dict], start: Path | None, judge) -> str:
+    """The setting rounds belong to: this section but ``rounds`` (raising it only adds rounds), the sft section,
+    the student, the seed, the SFT adapter's weights, the prompts, the SFT set and the judge."""
     cfg = recipe.selftrain
-    t0 = time.time()
-    round_dir = store.dir / "rounds" / str(r)
-    shutil.rmtree(round_dir, ignore_errors=True)  # an interrupted round is redone whole
-    round_dir.mkdir(parents=True)
-    model_path = resolve_model(recipe.models.student.name)
-    tok = load_tokenizer(model_path, recipe.models.student.name, cfg.train.chat_template, "selftrain.train")
-    bf16 = use_bf16(cfg.train.bf16)
-    model = load_round_model(recipe, model_path, adapter_in, bf16)
-
-    # ---- sample and filter
-    torch.manual_seed(stable_id_int(key, r))
-    convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
-    console.print(f"selftrain round {r}: sampling {cfg.samples_per_prompt} answers x {len(prompts)} prompts")
-    sampled = sample_answers(model, tok, convs, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature,
-                             recipe.models.student.hf_batch_size, cfg.stop)
-    if judge is not None:  # judge only what passes the cheap checks
-        todo = [(p["post"], a) for p, answers in zip(prompts, sampled) for a in answers
-                if not verdict(a, p["post"])]
-        console.print(f"selftrain round {r}: judging {len(todo)} answers")
-        with judge() as scorer:
-            scores = scorer.raw_scores([post for post, _ in todo], [a["text"] for _, a in todo])
-        for (_, a), score in zip(todo, scores):
-            a["judge_score"] = score
-    tau, judge_tau = (None, cfg.judge_tau) if judge is not None else (cfg.tau, None)
-    samples, kept = [], []
-    for p, answers in zip(prompts, sampled):
-        for k, a in enumerate(answers):
-            reasons = verdict(a, p["post"], tau=tau, judge_tau=judge_tau)
-            sid = stable_id(key, r, p["id"], k)
-            samples.append({"id": sid, "prompt_id": p["id"], "k": k, **a, "kept": not reasons, "rejected": reasons})
-            if not reasons:
-                kept.append({"id": sid, "source": "selftrain", "messages": [
-                    {"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a["text"]}]})
-    atomic_write_text(round_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-
-    # ---- retrain (only when the round found something to learn from)
-    training, adapter_out = None, adapter_in
-    if kept:
-        examples = sft_examples + kept
-        console.print(f"selftrain round {r}: kept {len(kept)}/{len(samples)}; training on {len(examples)} examples")
-        training = train_round(model, tok, examples, recipe, round_dir, bf16, tracking)
-        adapter_out = round_dir / "adapter"
-    else:
-        console.print(f"[yellow]selftrain round {r}: no answer passed (tau={cfg.tau}); adapter unchanged[/yellow]")
-    del model
-
-    def mean(xs):
-        return round(sum(xs) / len(xs), 4) if xs else None
-
-    return {
-        "id": stable_id(key, r), "key": key, "round": r,
-        "adapter_in": str(adapter_in) if adapter_in else None,
-        "adapter_out": str(adapter_out) if adapter_out else None,
-        "prompts": len(prompts), "samples": len(samples), "kept": len(kept), "rejected": len(samples) - len(kept),
-        "rejected_by": {why: sum(why in s["rejected"] for s in samples) for why in REJECT_REASONS},
-        "mean_confidence": mean([s["confidence"] for s in samples]),
-        "mean_confidence_kept": mean([s["confidence"] for s in samples if s["kept"]]),
-        "judged": sum("judge_score" in s for s in samples),
-        "mean_judge_score": mean([s["judge_score"] for s in samples if s.get("judge_score") is not None]),
-        "train_examples": len(sft_examples) + len(kept) if kept else 0,
-        "trained": bool(kept),
-        "train_loss": training["train_loss"] if training else None,
-        "training": training,
-        "wall_s": round(time.time() - t0, 2),
-    }
-
-
-# --------------------------------------------------------------------------------------- stage
+    return stable_id(cfg.model_dump(mode="json", exclude={"rounds"}), recipe.sft.model_dump(mode="json"),
+                     recipe.models.student.model_dump(mode="json"), recipe.run.seed,
+                     adapter_fingerprint(start) if start else None, prompts, stable_id(sft_examples),
+                     judge.model_dump(mode="json") if judge else None)
 
 
 def finished_rounds(path: Path, key: str, rounds: int) -> list[dict]:
@@ -339,66 +232,3 @@ def finished_rounds(path: Path, key: str, rounds: int) -> list[dict]:
     return done
 
 
-def run_stage(ctx: StageContext) -> dict:
-    recipe, cfg, store = ctx.recipe, ctx.recipe.selftrain, ctx.store
-    ctx.free_engines()  # self-training trains in this process: free the run's engines first
-    if recipe.models.student is None:
-        raise SelfTrainError("models.student: selftrain needs a student model")
-    prompts = train_prompts(ctx.stage("pairs").records(), cfg.max_prompts)
-    if not prompts:
-        raise SelfTrainError(f"{ctx.stage('pairs').records_path}: no train prompts (split == 'train')")
-    s = recipe.sft
-    sft_examples, sft_counts = load_sft(ctx.run_dir, target=s.target, context_distillation=s.context_distillation,
-                                        keep_think=s.keep_think, drop_markdown=s.drop_markdown)
-    sft_adapter = ctx.run_dir / "sft" / "adapter"
-    start = sft_adapter if complete_adapter(sft_adapter) else None
-
-    judge = judge_spec(recipe) if cfg.confidence == "judge" else None
-    key = stable_id(cfg.model_dump(mode="json", exclude={"rounds"}), s.model_dump(mode="json"),
-                    recipe.models.student.model_dump(mode="json"), recipe.run.seed, adapter_fingerprint(start) if start else None,
-                    prompts, stable_id(sft_examples), judge.model_dump(mode="json") if judge else None)
-    rounds_path = store.dir / "rounds.jsonl"
-    done = finished_rounds(rounds_path, key, cfg.rounds)
-    # rewrite the log with just the rounds that stand (drops another setting's or a broken tail)
-    atomic_write_text(rounds_path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in done))
-    if not done:
-        shutil.rmtree(store.dir / "rounds", ignore_errors=True)  # another setting's rounds: none of them stands
-    else:
-        ctx.console.print(f"selftrain: rounds 1..{len(done)} already done, resuming at round {len(done) + 1}")
-    # a round that kept nothing passes its input on, so the last round's output is the current student
-    adapter = (Path(done[-1]["adapter_out"]) if done[-1]["adapter_out"] else None) if done else start
-
-    tracking = start_tracking(recipe, "selftrain", store.dir, True) if len(done) < cfg.rounds else None
-    for r in range(len(done) + 1, cfg.rounds + 1):
-        # the judge is loaded only when a round is left to judge, and freed before that round trains
-        rec = run_round(r, key, recipe, store, prompts, sft_examples, adapter, ctx.console,
-                        (lambda: judging(ctx, judge)) if judge is not None else None, tracking)
-        with RecordWriter(rounds_path, batch_size=1) as w:
-            w.write(rec)
-        done.append(rec)
-        adapter = Path(rec["adapter_out"]) if rec["adapter_out"] else None
-
-    if tracking:
-        end_tracking(tracking)
-
-    # The stage's adapter exists only when self-training trained something: an untouched SFT adapter
-    # would show up in eval as a "selftrain" system identical to sft.
-    trained = any(rec["trained"] for rec in done)
-    final = store.dir / "adapter"
-    if trained:  # copied beside, then renamed into place: a kill mid-copy leaves no half adapter
-        with staged_dir(final) as tmp:
-            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
-    else:
-        shutil.rmtree(final, ignore_errors=True)
-    counts = {
-        "prompts": len(prompts), "sft_examples": len(sft_examples), "rounds": len(done),
-        "kept": sum(rec["kept"] for rec in done), "rejected": sum(rec["rejected"] for rec in done),
-        "trained_rounds": sum(rec["trained"] for rec in done),
-        "final_train_loss": next((rec["train_loss"] for rec in reversed(done) if rec["trained"]), None),
-    }
-    store.write_manifest(
-        data={**sft_counts, **counts}, rounds=[{k: v for k, v in rec.items() if k != "training"} for rec in done],
-        start_adapter=str(start) if start else None, adapter=str(final) if trained else None, tracking=tracking,
-        base_model=resolve_model(recipe.models.student.name),
-    )
-    return counts

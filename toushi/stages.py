@@ -46,12 +46,6 @@ def _train(script: str):
     return run
 
 
-def _selftrain(ctx: StageContext) -> dict:
-    from toushi.selftrain import run_stage
-
-    return run_stage(ctx)
-
-
 def _eval(ctx: StageContext) -> dict:
     from toushi.eval.evaluate import run_stage
 
@@ -84,7 +78,7 @@ STAGES: list[Stage] = [
           ("run.seed", "run.lang", "distill", "guided.retrieved_examples", "models.student", "models.strong"),
           ("pairs", "guidance", "sft"), ADAPTER),
     # the judge roles matter only with selftrain.confidence: judge; in logprob mode a change redoes no round
-    Stage("selftrain", _selftrain, ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
+    Stage("selftrain", _train("selftrain"), ("run.seed", "selftrain", "sft", "models.student", "models.judge", "models.strong"),
           ("pairs", "guided", "sft"), ADAPTER),
     # the tagger's label file names the emotions and needs on the simulated seeker's cards; in a multi-turn
     # conversation the weak, strong and guided systems answer at the sampling they answered with before
