@@ -274,4 +274,6 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     assert run(recipe_path) == {"selftrain": "ran"}
     assert judge.requests.total() == requests and rounds(run_dir)[0]["kept"] == rec["kept"]
     assert "nothing to train" in capfd.readouterr().err
-    assert rounds(run_dir)[0]["training"]["steps"] == 2 and manifest(run_dir)["counts"]["kept"] == rec["kept"]
+    redone = rounds(run_dir)[0]["training"]
+    assert redone["reused"] and redone["steps"] == 2 and redone["final_loss"] == rec["training"]["final_loss"]
+    assert manifest(run_dir)["counts"]["kept"] == rec["kept"]

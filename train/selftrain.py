@@ -134,12 +134,13 @@ def run_round(r: int, key: str, recipe, store: StageStore, prompts: list[dict], 
         fingerprint = checkpoint_fingerprint(model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
                                              start_adapter=adapter_in, extra={"round": r,
                                                                               "chat_template": tok.chat_template})
-        result, _ = train_or_reuse(trainer, round_dir / "checkpoints", resume, fingerprint, state.is_main_process)
+        result, run_info = train_or_reuse(trainer, round_dir / "checkpoints", resume, fingerprint,
+                                          state.is_main_process)
         state_dict = full_state_dict(trainer)  # every process: ZeRO-3 / FSDP gather the sharded weights here
         adapter_out = round_dir / "adapter"
         if state.is_main_process:
             save_adapter(trainer.accelerator.unwrap_model(trainer.model), tok, adapter_out, state_dict)
-        training = train_summary(trainer, result, None)
+        training = {**train_summary(trainer, result, None), **run_info}  # reused: no train_loss, the losses logged
     else:
         print(f"[toushi] selftrain round {r}: no answer passed; adapter unchanged", flush=True)
     del model
