@@ -76,8 +76,11 @@ def test_rehearse_r1_qwen_recipe_end_to_end(twins, tmp_path):
     assert counts["corpus"]["tagged"] == counts["corpus"]["kept"] and counts["corpus"]["tag_invalid"] == 0
     g = counts["guidance"]
     assert g["calls"] > 0 and g["malformed_ops"] == g["unstructured"] == g["unknown_pair_ids"] == 0 and g["rules"] > 0
-    for record in StageStore(run_dir, "guidance").records():
-        assert "think_budget_hit" in record["flags"] and isinstance(json.loads(record["text"]), dict), record
+    analysis = [r for r in StageStore(run_dir, "guidance").records() if r["kind"] == "guidance"]  # the gate's too
+    assert analysis
+    for record in analysis:
+        c = record["completion"]
+        assert "think_budget_hit" in c["flags"] and isinstance(json.loads(c["text"]), dict), record
     e = counts["eval"]
     assert e["judge_calls"] > 0 and e["judge_invalid_calls"] == 0
     assert e["seeker_calls"] > 0 and e["seeker_invalid_calls"] == 0
