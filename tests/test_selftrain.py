@@ -277,3 +277,41 @@ def test_judge_confidence_keeps_high_scores_and_caches_verdicts(tmp_path, offlin
     redone = rounds(run_dir)[0]["training"]
     assert redone["reused"] and redone["steps"] == 2 and redone["final_loss"] == rec["training"]["final_loss"]
     assert manifest(run_dir)["counts"]["kept"] == rec["kept"]
+
+
+def test_rounds_belong_to_the_students_weights_template_and_judge(tmp_path, tiny_model):
+    """Finished rounds are kept by their setting's key, and a student directory merged again in place, a chat
+    template file edited in place or another judge is another setting (every round redone); the same inputs give
+    the same key."""
+    import shutil
+
+    from toushi.recipe import load_recipe
+    from toushi.selftrain import round_key
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "runs" / "k", train={"chat_template": str(template)})
+    data = yaml.safe_load(path.read_text())
+    data["models"]["student"]["name"] = str(model)
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    prompts, sft = [{"id": "p1", "prompt": "hi", "post": "hi"}], [{"id": "s1", "messages": []}]
+
+    def key(judge=None):
+        return round_key(recipe, str(model), prompts, sft, None, judge)
+
+    first = key()
+    assert key() == first
+    with open(model / "config.json", "a") as f:  # the student's directory changed in place
+        f.write("\n")
+    second = key()
+    assert second != first
+    template.write_text(template.read_text() + "\n")  # the template file edited in place
+    third = key()
+    assert third != second
+    from toushi.recipe import ModelSpec
+
+    judge = ModelSpec(name=str(model), engine="hf", dtype="float32")
+    assert key(judge) != third and key(judge) != key(judge.model_copy(update={"dtype": "bfloat16"}))

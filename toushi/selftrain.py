@@ -41,8 +41,8 @@ from pathlib import Path
 from toushi.engines import cache_model
 from toushi.engines.adapters import adapter_fingerprint
 from toushi.errors import ToushiError
-from toushi.recipe import Recipe, Sampling
-from toushi.rewards import JudgeScorer, format_reward, unit_score
+from toushi.recipe import Recipe
+from toushi.rewards import JUDGE_SAMPLING, JudgeScorer, format_reward, unit_score
 from toushi.store import StageStore, read_jsonl, repair_jsonl, stable_id
 from toushi.training import load_student, lora_config
 
@@ -171,7 +171,7 @@ def judging(spec, store: StageStore):
 
     engine = make_engine(spec)
     try:
-        yield JudgeScorer(engine, Sampling(temperature=0.0, max_tokens=16), store, cache_model(spec))
+        yield JudgeScorer(engine, JUDGE_SAMPLING, store, cache_model(spec))
     finally:
         engine.close()
 
@@ -205,14 +205,22 @@ def load_round_model(recipe: Recipe, model_path: str, adapter_in: Path | None, b
 # --------------------------------------------------------------------------------------- rounds
 
 
-def round_key(recipe: Recipe, prompts: list[dict], sft_examples: list[dict], start: Path | None, judge) -> str:
+def round_key(recipe: Recipe, model_path: str, prompts: list[dict], sft_examples: list[dict], start: Path | None,
+              judge) -> str:
     """The setting rounds belong to: this section but ``rounds`` (raising it only adds rounds), the sft section,
-    the student, the seed, the SFT adapter's weights, the prompts, the SFT set and the judge."""
+    the student, the seed, the SFT adapter's weights, the prompts, the SFT set and the judge. Files by content: the
+    student's weights (a directory merged again in place is another student), a chat template file, the judge as
+    the call cache names it."""
+    from toushi.digests import path_digest
+    from toushi.training import base_model_digest
+
     cfg = recipe.selftrain
+    template = cfg.train.chat_template
     return stable_id(cfg.model_dump(mode="json", exclude={"rounds"}), recipe.sft.model_dump(mode="json"),
-                     recipe.models.student.model_dump(mode="json"), recipe.run.seed,
+                     recipe.models.student.model_dump(mode="json"), base_model_digest(model_path),
+                     path_digest(template) if template else None, recipe.run.seed,
                      adapter_fingerprint(start) if start else None, prompts, stable_id(sft_examples),
-                     judge.model_dump(mode="json") if judge else None)
+                     [judge.model_dump(mode="json"), cache_model(judge)] if judge else None)
 
 
 def finished_rounds(path: Path, key: str, rounds: int) -> list[dict]:

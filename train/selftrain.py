@@ -185,19 +185,20 @@ def main(argv: list[str] | None = None) -> None:
     sft_adapter = recipe.run_dir / "sft" / "adapter"
     start = sft_adapter if complete_adapter(sft_adapter) else None
     judge = judge_spec(recipe) if cfg.confidence == "judge" else None
-    key = round_key(recipe, prompts, sft_examples, start, judge)
+    key = round_key(recipe, resolve_model(recipe.models.student.name), prompts, sft_examples, start, judge)
     print(f"[toushi] selftrain data: {len(prompts)} prompts, {len(sft_examples)} SFT examples", flush=True)
 
     # ---- the rounds of this setting already done; the log keeps just them
     rounds_path = store.dir / "rounds.jsonl"
-    done = finished_rounds(rounds_path, key, cfg.rounds) if args.resume else []
     state = PartialState()
-    if state.is_main_process:
+    if state.is_main_process:  # the main process alone repairs and rewrites the log; the others read it after
+        done = finished_rounds(rounds_path, key, cfg.rounds) if args.resume else []
         atomic_write_text(rounds_path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in done))
         if done:
             print(f"[toushi] selftrain: rounds 1..{len(done)} already done, resuming at round {len(done) + 1}",
                   flush=True)
     state.wait_for_everyone()
+    done = list(read_jsonl(rounds_path))
     # a round that kept nothing passes its input on, so the last round's output is the current student
     adapter = (Path(done[-1]["adapter_out"]) if done[-1]["adapter_out"] else None) if done else start
 
