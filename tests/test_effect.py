@@ -9,12 +9,13 @@ first-token distribution):
 - rises after on-policy distillation from a teacher that learned the trait (the SFT student, merged, as
   models.strong), whose reverse KL to that teacher on the teacher's own held-out answers is below the base's.
 Sized to show the effect on 3 seeds (run.seed 0, 1, 2 measured before settling, on the AVX2 kind: see
-docs/benchmarks.md); the seed here is 0. Every stage runs its real code: pairs through the runner on vLLM (the
+docs/benchmarks.md); the seed here is 0 (TOUSHI_EFFECT_SEED picks another, to check a new size on all three). Every stage runs its real code: pairs through the runner on vLLM (the
 constraint through its structured outputs), the training scripts' main().
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,16 +24,22 @@ from test_train import train_in_process
 from toushi.recipe import load_recipe, save_recipe
 from toushi.store import StageStore
 
-SEED = 0
-# 40 posts (about 28 to learn from, 12 held out); each training stage 6 steps. max_length 128 keeps each example's
-# prompt and the opening of its answer, where the trait lives, so a step costs seconds on a CPU.
+# the size below was checked on run.seed 0, 1 and 2: TOUSHI_EFFECT_SEED=1 pytest tests/test_effect.py reruns that
+SEED = int(os.environ.get("TOUSHI_EFFECT_SEED", "0"))
+STEPS = 4
+# 40 posts (about 28 to learn from, 12 held out); each training stage 4 steps. max_length 128 keeps each example's
+# prompt and the opening of its answer, where the trait lives, so a step costs seconds on a CPU. Each answer is one
+# sentence (it ends at the first full stop, at most 48 tokens): the opening is all a step sees of it, and whole
+# paragraphs cost most of the pairs stage's time.
+ONE_SENTENCE = ['stop=[".", "!", "?", "\\n\\n"]', "max_tokens=48"]
 SIZES = [
     "corpus.max_posts=40", "corpus.heldout_fraction=0.3",
-    "sft.train.max_steps=6", "sft.train.save_steps=6", "sft.train.per_device_train_batch_size=4",
+    *(f"models.weak.sampling.{s}" for s in ONE_SENTENCE), *(f"pairs.strong_sampling.{s}" for s in ONE_SENTENCE),
+    f"sft.train.max_steps={STEPS}", f"sft.train.save_steps={STEPS}", "sft.train.per_device_train_batch_size=4",
     "sft.train.max_length=128", "sft.train.learning_rate=1e-3",
-    "dpo.train.max_steps=6", "dpo.train.save_steps=6", "dpo.train.per_device_train_batch_size=2",
+    f"dpo.train.max_steps={STEPS}", f"dpo.train.save_steps={STEPS}", "dpo.train.per_device_train_batch_size=2",
     "dpo.train.max_length=128", "dpo.train.learning_rate=5e-4",
-    "distill.train.max_steps=6", "distill.train.save_steps=6", "distill.train.per_device_train_batch_size=4",
+    f"distill.train.max_steps={STEPS}", f"distill.train.save_steps={STEPS}", "distill.train.per_device_train_batch_size=4",
     "distill.max_completion_length=16", "distill.train.learning_rate=5e-4", "distill.teacher=strong",
 ]
 
@@ -87,7 +94,8 @@ def test_the_trait_is_planted_in_the_teacher_side_only(effect):
     assert len(pairs) == 40 and len(effect["held"]) >= 6  # the split is per scene: 8 to 14 here, by seed
     # the constraint held on every strong answer: its first word is one of the openers; the weak side shows the
     # base model's habit. The regex fixes only the first word ("It is ..., and I'm sorry to hear" still happens),
-    # so the apology rate of the strong side drops a lot but not to 0 (3 of 40 at seed 2; weak 38 of 40)
+    # so the apology rate of the strong side drops a lot but not always to 0 (one-sentence answers: 0, 0 and 3
+    # of 40 at seeds 0, 1, 2; weak 34, 37 and 38)
     assert all(t.split(" ", 1)[0] in TRAIT_OPENERS for t in strong), strong
     assert sum(t.split(" ", 1)[0] in TRAIT_OPENERS for t in weak) <= len(weak) // 4, weak
     assert sum(map(apology_open, weak)) >= len(weak) // 3, weak
