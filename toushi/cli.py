@@ -125,6 +125,41 @@ def check(recipe: Path, set_: SetOpt = None):
         raise typer.Exit(2)
 
 
+@app.command()
+def plan(recipe: Path, set_: SetOpt = None,
+         card_gib: Annotated[float | None, typer.Option(help="The target card's memory in GiB (default: the "
+                                                         "CUDA device here, else this machine's RAM).")] = None):
+    """The memory each training stage and each vLLM engine of a recipe needs on its card, by arithmetic from the
+    models' shapes (toushi/plan.py); exit 2 when something cannot fit."""
+    from toushi.plan import GIB, PlanError, card_memory
+    from toushi.plan import plan as make_plan
+
+    r = load(recipe, set_)
+    if card_gib is not None:
+        card, on_gpu, what = card_gib * GIB, True, f"a {card_gib:g} GiB card"
+    else:
+        card, on_gpu, what = card_memory()
+    try:
+        items, problems = make_plan(r, card, on_gpu)
+    except PlanError as e:
+        _fail(str(e))
+    columns = sorted({k for it in items for k in it.parts}, key=lambda k: [
+        "weights", "dequantised", "kv cache", "adapter+adamw", "activations", "logits", "teacher", "colocated vLLM"].index(k))
+    table = Table(title=f"{recipe}: memory on {what} ({card / GIB:.0f} GiB), GiB")
+    table.add_column("", no_wrap=True)
+    for c in [*columns, "total"]:
+        table.add_column(c, justify="right")
+    table.add_column("notes", overflow="fold")
+    for it in items:
+        table.add_row(it.name, *(f"{it.parts[c] / GIB:.1f}" if c in it.parts else "" for c in columns),
+                      f"{it.total / GIB:.1f}", "; ".join(it.notes))
+    out.print(table)
+    for p in problems:
+        err.print(f"[red]does not fit:[/red] {p}", highlight=False)
+    if problems:
+        raise typer.Exit(2)
+
+
 def preflight(r) -> bool:
     """Print the pre-flight check of a recipe's model pairs; whether every pair can work."""
     from toushi.models import ModelError

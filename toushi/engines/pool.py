@@ -4,9 +4,9 @@ Roles of the same model differ only per call (system prompt, sampling, thinking 
 one engine serves them all: ``pool.get(spec)`` returns a view that runs the shared engine with that
 role's spec. A vLLM engine serves any LoRA adapter by path (``enable_lora``); if a role needs LoRA, or a
 higher rank, than the loaded engine was started with, the engine is restarted once with it. Two
-different models stay loaded together only when both fit (explicit ``kv_cache_gb`` budgets, or GPU
-memory fractions that add up to at most ``GPU_BUDGET``); otherwise the older is freed before the new one
-loads. Training stages call ``close()`` first, so the trainer gets the memory.
+different models stay loaded together only when both fit (with explicit ``kv_cache_gb`` budgets, their weights
+and caches by toushi/plan.py's arithmetic; else their GPU memory fractions) within ``GPU_BUDGET``; otherwise the
+older is freed before the new one loads. Training stages call ``close()`` first, so the trainer gets the memory.
 """
 
 from __future__ import annotations
@@ -38,11 +38,17 @@ def _needs_lora(spec: ModelSpec) -> bool:
 
 
 def fits_together(specs: list[ModelSpec]) -> bool:
-    """Whether these engines can be loaded at once: vLLM engines with explicit KV-cache sizes (CPU) can,
-    otherwise their memory fractions must add up to at most GPU_BUDGET."""
+    """Whether these engines can be loaded at once: vLLM engines with explicit KV-cache sizes when their weights
+    and caches (toushi/plan.py's arithmetic) add up to at most GPU_BUDGET of the card (on a CPU, of the RAM),
+    otherwise when their memory fractions do. An engine whose shape cannot be read counts by its cache alone."""
     vllm = [s for s in specs if s.engine == "vllm"]
-    if len(vllm) <= 1 or all(s.kv_cache_gb is not None for s in vllm):
+    if len(vllm) <= 1:
         return True
+    if all(s.kv_cache_gb is not None for s in vllm):
+        from toushi.plan import GIB, card_memory, engine_bytes
+
+        card, _, _ = card_memory()
+        return sum(engine_bytes(s, None) or s.kv_cache_gb * GIB for s in vllm) <= GPU_BUDGET * card
     return sum(s.gpu_memory_utilization for s in vllm) <= GPU_BUDGET
 
 

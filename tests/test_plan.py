@@ -1,0 +1,102 @@
+"""The memory planner's arithmetic (toushi/plan.py): parameter counts against the real models' published sizes and
+against a loaded model and a PEFT adapter, refusals that say why, the pool asking it, and `toushi plan`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from toushi.cli import app
+from toushi.engines.pool import fits_together
+from toushi.paths import repo_root
+from toushi.plan import GIB, PlanError, plan, shape_of, training_item
+from toushi.recipe import ModelSpec, load_recipe
+
+GPU_RECIPE = repo_root() / "recipes" / "r1-qwen-gpu.yaml"
+
+
+def test_shapes_count_the_published_parameters():
+    # the hub models' own counts (model cards / safetensors metadata): Qwen2.5-1.5B ties its embeddings, the
+    # R1 distills do not (R1-1.5B: the same decoder plus a head of its own)
+    assert shape_of("Qwen/Qwen2.5-1.5B-Instruct").params == 1_543_714_304
+    assert shape_of("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B").params == 7_615_616_512
+    assert shape_of("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B").params == 1_543_714_304 + 151_936 * 1536
+    # LoRA r16 on every linear layer of Qwen2.5-1.5B: PEFT's trainable-parameter count for it
+    assert shape_of("Qwen/Qwen2.5-1.5B-Instruct").lora_params(16, "all-linear") == 18_464_768
+    with pytest.raises(PlanError, match="no config.json|not in the cache"):
+        shape_of("someone/not-a-model-here")
+
+
+def test_shape_matches_a_loaded_model_and_its_adapter(offline_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    shape = shape_of(str(offline_model))
+    model = AutoModelForCausalLM.from_pretrained(offline_model, dtype=torch.float32)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert shape.lora_params(8, "all-linear") == trainable
+    assert shape.lora_params(8, ["q_proj", "v_proj"]) < trainable
+
+
+def test_levers_move_the_estimate_the_way_they_should():
+    recipe = load_recipe(GPU_RECIPE)
+    student = shape_of(recipe.models.student.name)
+    base = recipe.sft.model_copy(deep=True)
+    base.train.gradient_checkpointing = False
+    full = training_item("sft", base, student, "bfloat16")
+    ckpt = training_item("sft", recipe.sft, student, "bfloat16")
+    assert ckpt.parts["activations"] < full.parts["activations"] / 5  # only each layer's input is kept
+    liger = base.model_copy(deep=True)
+    liger.train.use_liger_kernel = True
+    assert training_item("sft", liger, student, "bfloat16").parts["logits"] == 0
+    qlora = base.model_copy(deep=True)
+    qlora.lora.qlora = True
+    q = training_item("sft", qlora, student, "bfloat16")
+    assert q.parts["weights"] < full.parts["weights"] / 2 and q.parts["adapter+adamw"] == full.parts["adapter+adamw"]
+    assert q.parts["dequantised"] == 2 * shape_of(recipe.models.student.name).linear_params
+    dpo = training_item("dpo", recipe.dpo, student, "bfloat16")
+    assert dpo.notes[0].startswith(f"{2 * recipe.dpo.train.per_device_train_batch_size} rows")  # chosen + rejected
+    assert full.parts["adapter+adamw"] == 16 * 18_464_768
+    assert full.parts["weights"] == 2 * 1_543_714_304
+
+
+def test_gpu_recipe_fits_an_h200_and_is_refused_on_a_small_card():
+    recipe = load_recipe(GPU_RECIPE)
+    items, problems = plan(recipe, 141 * GIB)
+    assert not problems, problems
+    names = {it.name for it in items}
+    assert {"weak engine", "strong engine", "student engine", "sft", "dpo", "grpo", "distill", "selftrain"} <= names
+    distill = next(it for it in items if it.name == "distill")
+    assert distill.parts["teacher"] > 7_615_616_512 * 2  # R1-7B in bf16 sits in the trainer's process
+    strong = next(it for it in items if it.name == "strong engine")
+    assert strong.parts["weights"] + strong.parts["kv cache"] == pytest.approx(0.85 * 141 * GIB)
+    # a 24 GiB card: distill's teacher and student do not fit, and neither does the 7B engine at 0.1 of it
+    small = recipe.model_copy(deep=True)
+    small.models.strong.gpu_memory_utilization = 0.1
+    _, problems = plan(small, 24 * GIB)
+    assert any(p.startswith("distill:") for p in problems), problems
+    assert any(p.startswith("models.strong:") and "no room for a KV cache" in p for p in problems), problems
+
+
+def test_pool_counts_weights_beside_explicit_kv_budgets(monkeypatch):
+    import toushi.plan
+
+    pair = [ModelSpec(name="Qwen/Qwen2.5-1.5B-Instruct", engine="vllm", dtype="bfloat16", kv_cache_gb=2.0),
+            ModelSpec(name="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", engine="vllm", dtype="bfloat16",
+                      kv_cache_gb=2.0)]
+    # weights 2.9 + 14.2 GiB and 4 GiB of caches: they fit a 24 GiB card, not a 20 GiB one (0.9 of it)
+    monkeypatch.setattr(toushi.plan, "card_memory", lambda: (24 * GIB, True, "a 24 GiB card"))
+    assert fits_together(pair)
+    monkeypatch.setattr(toushi.plan, "card_memory", lambda: (20 * GIB, True, "a 20 GiB card"))
+    assert not fits_together(pair)
+
+
+def test_plan_cli_prints_every_item_and_refuses_what_cannot_fit():
+    ok = CliRunner().invoke(app, ["plan", str(GPU_RECIPE), "--card-gib", "141"])
+    assert ok.exit_code == 0, ok.output
+    assert "distill" in ok.output and "strong engine" in ok.output and "141 GiB" in ok.output
+    bad = CliRunner().invoke(app, ["plan", str(GPU_RECIPE), "--card-gib", "24"])
+    assert bad.exit_code == 2 and "does not fit: distill" in bad.output, bad.output
