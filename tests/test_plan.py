@@ -27,6 +27,12 @@ def test_shapes_count_the_published_parameters():
         shape_of("someone/not-a-model-here")
 
 
+def test_a_config_of_another_layout_is_refused_in_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5", "d_model": 512, "vocab_size": 32128}')
+    with pytest.raises(PlanError, match="no hidden_size: the plan reads decoder-only models"):
+        shape_of(str(tmp_path))
+
+
 def test_shape_matches_a_loaded_model_and_its_adapter(offline_model):
     import torch
     from peft import LoraConfig, get_peft_model

@@ -113,7 +113,11 @@ def shape_of(name: str) -> Shape:
     if not config.is_file():
         raise PlanError(f"{name}: no config.json to read its shape from (offline, a hub id must be in the HF cache "
                         "or be one toushi has a twin of)")
-    return Shape.from_config(json.loads(config.read_text(encoding="utf-8")))
+    try:
+        return Shape.from_config(json.loads(config.read_text(encoding="utf-8")))
+    except KeyError as e:
+        raise PlanError(f"{config}: no {e.args[0]}: the plan reads decoder-only models of the Llama / Qwen2 "
+                        "layout") from None
 
 
 def dtype_bytes(dtype: str, bf16: bool) -> int:
