@@ -47,7 +47,7 @@ test: model browser
 	@$(BIN)/python scripts/test_budget.py --top 10
 
 # Also the tests that are long by nature: the whole demo recipe end to end, the two-engine data-parallel server,
-# and the R1 -> Qwen rehearsal end to end (over its 4-minute target for now).
+# and the rehearsal of an openai role through a local vLLM server (the rehearsal itself is in `make test`).
 test-all: model browser
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --run-slow $(PYTEST_ARGS)
 	@$(BIN)/python scripts/test_budget.py --top 10

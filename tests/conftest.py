@@ -63,8 +63,9 @@ SERVER_FIXTURES = {"served", "vllm_server"}
 # (that file would start a second server on the other worker: minutes, and a GB or two).
 SERVER_FILES = {"test_engines", "test_eval", "test_export", "test_grpo", "test_review", "test_serve", "test_twins"}
 # Longest first (scripts/test_budget.py shows where the time goes): the scheduler hands groups out in this order.
-LONG_GROUPS = ("server", "test_effect", "test_guidance", "test_replicas", "test_chaos", "test_selftrain", "test_caching",
-               "test_reasoning_engines", "test_sharded_save", "test_distill", "test_train")
+LONG_GROUPS = ("server", "test_effect", "test_rehearse", "test_guidance", "test_replicas", "test_chaos",
+               "test_selftrain", "test_caching", "test_reasoning_engines", "test_sharded_save", "test_distill",
+               "test_train")
 
 
 def _group(path_or_nodeid: str) -> str:
