@@ -9,7 +9,16 @@ from typer.testing import CliRunner
 from toushi.cli import app
 from toushi.engines.pool import fits_together
 from toushi.paths import repo_root
-from toushi.plan import GIB, PlanError, plan, shape_of, training_item
+from toushi.plan import (
+    GIB,
+    PlanError,
+    checkpointing_needed,
+    plan,
+    resolve_auto,
+    shape_of,
+    stage_item,
+    training_item,
+)
 from toushi.recipe import ModelSpec, load_recipe
 
 GPU_RECIPE = repo_root() / "recipes" / "r1-qwen-gpu.yaml"
@@ -106,3 +115,45 @@ def test_plan_cli_prints_every_item_and_refuses_what_cannot_fit():
     assert "distill" in ok.output and "strong engine" in ok.output and "141 GiB" in ok.output
     bad = CliRunner().invoke(app, ["plan", str(GPU_RECIPE), "--card-gib", "24"])
     assert bad.exit_code == 2 and "does not fit: distill" in bad.output, bad.output
+
+
+def test_gradient_checkpointing_auto_is_on_only_when_memory_needs_it():
+    """The GPU recipe's sft (Qwen2.5-1.5B, 8 rows x 2,048 tokens) without checkpointing: activations and the 152k
+    logits of a full micro-batch fit an H200 but not a 48 GiB card; the plan shows what the trainer will choose."""
+    recipe = load_recipe(GPU_RECIPE, ["sft.train.gradient_checkpointing=auto"])
+    on, why = checkpointing_needed(recipe, "sft", 141 * GIB, on_gpu=True)
+    without = stage_item(recipe, "sft", 141 * GIB, True, checkpointing=False).total
+    assert not on and why.startswith(f"off: {without / GIB:.1f} GiB without it") and 60 * GIB < without < 0.9 * 141 * GIB
+    on, why = checkpointing_needed(recipe, "sft", 48 * GIB, on_gpu=True)
+    assert on and why.startswith(f"on: {without / GIB:.1f} GiB without it is over 90% of the 48 GiB card")
+    items, problems = plan(recipe, 141 * GIB)
+    sft = next(it for it in items if it.name == "sft")
+    assert sft.total == pytest.approx(without) and any(n.startswith("gradient checkpointing (auto) off") for n in sft.notes)
+    small, _ = plan(recipe, 48 * GIB)
+    assert next(it for it in small if it.name == "sft").total == pytest.approx(
+        stage_item(recipe, "sft", 48 * GIB, True, checkpointing=True).total)
+    unreadable = recipe.model_copy(deep=True)
+    unreadable.models.student.name = "someone/not-a-model-here"
+    on, why = checkpointing_needed(unreadable, "sft", 141 * GIB, on_gpu=True)
+    assert on and why.startswith("on: the plan cannot read")
+
+
+def test_qlora_auto_only_where_the_bf16_base_does_not_fit():
+    """QLoRA is chosen before checkpointing: at 141 GiB the GPU recipe's sft stays bf16 (29.6 GiB even with
+    checkpointing); at 24 GiB it does not fit in bf16, so the base goes 4-bit and checkpointing is decided on that."""
+    recipe = load_recipe(GPU_RECIPE, ["sft.lora.qlora=auto", "sft.train.gradient_checkpointing=auto"])
+    big = recipe.model_copy(deep=True)
+    assert resolve_auto(big, "sft", 141 * GIB, on_gpu=True) == [
+        "qlora (auto) off: 29.6 GiB in bf16 fits 90% of the 141 GiB card (126.9)",
+        "gradient checkpointing (auto) off: 82.1 GiB without it fits 90% of the 141 GiB card (126.9)"]
+    assert (big.sft.lora.qlora, big.sft.train.gradient_checkpointing) == (False, False)
+    small = recipe.model_copy(deep=True)
+    notes = resolve_auto(small, "sft", 24 * GIB, on_gpu=True)
+    assert notes[0] == "qlora (auto) on: 29.6 GiB in bf16 is over 90% of the 24 GiB card (21.6)"
+    assert small.sft.lora.qlora is True and small.sft.train.gradient_checkpointing is True
+    items, _ = plan(recipe, 24 * GIB)
+    sft = next(it for it in items if it.name == "sft")
+    assert "dequantised" in sft.parts and sft.notes[1].startswith("qlora (auto) on")
+    assert recipe.sft.lora.qlora == "auto"  # the plan decides on its own copy
+    cpu = recipe.model_copy(deep=True)
+    assert resolve_auto(cpu, "sft", 24 * GIB, on_gpu=False)[0] == "qlora (auto) off: no CUDA device"

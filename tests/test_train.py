@@ -79,7 +79,8 @@ def trained_run(tmp_path_factory, offline_model):
              "lr_scheduler_type": "constant", "eval_fraction": 0.1}
     recipe_path = write_recipe(
         root / "recipe.yaml", run_dir, "smollm2-135m-instruct",
-        sft={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "train": {**train, "max_steps": 6, "learning_rate": 1e-3}},
+        sft={"lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+             "train": {**train, "max_steps": 6, "learning_rate": 1e-3, "gradient_checkpointing": "auto"}},
         dpo={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "beta": 0.1,
              "train": {**train, "max_steps": 4, "learning_rate": 5e-4}},
     )
@@ -102,7 +103,10 @@ def test_sft_loss_falls_and_manifest_has_counts(trained_run):
     assert t["tokens_per_s"] > 0 and t["peak_memory_gib"] > 0
     # one launched process uses every core it may (accelerate alone would pin it to one thread)
     assert t["torch_threads"] == int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-    assert (run_dir / "sft" / "recipe.yaml").exists()
+    # gradient_checkpointing: auto was decided in the trainer by the plan (SmolLM2 fits this RAM) and saved
+    saved = yaml.safe_load((run_dir / "sft" / "recipe.yaml").read_text())
+    assert saved["sft"]["train"]["gradient_checkpointing"] is False
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["sft"]["train"]["gradient_checkpointing"] == "auto"
     assert any((run_dir / "sft" / "tensorboard").iterdir())
 
 

@@ -39,6 +39,7 @@ TRL_COLOCATE_SHARE = 0.3  # TRL's GRPOConfig.vllm_gpu_memory_utilization default
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TRAINING_STAGES = ("sft", "dpo", "grpo", "distill", "selftrain")
 ROLES = ("weak", "strong", "student", "judge")
+FIT_SHARE = 0.9  # of a card a training stage may fill: what the `auto` settings (QLoRA, checkpointing) decide by
 
 
 class PlanError(ToushiError, ValueError):
@@ -154,14 +155,18 @@ def activation_bytes_per_token(s: Shape, compute_bytes: int, lora_dropout: float
 
 
 def training_item(stage: str, section, student: Shape, student_dtype: str, teacher: Shape | None = None,
-                  teacher_dtype: str = "auto", colocated_bytes: float = 0.0) -> Item:
-    """The trainer's process of one stage: weights, adapter + optimizer, activations and logits of a micro-batch."""
+                  teacher_dtype: str = "auto", colocated_bytes: float = 0.0, checkpointing: bool | None = None
+                  ) -> Item:
+    """The trainer's process of one stage: weights, adapter + optimizer, activations and logits of a micro-batch
+    (checkpointing: None as the section says; ``auto`` there counts as on, the smaller of the two)."""
     t, lora = section.train, section.lora
+    if checkpointing is None:
+        checkpointing = t.gradient_checkpointing is not False
     bf16 = t.bf16 is not False  # a GPU plan: bf16 unless the recipe turns it off
     compute = 2 if bf16 else 4
     wbytes = dtype_bytes(student_dtype, bf16)
     qlora = {}
-    if lora.qlora:
+    if lora.qlora is True:  # auto is decided before (resolve_auto)
         rest = student.params - student.linear_params
         weights = student.linear_params * (0.5 + 1 / 64) + rest * compute
         qlora = {"dequantised": student.linear_params * compute}
@@ -179,7 +184,7 @@ def training_item(stage: str, section, student: Shape, student_dtype: str, teach
         "weights": weights,
         "adapter+adamw": 16 * student.lora_params(lora.r, lora.target_modules),
         "activations": tokens * activation_bytes_per_token(student, compute, lora.dropout, lora.target_modules,
-                                                           t.gradient_checkpointing),
+                                                           checkpointing),
         "logits": 0.0 if t.use_liger_kernel else tokens * student.vocab * 10,
         **qlora,
     }
@@ -214,10 +219,74 @@ def engine_bytes(spec, card_bytes: float | None) -> float | None:
         return None
 
 
+def stage_item(recipe, stage: str, card_bytes: float, on_gpu: bool, shape=shape_of,
+               checkpointing: bool | None = None) -> Item:
+    """The trainer's process of one training stage of ``recipe`` (checkpointing: as the recipe says, or forced)."""
+    models, section = recipe.models, getattr(recipe, stage)
+    student = models.student
+    teacher = teacher_dtype = None
+    if stage == "distill":
+        spec = student if section.teacher == "guided" else models.strong
+        teacher, teacher_dtype = shape(spec.name), spec.dtype
+    colocated = 0.0
+    if stage in ("grpo", "distill") and on_gpu and section.use_vllm is not False:
+        colocated = TRL_COLOCATE_SHARE * card_bytes
+    return training_item(stage, section, shape(student.name), student.dtype, teacher, teacher_dtype or "auto",
+                         colocated, checkpointing)
+
+
+def resolve_auto(recipe, stage: str, card_bytes: float, on_gpu: bool) -> list[str]:
+    """Decide a training stage's ``auto`` memory settings for this card, in ``recipe`` itself: QLoRA first (then
+    checkpointing knows the weights it trains on). One line per decision, for the log and the plan."""
+    section, notes = getattr(recipe, stage), []
+    if section.lora.qlora == "auto":
+        section.lora.qlora, why = qlora_needed(recipe, stage, card_bytes, on_gpu)
+        notes.append(f"qlora (auto) {why}")
+    if section.train.gradient_checkpointing == "auto":
+        section.train.gradient_checkpointing, why = checkpointing_needed(recipe, stage, card_bytes, on_gpu)
+        notes.append(f"gradient checkpointing (auto) {why}")
+    return notes
+
+
+def qlora_needed(recipe, stage: str, card_bytes: float, on_gpu: bool) -> tuple[bool, str]:
+    """``lora.qlora: auto``: the base in 4-bit only when, in bf16, the stage does not fit FIT_SHARE of the card
+    even with gradient checkpointing. bf16 LoRA is the faster of the two, and on the H200 (7B, batch 4) it also
+    peaked lower than QLoRA (docs/benchmarks.md). Never on a CPU: bitsandbytes' 4-bit training is CUDA's."""
+    if not on_gpu:
+        return False, "off: no CUDA device"
+    bf16 = recipe.model_copy(deep=True)
+    getattr(bf16, stage).lora.qlora = False
+    try:
+        need = stage_item(bf16, stage, card_bytes, on_gpu, checkpointing=True).total
+    except PlanError as e:
+        return True, f"on: the plan cannot read a model's shape ({e})"
+    share = f"{FIT_SHARE:.0%} of the {card_bytes / GIB:.0f} GiB card ({FIT_SHARE * card_bytes / GIB:.1f})"
+    if need <= FIT_SHARE * card_bytes:
+        return False, f"off: {need / GIB:.1f} GiB in bf16 fits {share}"
+    return True, f"on: {need / GIB:.1f} GiB in bf16 is over {share}"
+
+
+def checkpointing_needed(recipe, stage: str, card_bytes: float, on_gpu: bool) -> tuple[bool, str]:
+    """``gradient_checkpointing: auto``: on only when the stage's micro-batch, every row full, does not fit
+    FIT_SHARE of the card without it (the plan's estimates are within about 1 % of the measured peaks for packed
+    rows and above them otherwise, docs/benchmarks.md; the share leaves room for the CUDA context and the
+    allocator). A shape the plan cannot read turns it on: the safe side. Returns (on, why) in one line."""
+    try:
+        without = stage_item(recipe, stage, card_bytes, on_gpu, checkpointing=False).total
+    except PlanError as e:
+        return True, f"on: the plan cannot read a model's shape ({e})"
+    share = f"{FIT_SHARE:.0%} of the {card_bytes / GIB:.0f} GiB card ({FIT_SHARE * card_bytes / GIB:.1f})"
+    if without <= FIT_SHARE * card_bytes:
+        return False, f"off: {without / GIB:.1f} GiB without it fits {share}"
+    with_it = stage_item(recipe, stage, card_bytes, on_gpu, checkpointing=True).total
+    return True, f"on: {without / GIB:.1f} GiB without it is over {share}; {with_it / GIB:.1f} with it"
+
+
 def plan(recipe, card_bytes: float, on_gpu: bool = True) -> tuple[list[Item], list[str]]:
     """The recipe's items and what cannot fit on a card of ``card_bytes`` (one line each)."""
     items, problems = [], []
     shapes: dict[str, Shape] = {}
+    recipe = recipe.model_copy(deep=True)  # its `auto` settings are decided below, on this card
 
     def shape(name: str) -> Shape:
         if name not in shapes:
@@ -238,20 +307,12 @@ def plan(recipe, card_bytes: float, on_gpu: bool = True) -> tuple[list[Item], li
         elif item.total > card_bytes:
             problems.append(f"models.{role}: {item.total / GIB:.1f} GiB does not fit the {card_bytes / GIB:.0f} GiB card")
     stages = set(recipe.run.stages)
-    student = models.student
     for stage in TRAINING_STAGES:
-        if stage not in stages or student is None:
+        if stage not in stages or models.student is None:
             continue
-        section = getattr(recipe, stage)
-        teacher = teacher_dtype = None
-        if stage == "distill":
-            spec = student if section.teacher == "guided" else models.strong
-            teacher, teacher_dtype = shape(spec.name), spec.dtype
-        colocated = 0.0
-        if stage in ("grpo", "distill") and on_gpu and section.use_vllm is not False:
-            colocated = TRL_COLOCATE_SHARE * card_bytes
-        item = training_item(stage, section, shape(student.name), student.dtype, teacher, teacher_dtype or "auto",
-                             colocated)
+        decided = resolve_auto(recipe, stage, card_bytes, on_gpu)  # what the trainer will decide
+        item = stage_item(recipe, stage, card_bytes, on_gpu, shape)
+        item.notes += decided
         items.append(item)
         if item.total > card_bytes:
             biggest = max(item.parts, key=item.parts.get)

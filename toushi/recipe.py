@@ -366,7 +366,10 @@ class LoraSpec(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules to adapt (PEFT names) or all-linear."
     )
-    qlora: bool = Field(False, description="Load the base in 4-bit nf4 with double quant (bitsandbytes).")
+    qlora: bool | Literal["auto"] = Field(
+        False, description="Load the base in 4-bit nf4 with double quant (bitsandbytes). auto: only on a CUDA card "
+        "where the stage in bf16 does not fit 90% of it even with gradient checkpointing (`toushi plan`'s "
+        "arithmetic); the trainer prints its choice and saves it in the stage's recipe.yaml.")
 
 
 class TrainSpec(Section):
@@ -376,7 +379,11 @@ class TrainSpec(Section):
     per_device_train_batch_size: int = Field(4, ge=1, description="Micro batch per device.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
     max_length: int = Field(1024, ge=16, description="Longest tokenized example (longer are truncated).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        False, description="Recompute each layer's activations in the backward pass: less memory, about a third "
+        "more compute. auto: on only when the stage's micro-batch (every row full) does not fit 90% of the card "
+        "without it, by `toushi plan`'s arithmetic; the trainer prints its choice and saves it in the stage's "
+        "recipe.yaml.")
     bf16: bool | None = Field(None, description="bf16 mixed precision (None: where the device computes bf16 "
                                "natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX).")
     logging_steps: int = Field(1, ge=1, description="Log every N steps.")

@@ -43,6 +43,14 @@ def load_and_save_recipe(args: argparse.Namespace, stage: str, is_main: bool) ->
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.models.student is None:
         raise TrainError(f"{args.recipe}: models.student: {stage} needs a student model")
+    section = getattr(recipe, stage)
+    if "auto" in (section.lora.qlora, section.train.gradient_checkpointing):  # decided on this process's card
+        from toushi.plan import card_memory, resolve_auto
+
+        card, on_gpu, _ = card_memory()
+        for line in resolve_auto(recipe, stage, card, on_gpu):
+            if is_main:
+                print(f"[toushi] {stage}: {line} (toushi plan)", flush=True)
     if is_main:
         print(recipe.to_yaml(), flush=True)
         save_recipe(recipe, recipe.run_dir / stage)
