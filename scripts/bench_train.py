@@ -193,7 +193,8 @@ def main() -> None:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     mfu_s = f"{100 * mfu:.1f}%" if mfu else "n/a"
-    print(f"| {device} | {label} | {result['method']} r{args.rank} | {args.seq} | {args.batch} | "
+    ckpt = " + checkpointing" if args.gradient_checkpointing else ""
+    print(f"| {device} | {label} | {result['method']} r{args.rank}{ckpt} | {args.seq} | {args.batch} | "
           f"{'yes' if args.packing else 'no'} | {'yes' if args.liger else 'no'} | {tokens_per_s:,.0f} | {mfu_s} | "
           f"{result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']}) |")
 

@@ -6,12 +6,14 @@
 #   bash scripts/gpu_check.sh            # gpu tests + training throughput/memory rows for docs/benchmarks.md
 #                                        # + the dress rehearsal of the GPU recipe at the models' real width
 #   bash scripts/gpu_check.sh rehearse   # only the rehearsal (its own device call: about 10 minutes)
+#   bash scripts/gpu_check.sh levers     # only the training levers, alone and together, on the 1.5B/7B shapes
+#                                        # (issue #28: Liger's fused cross-entropy, gradient checkpointing's cost)
 # Preparing the two folders (both git-ignored through .git/info/exclude), on the CPU machine:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #     --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d .whl trl==1.16.0 pydantic==2.14.4 \
 #     pydantic_core==2.50.5 typing-inspection annotated-types datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
 #     bitsandbytes==0.50.2 jsonschema referencing rpds-py jsonschema-specifications gguf datasketch openai jiter \
-#     distro sniffio                                   # 49 MB: what the lent machine's image lacks
+#     distro sniffio liger-kernel==0.8.5               # 49 MB: what the lent machine's image lacks
 #   pip download (same flags) -d .whl typer==0.29.2 annotated-doc shellingham xgrammar==0.2.8 apache-tvm-ffi
 #                                                    # the rehearsal: toushi's CLI, the hf engine's structured outputs
 #   mkdir -p .gpu/smollm2 && cp $TOUSHI_HOME/models/smollm2-135m-instruct/{*.json,*.jinja} .gpu/smollm2/
@@ -46,6 +48,20 @@ bench --model-config qwen2.5-1.5b --random-weights --seq 2048 --batch 8 --steps 
 bench --model-config qwen2.5-1.5b --random-weights --seq 2048 --batch 8 --steps 5 --packing
 bench --model-config qwen2.5-7b --random-weights --seq 2048 --batch 4 --steps 4 --qlora
 bench --model-config qwen2.5-7b --random-weights --seq 2048 --batch 4 --steps 4
+fi
+if [ "${1:-all}" = levers ]; then
+# One lever at a time and together, the same shapes as the rows above (packed 1.5B: its tokens are the plan's
+# exactly). Liger drops the 152k-vocabulary logits; checkpointing is what `gradient_checkpointing: auto` leaves
+# off where the plan says the card holds the batch, so its row is the step time that saves.
+lever() { timeout 150 python3 scripts/bench_train.py "$@" --json "$OUT/bench_levers.jsonl" 2>&1 | tail -2 | tee -a "$OUT/levers.log"; }
+Q15=(--model-config qwen2.5-1.5b --random-weights --seq 2048 --batch 8 --steps 5 --packing)
+lever "${Q15[@]}"
+lever "${Q15[@]}" --liger
+lever "${Q15[@]}" --gradient-checkpointing
+lever "${Q15[@]}" --liger --gradient-checkpointing
+lever "${Q15[@]}" --liger --batch 16
+lever --model-config qwen2.5-7b --random-weights --seq 2048 --batch 4 --steps 4 --liger
+exit 0
 fi
 # Dress rehearsal of recipes/r1-qwen-gpu.yaml with the twins at the hub models' real width and depth (random bf16
 # weights: R1-Distill-Qwen-7B and Qwen2.5-1.5B as shaped, built on the card from the cached tokenizer sources):
