@@ -248,6 +248,20 @@ def resolve_auto(recipe, stage: str, card_bytes: float, on_gpu: bool) -> list[st
     return notes
 
 
+def over_share(recipe, stage: str, card_bytes: float, on_gpu: bool, checkpointing: bool, what: str
+               ) -> tuple[bool, str]:
+    """Whether the stage (checkpointing as given) is over FIT_SHARE of the card, and why in one line ("on: ..." /
+    "off: ...", ``what`` naming the setting weighed). A shape the plan cannot read counts as over: the safe side."""
+    try:
+        need = stage_item(recipe, stage, card_bytes, on_gpu, checkpointing=checkpointing).total
+    except PlanError as e:
+        return True, f"on: the plan cannot read a model's shape ({e})"
+    share = f"{FIT_SHARE:.0%} of the {card_bytes / GIB:.0f} GiB card ({FIT_SHARE * card_bytes / GIB:.1f})"
+    if need <= FIT_SHARE * card_bytes:
+        return False, f"off: {need / GIB:.1f} GiB {what} fits {share}"
+    return True, f"on: {need / GIB:.1f} GiB {what} is over {share}"
+
+
 def qlora_needed(recipe, stage: str, card_bytes: float, on_gpu: bool) -> tuple[bool, str]:
     """``lora.qlora: auto``: the base in 4-bit only when, in bf16, the stage does not fit FIT_SHARE of the card
     even with gradient checkpointing. bf16 LoRA is the faster of the two, and on the H200 (7B, batch 4) it also
@@ -256,30 +270,15 @@ def qlora_needed(recipe, stage: str, card_bytes: float, on_gpu: bool) -> tuple[b
         return False, "off: no CUDA device"
     bf16 = recipe.model_copy(deep=True)
     getattr(bf16, stage).lora.qlora = False
-    try:
-        need = stage_item(bf16, stage, card_bytes, on_gpu, checkpointing=True).total
-    except PlanError as e:
-        return True, f"on: the plan cannot read a model's shape ({e})"
-    share = f"{FIT_SHARE:.0%} of the {card_bytes / GIB:.0f} GiB card ({FIT_SHARE * card_bytes / GIB:.1f})"
-    if need <= FIT_SHARE * card_bytes:
-        return False, f"off: {need / GIB:.1f} GiB in bf16 fits {share}"
-    return True, f"on: {need / GIB:.1f} GiB in bf16 is over {share}"
+    return over_share(bf16, stage, card_bytes, on_gpu, True, "in bf16")
 
 
 def checkpointing_needed(recipe, stage: str, card_bytes: float, on_gpu: bool) -> tuple[bool, str]:
     """``gradient_checkpointing: auto``: on only when the stage's micro-batch, every row full, does not fit
     FIT_SHARE of the card without it (the plan's estimates are within about 1 % of the measured peaks for packed
     rows and above them otherwise, docs/benchmarks.md; the share leaves room for the CUDA context and the
-    allocator). A shape the plan cannot read turns it on: the safe side. Returns (on, why) in one line."""
-    try:
-        without = stage_item(recipe, stage, card_bytes, on_gpu, checkpointing=False).total
-    except PlanError as e:
-        return True, f"on: the plan cannot read a model's shape ({e})"
-    share = f"{FIT_SHARE:.0%} of the {card_bytes / GIB:.0f} GiB card ({FIT_SHARE * card_bytes / GIB:.1f})"
-    if without <= FIT_SHARE * card_bytes:
-        return False, f"off: {without / GIB:.1f} GiB without it fits {share}"
-    with_it = stage_item(recipe, stage, card_bytes, on_gpu, checkpointing=True).total
-    return True, f"on: {without / GIB:.1f} GiB without it is over {share}; {with_it / GIB:.1f} with it"
+    allocator)."""
+    return over_share(recipe, stage, card_bytes, on_gpu, False, "without it")
 
 
 def plan(recipe, card_bytes: float, on_gpu: bool = True) -> tuple[list[Item], list[str]]:
