@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_LOGGING_LEVEL ?= WARNING
 # Python keeps the bytecode it compiles (pip installs with --no-compile, below). Where the environment sets
 # PYTHONDONTWRITEBYTECODE (this project's machines do), every process compiled every module it imported, every
-# time: 13 of a SmolLM-sized trainer's 33 s on the AVX512-BF16 kind, in every trainer, engine and `toushi run`.
+# time: 13 of a small trainer's 33 s (the rehearsal's sft on its Qwen twin; AVX512-BF16 kind), in every trainer, engine and `toushi run`.
 unexport PYTHONDONTWRITEBYTECODE
 STAMP := $(VENV)/.installed
 MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
