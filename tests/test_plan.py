@@ -157,3 +157,58 @@ def test_qlora_auto_only_where_the_bf16_base_does_not_fit():
     assert recipe.sft.lora.qlora == "auto"  # the plan decides on its own copy
     cpu = recipe.model_copy(deep=True)
     assert resolve_auto(cpu, "sft", 24 * GIB, on_gpu=False)[0] == "qlora (auto) off: no CUDA device"
+
+
+def test_largest_micro_batch_keeps_the_step_and_fits_the_card():
+    """largest_micro_batch re-splits a step's examples: on an H200 the GPU recipe's own splits are already the
+    largest that fit without checkpointing; on an 80 GiB card smaller micro-batches replace checkpointing; at 24 GiB
+    dpo needs checkpointing for any split, and distill fits none. Each chosen split fits, the next larger does not."""
+    stages = ("sft", "dpo", "grpo", "distill", "selftrain")
+    sets = [f"{s}.train.largest_micro_batch=true" for s in stages]
+    recipe = load_recipe(GPU_RECIPE, sets)
+    asked = {s: getattr(recipe, s).train for s in stages}
+    chosen = {}
+    for card in (141, 80, 24):
+        r = recipe.model_copy(deep=True)
+        notes = {s: resolve_auto(r, s, card * GIB, on_gpu=True) for s in stages}
+        for s in stages:
+            t = getattr(r, s).train
+            assert t.per_device_train_batch_size * t.gradient_accumulation_steps == (
+                asked[s].per_device_train_batch_size * asked[s].gradient_accumulation_steps)
+            chosen[card, s] = (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.gradient_checkpointing)
+            if (card, s) == (24, "distill"):
+                continue
+            assert stage_item(r, s, card * GIB, True).total <= 0.9 * card * GIB
+            larger = [d for d in range(t.per_device_train_batch_size + 1, 65)
+                      if (t.per_device_train_batch_size * t.gradient_accumulation_steps) % d == 0]
+            if larger:
+                bigger = r.model_copy(deep=True)
+                getattr(bigger, s).train.per_device_train_batch_size = larger[0]
+                assert stage_item(bigger, s, card * GIB, True).total > 0.9 * card * GIB, (card, s)
+    assert chosen[141, "sft"] == (8, 2, False) and chosen[141, "distill"] == (8, 2, False)
+    assert chosen[80, "sft"] == (4, 4, False) and chosen[80, "dpo"] == (2, 8, False)
+    assert chosen[24, "dpo"] == (2, 8, True)  # one pair without checkpointing is over 21.6 GiB
+    assert chosen[24, "distill"] == (1, 16, True)
+    r = recipe.model_copy(deep=True)
+    assert resolve_auto(r, "distill", 24 * GIB, on_gpu=True) == [
+        "micro-batch (largest) 1 x 16 accumulated, gradient checkpointing (auto) on: not even one row fits 90% of "
+        "the 24 GiB card (21.6)"]
+    assert resolve_auto(r, "sft", 80 * GIB, on_gpu=True) == [
+        "micro-batch (largest) 4 x 4 accumulated: 42.6 GiB without gradient checkpointing fits 90% of the 80 GiB "
+        "card (72.0)", "gradient checkpointing (auto) off: a micro-batch fits without it"]
+    _, problems = plan(recipe, 24 * GIB)  # the plan shows the same decisions and still refuses distill there
+    assert any(p.startswith("distill: ") and "1 rows x" in p for p in problems), problems
+    # checkpointing fixed on: the split is searched with it
+    fixed = load_recipe(GPU_RECIPE, [*sets, "sft.train.gradient_checkpointing=true"])
+    notes = resolve_auto(fixed, "sft", 80 * GIB, on_gpu=True)
+    assert fixed.sft.train.per_device_train_batch_size == 16 and len(notes) == 1 and "with gradient" in notes[0]
+    unreadable = recipe.model_copy(deep=True)
+    unreadable.models.student.name = "someone/not-a-model-here"
+    notes = resolve_auto(unreadable, "sft", 141 * GIB, on_gpu=True)
+    assert notes[0].startswith("micro-batch (largest) kept at 8 x 2, gradient checkpointing (auto) on: the plan "
+                               "cannot read") and unreadable.sft.train.gradient_checkpointing is True
+    # QLoRA is weighed at the smallest split: one row of Qwen2.5-1.5B in bf16 fits 24 GiB, so no 4-bit base
+    q = load_recipe(GPU_RECIPE, [*sets, "sft.lora.qlora=auto"])
+    notes = resolve_auto(q, "sft", 24 * GIB, on_gpu=True)
+    assert notes[0].startswith("qlora (auto) off:") and q.sft.lora.qlora is False
+    assert (q.sft.train.per_device_train_batch_size, q.sft.train.gradient_checkpointing) == (1, False)

@@ -82,7 +82,8 @@ def trained_run(tmp_path_factory, offline_model):
         sft={"lora": {"r": 8, "alpha": 16, "dropout": 0.0},
              "train": {**train, "max_steps": 6, "learning_rate": 1e-3, "gradient_checkpointing": "auto"}},
         dpo={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "beta": 0.1,
-             "train": {**train, "max_steps": 4, "learning_rate": 5e-4}},
+             "train": {**train, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                       "largest_micro_batch": True, "max_steps": 4, "learning_rate": 5e-4}},
     )
     assert run_stages(load_recipe(recipe_path, ["run.stages=[sft]"]), STAGES) == {"sft": "ran"}
     train_in_process("dpo", recipe_path)
@@ -145,6 +146,13 @@ def test_dpo_loss_falls_and_adapter_saved(trained_run):
     assert abs(t["first_loss"] - math.log(2)) < 0.02  # policy == reference at step 1
     assert t["final_loss"] < t["first_loss"], t
     assert t["final_reward_margin"] > 0
+    # largest_micro_batch: the step's 2 x 2 pairs fit this RAM as one micro-batch of 4; the trainer ran that split
+    # and saved it, the run's recipe keeps what was asked
+    assert (t["micro_batch"], t["accumulation"]) == (4, 1), t
+    saved = yaml.safe_load((run_dir / "dpo" / "recipe.yaml").read_text())["dpo"]["train"]
+    assert (saved["per_device_train_batch_size"], saved["gradient_accumulation_steps"]) == (4, 1)
+    asked = yaml.safe_load((run_dir / "recipe.yaml").read_text())["dpo"]["train"]
+    assert (asked["per_device_train_batch_size"], asked["gradient_accumulation_steps"]) == (2, 2)
     weights = adapter_weights(run_dir / "dpo" / "adapter")
     assert weights and not any(".ref." in k for k in weights)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)

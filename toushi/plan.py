@@ -237,15 +237,22 @@ def stage_item(recipe, stage: str, card_bytes: float, on_gpu: bool, shape=shape_
 
 def resolve_auto(recipe, stage: str, card_bytes: float, on_gpu: bool) -> list[str]:
     """Decide a training stage's ``auto`` memory settings for this card, in ``recipe`` itself: QLoRA first (then
-    checkpointing knows the weights it trains on). One line per decision, for the log and the plan."""
+    checkpointing knows the weights it trains on), then the micro-batch split with checkpointing where
+    ``largest_micro_batch`` asks for it, else checkpointing alone. One line per decision, for the log and the plan."""
     section, notes = getattr(recipe, stage), []
     if section.lora.qlora == "auto":
         section.lora.qlora, why = qlora_needed(recipe, stage, card_bytes, on_gpu)
         notes.append(f"qlora (auto) {why}")
-    if section.train.gradient_checkpointing == "auto":
+    if section.train.largest_micro_batch:  # decides checkpointing's `auto` with it
+        notes += largest_micro_batch(recipe, stage, card_bytes, on_gpu)
+    elif section.train.gradient_checkpointing == "auto":
         section.train.gradient_checkpointing, why = checkpointing_needed(recipe, stage, card_bytes, on_gpu)
         notes.append(f"gradient checkpointing (auto) {why}")
     return notes
+
+
+def share_of(card_bytes: float) -> str:
+    return f"{FIT_SHARE:.0%} of the {card_bytes / GIB:.0f} GiB card ({FIT_SHARE * card_bytes / GIB:.1f})"
 
 
 def over_share(recipe, stage: str, card_bytes: float, on_gpu: bool, checkpointing: bool, what: str
@@ -256,7 +263,7 @@ def over_share(recipe, stage: str, card_bytes: float, on_gpu: bool, checkpointin
         need = stage_item(recipe, stage, card_bytes, on_gpu, checkpointing=checkpointing).total
     except PlanError as e:
         return True, f"on: the plan cannot read a model's shape ({e})"
-    share = f"{FIT_SHARE:.0%} of the {card_bytes / GIB:.0f} GiB card ({FIT_SHARE * card_bytes / GIB:.1f})"
+    share = share_of(card_bytes)
     if need <= FIT_SHARE * card_bytes:
         return False, f"off: {need / GIB:.1f} GiB {what} fits {share}"
     return True, f"on: {need / GIB:.1f} GiB {what} is over {share}"
@@ -270,6 +277,9 @@ def qlora_needed(recipe, stage: str, card_bytes: float, on_gpu: bool) -> tuple[b
         return False, "off: no CUDA device"
     bf16 = recipe.model_copy(deep=True)
     getattr(bf16, stage).lora.qlora = False
+    t = getattr(bf16, stage).train
+    if t.largest_micro_batch:  # the smallest split it may take: one row a micro-batch
+        t.per_device_train_batch_size, t.gradient_accumulation_steps = 1, examples_per_step(t)
     return over_share(bf16, stage, card_bytes, on_gpu, True, "in bf16")
 
 
@@ -279,6 +289,47 @@ def checkpointing_needed(recipe, stage: str, card_bytes: float, on_gpu: bool) ->
     rows and above them otherwise, docs/benchmarks.md; the share leaves room for the CUDA context and the
     allocator)."""
     return over_share(recipe, stage, card_bytes, on_gpu, False, "without it")
+
+
+def examples_per_step(train) -> int:
+    """The examples of one optimizer step on one device: what ``largest_micro_batch`` keeps."""
+    return train.per_device_train_batch_size * train.gradient_accumulation_steps
+
+
+def largest_micro_batch(recipe, stage: str, card_bytes: float, on_gpu: bool) -> list[str]:
+    """``largest_micro_batch``: the stage's step re-split into the largest micro-batch that divides its examples and
+    fits FIT_SHARE of the card, decided in ``recipe``. With ``gradient_checkpointing: auto``, checkpointing goes on
+    only where no micro-batch fits without it: a smaller micro-batch costs less than recomputing every layer (a
+    third more compute), as long as one fits. Where none fits, one row a micro-batch (the plan says it does not
+    fit). One line per decision."""
+    t = getattr(recipe, stage).train
+    examples, auto = examples_per_step(t), t.gradient_checkpointing == "auto"
+    given, share = (t.per_device_train_batch_size, t.gradient_accumulation_steps), share_of(card_bytes)
+    for checkpointing in ((False, True) if auto else (t.gradient_checkpointing,)):
+        for micro in (d for d in range(examples, 0, -1) if examples % d == 0):
+            t.per_device_train_batch_size, t.gradient_accumulation_steps = micro, examples // micro
+            try:
+                need = stage_item(recipe, stage, card_bytes, on_gpu, checkpointing=checkpointing).total
+            except PlanError as e:  # the recipe's own split, and checkpointing on: the safe side
+                t.per_device_train_batch_size, t.gradient_accumulation_steps = given
+                if auto:
+                    t.gradient_checkpointing = True
+                return [f"micro-batch (largest) kept at {given[0]} x {given[1]}"
+                        + (", gradient checkpointing (auto) on" if auto else "")
+                        + f": the plan cannot read a model's shape ({e})"]
+            if need <= FIT_SHARE * card_bytes:
+                notes = [f"micro-batch (largest) {micro} x {examples // micro} accumulated: {need / GIB:.1f} GiB "
+                         f"{'with' if checkpointing else 'without'} gradient checkpointing fits {share}"]
+                if auto:
+                    t.gradient_checkpointing = checkpointing
+                    notes.append("gradient checkpointing (auto) " + (
+                        "on: no micro-batch fits without it" if checkpointing else "off: a micro-batch fits without it"))
+                return notes
+    t.per_device_train_batch_size, t.gradient_accumulation_steps = 1, examples
+    if auto:
+        t.gradient_checkpointing = True
+    return [f"micro-batch (largest) 1 x {examples} accumulated" + (", gradient checkpointing (auto) on" if auto else "")
+            + f": not even one row fits {share}"]
 
 
 def plan(recipe, card_bytes: float, on_gpu: bool = True) -> tuple[list[Item], list[str]]:

@@ -382,8 +382,14 @@ class TrainSpec(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         False, description="Recompute each layer's activations in the backward pass: less memory, about a third "
         "more compute. auto: on only when the stage's micro-batch (every row full) does not fit 90% of the card "
-        "without it, by `toushi plan`'s arithmetic; the trainer prints its choice and saves it in the stage's "
-        "recipe.yaml.")
+        "without it (with largest_micro_batch: only where no micro-batch fits without it), by `toushi plan`'s "
+        "arithmetic; the trainer prints its choice and saves it in the stage's recipe.yaml.")
+    largest_micro_batch: bool = Field(
+        False, description="Re-split the examples of one optimizer step (per_device_train_batch_size x "
+        "gradient_accumulation_steps, kept, so the optimisation is the same) into the largest micro-batch that "
+        "divides them and fits 90% of the card by `toushi plan`'s arithmetic, accumulating the rest: fewer, larger "
+        "forward passes where memory allows, smaller ones instead of gradient checkpointing where it does not. The "
+        "trainer prints the split and saves it in the stage's recipe.yaml.")
     bf16: bool | None = Field(None, description="bf16 mixed precision (None: where the device computes bf16 "
                                "natively: CUDA with bf16, or a CPU with AVX512-BF16 or AMX).")
     logging_steps: int = Field(1, ge=1, description="Log every N steps.")

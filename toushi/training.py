@@ -44,7 +44,8 @@ def load_and_save_recipe(args: argparse.Namespace, stage: str, is_main: bool) ->
     if recipe.models.student is None:
         raise TrainError(f"{args.recipe}: models.student: {stage} needs a student model")
     section = getattr(recipe, stage)
-    if "auto" in (section.lora.qlora, section.train.gradient_checkpointing):  # decided on this process's card
+    train = section.train
+    if "auto" in (section.lora.qlora, train.gradient_checkpointing) or train.largest_micro_batch:  # on this card
         from toushi.plan import card_memory, resolve_auto
 
         card, on_gpu, _ = card_memory()
@@ -391,6 +392,9 @@ def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
         "peak_memory_gib": peak_memory_gib(),
         "torch_threads": torch.get_num_threads(),  # CPU: accelerate launch leaves 1 unless told otherwise
+        # the split the trainer ran (largest_micro_batch may have changed the recipe's)
+        "micro_batch": trainer.args.per_device_train_batch_size,
+        "accumulation": trainer.args.gradient_accumulation_steps,
         "num_processes": trainer.accelerator.num_processes,
         # NO, MULTI_CPU, MULTI_GPU, FSDP or DEEPSPEED: what the launcher's config turned into
         "distributed_type": trainer.accelerator.distributed_type.value,
