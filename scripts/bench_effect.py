@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,17 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toushi.hardware import cpu_kind, cpu_model  # noqa: E402
 from toushi.paths import repo_root  # noqa: E402
 
 NOTES = {"student": "base student (no training)", "guided": "base + the guidance as system prompt",
          "distill": "distill, teacher: guided", "distill_sft": "distill, teacher: the SFT student (merged)",
          "dpo_swapped": "DPO, chosen/rejected swapped (control)", "grpo": "GRPO, opening reward"}
-
-
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0] if Path("/proc/cpuinfo").exists() else ""
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return f"{platform.processor() or platform.machine()}, flags: {' '.join(have) or 'none of avx2/avx512'}"
 
 
 def launch(script: str, recipe: Path) -> None:
@@ -127,7 +121,7 @@ def main() -> None:
                       seed=recipe.run.seed) if by_system else {}
     judge = (summary.get("judge") or {}).get("systems") or {}
     seeker = (summary.get("seeker") or {}).get("systems") or {}
-    report = {"machine": cpu_flags(), "seed": recipe.run.seed, "held_out_posts": len(held),
+    report = {"machine": f"{cpu_model()}, {cpu_kind()}", "seed": recipe.run.seed, "held_out_posts": len(held),
               "eval_posts": len(common), "times": times, "pairs_first_word_rates": first_word,
               "opening": opening, "eval_apology": apology, "judge": judge, "seeker": seeker}
     (out / "bench.json").write_text(json.dumps(report, indent=2, default=str))

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toushi.engines import make_engine
 from toushi.engines.server import VLLMServer
+from toushi.hardware import cpu_kind, cpu_model
 from toushi.pairs import conversation, task_prompt
 from toushi.recipe import ModelSpec, Sampling
 from toushi.store import atomic_write_text, package_versions, read_jsonl
@@ -56,11 +57,9 @@ def free_port() -> int:
 
 
 def machine() -> dict:
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     import torch
 
-    return {"cpu": model, "cores": os.cpu_count(), "cuda": torch.cuda.is_available(),
+    return {"cpu": cpu_model(), "cpu_kind": cpu_kind(), "cores": os.cpu_count(), "cuda": torch.cuda.is_available(),
             "platform": platform.platform()}
 
 

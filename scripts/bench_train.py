@@ -85,12 +85,13 @@ def make_dataset(n: int, seq: int, seed: int):
 
 
 def peak_flops(override_tflops: float | None) -> tuple[str, float | None]:
-    import platform
 
     import torch
 
     if not torch.cuda.is_available():
-        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", None
+        from toushi.hardware import cpu_kind, cpu_model
+
+        return f"CPU ({cpu_model()}, {cpu_kind()}, {torch.get_num_threads()} threads)", None
     name = torch.cuda.get_device_name()
     if override_tflops:
         return name, override_tflops * 1e12

@@ -25,16 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-
-def cpu_kind() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-    have = set(flags.split(":", 1)[1].split())
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
-    return "flags " + " ".join(shown or ["(no avx2)"])
+from toushi.hardware import cpu_kind  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

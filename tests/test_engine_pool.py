@@ -45,7 +45,7 @@ def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
     """pairs (weak + strong) and guided (weak) on SmolLM2 through a real vLLM engine: one start in all."""
     stages = ["corpus", "pairs", "guided"]
     spec = {"name": "smollm2-135m-instruct", "engine": "vllm", "enforce_eager": True, "max_model_len": 1024,
-            "kv_cache_gb": 0.25, "dtype": "float32", "sampling": {"temperature": 0.0, "max_tokens": 12}}
+            "kv_cache_gb": 0.25, "dtype": "auto", "sampling": {"temperature": 0.0, "max_tokens": 12}}
     strong = {**spec, "system_prompt_file": str(repo_root() / "toushi/templates/en/strong_system.j2"),
               "sampling": {"temperature": 0.3, "max_tokens": 16, "seed": 0}}
     p = tmp_path / "r.yaml"
@@ -62,8 +62,15 @@ def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
         "name": "Validation", "definition": "Name the feeling first.",
         "rules": [{"text": "Say what the person seems to feel", "support": 1, "pair_ids": []}]}]}))
     assert run_stages(recipe, STAGES) == {s: "ran" for s in stages}
-    assert StageStore(recipe.run_dir, "pairs").manifest()["engines"] == {"started": 1, "reused": 1}
-    assert StageStore(recipe.run_dir, "guided").manifest()["engines"] == {"started": 0, "reused": 1}
+    # dtype auto: the CPU decides (bf16 only where it computes it natively), and each manifest says what it chose
+    # and why, beside the CPU's kind
+    pairs = StageStore(recipe.run_dir, "pairs").manifest()
+    native = "avx512_bf16" in pairs["cpu"]["flags"].split() or "amx_bf16" in pairs["cpu"]["flags"].split()
+    chose = "bfloat16" if native else "float32"
+    assert pairs["cpu"]["auto_precision"] == chose and pairs["cpu"]["why"]
+    assert pairs["engines"] == {"started": 1, "reused": 1, "dtypes": {"smollm2-135m-instruct": chose}}
+    guided = StageStore(recipe.run_dir, "guided").manifest()["engines"]
+    assert guided == {"started": 0, "reused": 1, "dtypes": {"smollm2-135m-instruct": chose}}
     # the roles still differ per call: the strong role's system prompt reached the shared engine
     for rec in StageStore(recipe.run_dir, "pairs").records():
         assert rec["strong"][0]["prompt_tokens"] > rec["weak"][0]["prompt_tokens"] + 20

@@ -104,6 +104,8 @@ def test_sft_loss_falls_and_manifest_has_counts(trained_run):
     assert t["tokens_per_s"] > 0 and t["peak_memory_gib"] > 0
     # one launched process uses every core it may (accelerate alone would pin it to one thread)
     assert t["torch_threads"] == int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    # bf16 left to the device: on a CPU, what the manifest's CPU record says `auto` picks there
+    assert t["bf16"] == (m["cpu"]["auto_precision"] == "bfloat16")
     # gradient_checkpointing: auto was decided in the trainer by the plan (SmolLM2 fits this RAM) and saved
     saved = yaml.safe_load((run_dir / "sft" / "recipe.yaml").read_text())
     assert saved["sft"]["train"]["gradient_checkpointing"] is False

@@ -224,6 +224,7 @@ def _run_one(recipe: Recipe, stage: Stage, by_name: dict[str, Stage], forced: bo
     t0 = time.time()
     log = store.dir / LOG_NAME
     before = engines.stats()
+    engines.dtypes.clear()  # what this stage's local models run in
     # the stage sees only what its entry declares (the keys its fingerprint covers): an undeclared read raises
     view = RecipeView(recipe, stage.sections, name)
     ctx = StageContext(recipe=view, store=store, console=term, quiet=quiet, engines=engines)
@@ -242,6 +243,7 @@ def _run_one(recipe: Recipe, stage: Stage, by_name: dict[str, Stage], forced: bo
             term.print(tail(log), markup=False, highlight=False)
         raise
     used = {k: v - before[k] for k, v in engines.stats().items()}
+    used["dtypes"] = dict(engines.dtypes)
     store.write_manifest(status="complete", counts=counts, engines=used, wall_s=round(time.time() - t0, 2),
                          outputs=present_outputs(recipe.run_dir, stage))
     term.print(f"[green]✓ {name}[/green] {counts}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from toushi.errors import ToushiError
+from toushi.hardware import cpu_record
 
 RECORDS = "records.jsonl"
 MANIFEST = "manifest.json"
@@ -264,6 +265,7 @@ class StageStore:
         data = {"stage": self.name} if new_run else (self.manifest() or {"stage": self.name})
         data.update(fields)
         data.setdefault("versions", package_versions())
+        data.setdefault("cpu", cpu_record())  # the CPU kind and the precision `auto` chose on it, with why
         atomic_write_text(self.manifest_path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
         return data
 

@@ -392,6 +392,7 @@ def train_summary(trainer, train_result, eval_loss: float | None) -> dict:
         "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
         "peak_memory_gib": peak_memory_gib(),
         "torch_threads": torch.get_num_threads(),  # CPU: accelerate launch leaves 1 unless told otherwise
+        "bf16": bool(trainer.args.bf16),  # use_bf16's choice where the recipe left it to the device
         # the split the trainer ran (largest_micro_batch may have changed the recipe's)
         "micro_batch": trainer.args.per_device_train_batch_size,
         "accumulation": trainer.args.gradient_accumulation_steps,

@@ -265,11 +265,17 @@ def cache_model(spec: ModelSpec) -> str:
         from toushi.digests import path_digest  # sha256 per file, remembered against size and mtime
 
         name = f"{name}|w={path_digest(local)}"
+    return f"{name}|{run_dtype(spec)}"
+
+
+def run_dtype(spec: ModelSpec) -> str:
+    """The dtype a local engine's weights run in: vLLM's ``auto`` on a CPU is decided by the CPU
+    (vllm_engine.resolve_dtype); the hf engine's ``auto`` is the checkpoint's own."""
     if spec.engine == "vllm":
         from toushi.engines.vllm_engine import resolve_dtype
 
-        return f"{name}|{resolve_dtype(spec.dtype)}"
-    return f"{name}|{spec.dtype}"
+        return resolve_dtype(spec.dtype)
+    return spec.dtype
 
 
 def make_engine(spec: ModelSpec) -> Engine:

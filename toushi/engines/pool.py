@@ -74,6 +74,7 @@ class EnginePool:
         self._engines: dict[str, tuple[Engine, ModelSpec]] = {}  # key -> (engine, spec it was built with)
         self.started = 0
         self.reused = 0
+        self.dtypes: dict[str, str] = {}  # model -> the dtype it runs in, of the engines handed out (the manifest's)
         self.console = console
 
     def _say(self, text: str) -> None:
@@ -95,6 +96,8 @@ class EnginePool:
                 held[0].close()
                 del self._engines[key]
                 held = None
+        if spec.engine != "openai":
+            self.dtypes[spec.name] = engines.run_dtype(spec)
         if held is not None:
             self.reused += 1
             return RoleEngine(held[0], spec)
