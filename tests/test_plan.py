@@ -120,7 +120,7 @@ def test_plan_cli_prints_every_item_and_refuses_what_cannot_fit():
 def test_gradient_checkpointing_auto_is_on_only_when_memory_needs_it():
     """The GPU recipe's sft (Qwen2.5-1.5B, 8 rows x 2,048 tokens) without checkpointing: activations and the 152k
     logits of a full micro-batch fit an H200 but not a 48 GiB card; the plan shows what the trainer will choose."""
-    recipe = load_recipe(GPU_RECIPE, ["sft.train.gradient_checkpointing=auto"])
+    recipe = load_recipe(GPU_RECIPE, ["sft.train.gradient_checkpointing=auto", "sft.train.largest_micro_batch=false"])
     on, why = checkpointing_needed(recipe, "sft", 141 * GIB, on_gpu=True)
     without = stage_item(recipe, "sft", 141 * GIB, True, checkpointing=False).total
     assert not on and why.startswith(f"off: {without / GIB:.1f} GiB without it") and 60 * GIB < without < 0.9 * 141 * GIB
@@ -141,7 +141,8 @@ def test_gradient_checkpointing_auto_is_on_only_when_memory_needs_it():
 def test_qlora_auto_only_where_the_bf16_base_does_not_fit():
     """QLoRA is chosen before checkpointing: at 141 GiB the GPU recipe's sft stays bf16 (29.6 GiB even with
     checkpointing); at 24 GiB it does not fit in bf16, so the base goes 4-bit and checkpointing is decided on that."""
-    recipe = load_recipe(GPU_RECIPE, ["sft.lora.qlora=auto", "sft.train.gradient_checkpointing=auto"])
+    recipe = load_recipe(GPU_RECIPE, ["sft.lora.qlora=auto", "sft.train.gradient_checkpointing=auto",
+                                      "sft.train.largest_micro_batch=false"])
     big = recipe.model_copy(deep=True)
     assert resolve_auto(big, "sft", 141 * GIB, on_gpu=True) == [
         "qlora (auto) off: 29.6 GiB in bf16 fits 90% of the 141 GiB card (126.9)",
