@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--packing", action="store_true", help="Pack examples into full sequences.")
     p.add_argument("--liger", action="store_true", help="Liger fused kernels (GPU, pip install liger-kernel).")
     p.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations.")
+    p.add_argument("--torch-compile", action="store_true", help="torch.compile the model (TrainingArguments' "
+                   "torch_compile); the warm-up steps hold the compilation.")
     p.add_argument("--bf16", action="store_true", help="bf16 base weights and autocast also without CUDA "
                    "(CPUs with AVX512-BF16 or AMX); default: only where CUDA supports it.")
     p.add_argument("--peak-tflops", type=float, help="Device peak bf16 TFLOP/s when not in the built-in table.")
@@ -157,7 +159,7 @@ def main() -> None:
         lr_scheduler_type="constant", use_liger_kernel=args.liger, eval_fraction=0.0,
     )
     kwargs = trainer_kwargs(train, Path(tmp.name) / "out", 0, bf16, has_eval=False)
-    kwargs.update(report_to=[], save_strategy="no")
+    kwargs.update(report_to=[], save_strategy="no", torch_compile=args.torch_compile)
     config = SFTConfig(**kwargs, packing=args.packing, completion_only_loss=True)
 
     marks: list[tuple[int, float, int]] = []  # (step, time, tokens seen) at the end of each step
@@ -184,7 +186,8 @@ def main() -> None:
     result = {
         "device": device, "model": label, "params_b": round(n_params / 1e9, 3), "method": "QLoRA" if args.qlora else "LoRA",
         "rank": args.rank, "seq": args.seq, "batch": args.batch, "packing": args.packing, "liger": args.liger,
-        "gradient_checkpointing": args.gradient_checkpointing, "bf16": bf16, "steps": args.steps,
+        "gradient_checkpointing": args.gradient_checkpointing, "torch_compile": args.torch_compile,
+        "optim": str(trainer.args.optim), "bf16": bf16, "steps": args.steps,
         "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4) if mfu else None,
         "peak_memory_gib": peak_memory_gib(),
         "peak_memory_kind": "GPU allocated" if torch.cuda.is_available() else "process max RSS",
@@ -194,7 +197,7 @@ def main() -> None:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     mfu_s = f"{100 * mfu:.1f}%" if mfu else "n/a"
-    ckpt = " + checkpointing" if args.gradient_checkpointing else ""
+    ckpt = (" + checkpointing" if args.gradient_checkpointing else "") + (" + compile" if args.torch_compile else "")
     print(f"| {device} | {label} | {result['method']} r{args.rank}{ckpt} | {args.seq} | {args.batch} | "
           f"{'yes' if args.packing else 'no'} | {'yes' if args.liger else 'no'} | {tokens_per_s:,.0f} | {mfu_s} | "
           f"{result['peak_memory_gib']:.2f} GiB ({result['peak_memory_kind']}) |")

@@ -8,7 +8,8 @@
 #   bash scripts/gpu_check.sh rehearse   # only the rehearsal (its own device call: about 10 minutes)
 #   bash scripts/gpu_check.sh levers     # only the training levers, alone and together, on the 1.5B/7B shapes
 #                                        # (issue #28: Liger's fused cross-entropy, gradient checkpointing's cost,
-#                                        # a smaller micro-batch against checkpointing a larger one)
+#                                        # a smaller micro-batch against checkpointing a larger one, torch.compile;
+#                                        # AdamW is transformers' fused one by default: each row records its optim)
 # Preparing the two folders (both git-ignored through .git/info/exclude), on the CPU machine:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #     --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d .whl trl==1.16.0 pydantic==2.14.4 \
@@ -62,6 +63,7 @@ lever "${Q15[@]}" --gradient-checkpointing
 lever "${Q15[@]}" --liger --gradient-checkpointing
 lever "${Q15[@]}" --liger --batch 16
 lever "${Q15[@]}" --batch 4   # largest_micro_batch's choice on an 80 GiB card: a smaller micro-batch, no recompute
+lever "${Q15[@]}" --liger --torch-compile   # compiled (the warm-up steps hold the compilation)
 lever --model-config qwen2.5-7b --random-weights --seq 2048 --batch 4 --steps 4 --liger
 exit 0
 fi

@@ -79,7 +79,7 @@ def trained_run(tmp_path_factory, offline_model):
              "lr_scheduler_type": "constant", "eval_fraction": 0.1}
     recipe_path = write_recipe(
         root / "recipe.yaml", run_dir, "smollm2-135m-instruct",
-        sft={"lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        sft={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "packing": True,
              "train": {**train, "max_steps": 6, "learning_rate": 1e-3, "gradient_checkpointing": "auto"}},
         dpo={"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "beta": 0.1,
              "train": {**train, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
@@ -97,6 +97,8 @@ def test_sft_loss_falls_and_manifest_has_counts(trained_run):
     assert m["data"]["examples"] == 11 and m["data"]["heldout_excluded"] == 3
     assert m["data"]["dropped"] == {"strong_markdown": 1, "strong_empty": 1}
     assert m["counts"]["examples"] == 11  # what the runner got back from launch
+    # packed padding-free: the 10 training examples share fewer rows of max_length 256
+    assert m["data"]["train_examples"] == 10 and 2 <= m["data"]["train_rows"] < 10, m["data"]
     t = m["training"]
     assert t["steps"] == 6
     assert math.isfinite(t["first_loss"]) and math.isfinite(t["final_loss"]) and math.isfinite(t["eval_loss"])
@@ -158,6 +160,23 @@ def test_dpo_loss_falls_and_adapter_saved(trained_run):
     weights = adapter_weights(run_dir / "dpo" / "adapter")
     assert weights and not any(".ref." in k for k in weights)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_packing_probe_passes_real_attention_and_refuses_a_leak(offline_model, monkeypatch):
+    """The SFT packing guard on SmolLM2 in bf16: sdpa and eager keep packed examples apart (transformers' mask from
+    position ids); without that mask, as under an attention that ignores position ids, the trainer refuses."""
+    import torch
+    import transformers.masking_utils as masking
+    from transformers import AutoModelForCausalLM
+
+    from toushi.training import TrainError, check_packing_keeps_apart
+
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(offline_model, dtype=torch.bfloat16, attn_implementation=impl)
+        check_packing_keeps_apart(model, "sft.packing")
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(TrainError, match=r"^sft.packing: packing needs .* this model's eager attention does not"):
+        check_packing_keeps_apart(model, "sft.packing")
 
 
 # ------------------------------------------------------------------------ tiny model: plumbing

@@ -25,6 +25,7 @@ from toushi.store import StageStore  # noqa: E402
 from toushi.tracking import end as end_tracking  # noqa: E402
 from toushi.tracking import start as start_tracking  # noqa: E402
 from toushi.training import (  # noqa: E402
+    check_packing_keeps_apart,
     checkpoint_fingerprint,
     full_state_dict,
     is_main_process,
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = use_bf16(cfg.train.bf16)
     model = load_student(model_path, student.dtype, cfg.lora.qlora, bf16)
     peft_config = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, "sft.lora")
+    if cfg.packing:  # padding-free: examples in one row are told apart by position ids alone
+        check_packing_keeps_apart(model, "sft.packing")
 
     # ---- data
     examples, counts = load_sft(
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     fingerprint = checkpoint_fingerprint(model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
                                          extra={"chat_template": tokenizer.chat_template})
+    counts["train_rows"] = len(trainer.train_dataset)  # packing: fewer rows than examples
     result, run_info = train_or_reuse(trainer, output_dir, args.resume, fingerprint, main_proc)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
 
