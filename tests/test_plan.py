@@ -213,3 +213,20 @@ def test_largest_micro_batch_keeps_the_step_and_fits_the_card():
     notes = resolve_auto(q, "sft", 24 * GIB, on_gpu=True)
     assert notes[0].startswith("qlora (auto) off:") and q.sft.lora.qlora is False
     assert (q.sft.train.per_device_train_batch_size, q.sft.train.gradient_checkpointing) == (1, False)
+
+
+def test_run_refuses_on_a_gpu_what_cannot_fit_before_any_stage(tmp_path, monkeypatch):
+    """`toushi run` on a 24 GiB card: distill (teacher and student in one process) is refused by the plan before
+    the first stage, naming it; on a CPU the run is not checked; on an H200 the recipe passes."""
+    import toushi.plan
+    from toushi.cli import refuse_what_cannot_fit
+
+    monkeypatch.setattr(toushi.plan, "card_memory", lambda: (24 * GIB, True, "NVIDIA L4"))
+    bad = CliRunner().invoke(app, ["run", str(GPU_RECIPE), "--set", f"run.dir={tmp_path}"])
+    assert bad.exit_code == 2, bad.output
+    assert "does not fit: distill" in bad.output and "NVIDIA L4 (24 GiB) cannot hold" in bad.output
+    assert not (tmp_path / "r1-qwen").exists()  # no stage started
+    monkeypatch.setattr(toushi.plan, "card_memory", lambda: (141 * GIB, True, "NVIDIA H200"))
+    refuse_what_cannot_fit(load_recipe(GPU_RECIPE))  # no exit
+    monkeypatch.setattr(toushi.plan, "card_memory", lambda: (24 * GIB, False, "this machine's RAM"))
+    refuse_what_cannot_fit(load_recipe(GPU_RECIPE))

@@ -76,6 +76,10 @@ def run(
         str, typer.Option(help="With --rehearse: twins at toy width (CPU) or at the hub models' real width (a GPU: "
                           "memory and step times).")
     ] = "toy",
+    ignore_plan: Annotated[
+        bool, typer.Option("--ignore-plan", help="On a GPU, run even what `toushi plan` says does not fit the card "
+                           "(its estimates hold every row full: an upper bound for unpacked batches).")
+    ] = False,
 ):
     """Run the recipe's stages in order (finished, unchanged stages are skipped)."""
     from contextlib import nullcontext
@@ -88,6 +92,8 @@ def run(
     r = load(recipe, set_)
     if rehearse:
         r = rehearsal(r, rehearse_width, set_)
+    if not ignore_plan:
+        refuse_what_cannot_fit(r)
     try:
         # a rehearsal serves the twin of a role the recipe reaches over HTTP, for the run
         with serve_openai_roles(r, r.run_dir / "servers") if rehearse else nullcontext(r) as r:
@@ -97,6 +103,29 @@ def run(
     except (ToushiError, ValueError, OSError) as e:  # a stage's own error (PairsIncomplete, TrainingFailed, ...)
         _fail(str(e))
     out.print(f"run complete: {r.run_dir}")
+
+
+def refuse_what_cannot_fit(r) -> None:
+    """On a CUDA machine, before the first stage: what `toushi plan` says cannot fit this card is refused now,
+    not hours later when that stage runs out of memory. A CPU run is not checked (its card is the RAM, and
+    its models are small); a shape the plan cannot read is said and left to the run."""
+    from toushi.plan import GIB, PlanError, card_memory
+    from toushi.plan import plan as make_plan
+
+    card, on_gpu, what = card_memory()
+    if not on_gpu:
+        return
+    try:
+        _, problems = make_plan(r, card, on_gpu)
+    except PlanError as e:
+        err.print(f"[yellow]memory plan skipped:[/yellow] {e}", highlight=False)
+        return
+    for p in problems:
+        err.print(f"[red]does not fit:[/red] {p}", highlight=False)
+    if problems:
+        _fail(f"{what} ({card / GIB:.0f} GiB) cannot hold the above by `toushi plan`'s arithmetic: change the "
+              "recipe (smaller batches, qlora or gradient_checkpointing auto, largest_micro_batch), or pass "
+              "--ignore-plan")
 
 
 def rehearsal(r, width: str, overrides: list[str] | None):
