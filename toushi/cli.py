@@ -109,21 +109,22 @@ def refuse_what_cannot_fit(r) -> None:
     """On a CUDA machine, before the first stage: what `toushi plan` says cannot fit this card is refused now,
     not hours later when that stage runs out of memory. A CPU run is not checked (its card is the RAM, and
     its models are small); a shape the plan cannot read is said and left to the run."""
-    from toushi.plan import GIB, PlanError, card_memory
-    from toushi.plan import plan as make_plan
+    from toushi import plan as planner
 
-    card, on_gpu, what = card_memory()
+    if not planner.cuda_possible():
+        return
+    card, on_gpu, what = planner.card_memory()
     if not on_gpu:
         return
     try:
-        _, problems = make_plan(r, card, on_gpu)
-    except PlanError as e:
+        _, problems = planner.plan(r, card, on_gpu)
+    except planner.PlanError as e:
         err.print(f"[yellow]memory plan skipped:[/yellow] {e}", highlight=False)
         return
     for p in problems:
         err.print(f"[red]does not fit:[/red] {p}", highlight=False)
     if problems:
-        _fail(f"{what} ({card / GIB:.0f} GiB) cannot hold the above by `toushi plan`'s arithmetic: change the "
+        _fail(f"{what} ({card / planner.GIB:.0f} GiB) cannot hold the above by `toushi plan`'s arithmetic: change the "
               "recipe (smaller batches, qlora or gradient_checkpointing auto, largest_micro_batch), or pass "
               "--ignore-plan")
 
