@@ -202,6 +202,24 @@ def test_qlora_sft(fresh_run):
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
+def test_trainer_script_leaves_out_bitsandbytes_unless_qlora(tmp_path, monkeypatch):
+    """A launched trainer imports peft without bitsandbytes (2.3 s of each launch) unless its stage may quantize.
+    The launched trainers of this suite, the rehearsal's too, train with it left out."""
+    import importlib.util
+
+    from toushi.training import leave_out_bitsandbytes
+
+    for qlora, cuda, kept in ((False, True, False), ("auto", False, False), ("auto", True, True), (True, False, True)):
+        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "runs" / "r", "tiny-random", sft={"lora": {"qlora": qlora}})
+        monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+        monkeypatch.setattr("toushi.plan.cuda_possible", lambda cuda=cuda: cuda)
+        leave_out_bitsandbytes("sft", ["--recipe", str(recipe)])
+        assert (importlib.util.find_spec("bitsandbytes") is not None) is kept, (qlora, cuda)
+        if not kept:
+            with pytest.raises(ImportError):
+                import bitsandbytes  # noqa: F401
+
+
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):
     import shutil
 

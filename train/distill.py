@@ -31,6 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from toushi.training import leave_out_bitsandbytes  # noqa: E402
+
+if __name__ == "__main__":
+    leave_out_bitsandbytes("distill")  # before peft is imported: bitsandbytes only where this run may use QLoRA
+
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoConfig, AutoTokenizer  # noqa: E402
