@@ -203,7 +203,7 @@ def test_qlora_sft(fresh_run):
 
 
 def test_trainer_script_leaves_out_bitsandbytes_unless_qlora(tmp_path, monkeypatch):
-    """A launched trainer imports peft without bitsandbytes (2.3 s of each launch) unless its stage may quantize.
+    """A launched trainer imports peft without bitsandbytes (about 1.2 s of each launch) unless its stage may quantize.
     The launched trainers of this suite, the rehearsal's too, train with it left out."""
     import importlib.util
 

@@ -38,8 +38,8 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
 def leave_out_bitsandbytes(stage: str, argv: list[str] | None = None) -> None:
     """A trainer run as a script calls this before it imports peft or TRL: unless the stage may load its base in
     4 bits, the process gets no bitsandbytes. peft imports bitsandbytes whenever it is installed, and its CPU
-    backend wraps kernels in torch.compile at import, which loads torch's inductor: 2.3 s of every launch of the
-    rehearsal's sft trainer on the AVX512-BF16 CPU (13.4 s with it, 11.0 without), for a library only QLoRA uses.
+    backend wraps kernels in torch.compile at import, which loads torch's inductor: about 1.2 s of each launch of
+    the rehearsal's sft trainer on the AVX512-BF16 CPU (10.4 s with it, 9.2 without), for a library only QLoRA uses.
     None in sys.modules is Python's own "cannot be imported": `import` raises ImportError and find_spec answers
     None, so peft and transformers take the paths they take where bitsandbytes is not installed."""
     from toushi.plan import cuda_possible
