@@ -202,22 +202,43 @@ def test_qlora_sft(fresh_run):
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
-def test_trainer_script_leaves_out_bitsandbytes_unless_qlora(tmp_path, monkeypatch):
-    """A launched trainer imports peft without bitsandbytes (about 1.2 s of each launch) unless its stage may quantize.
-    The launched trainers of this suite, the rehearsal's too, train with it left out."""
+def test_trainer_script_leaves_out_what_its_stage_cannot_use(tmp_path, monkeypatch):
+    """A launched trainer imports peft without bitsandbytes (about 1.2 s of each launch) unless its stage may quantize,
+    and TRL's GRPO and distillation trainers without vLLM (3.3 s) unless they may generate with it or judge on it.
+    The launched trainers of this suite, the rehearsal's too, train with them left out."""
     import importlib.util
 
-    from toushi.training import leave_out_bitsandbytes
+    from toushi.training import leave_out_unused
 
-    for qlora, cuda, kept in ((False, True, False), ("auto", False, False), ("auto", True, True), (True, False, True)):
-        recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "runs" / "r", "tiny-random", sft={"lora": {"qlora": qlora}})
-        monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
-        monkeypatch.setattr("toushi.plan.cuda_possible", lambda cuda=cuda: cuda)
-        leave_out_bitsandbytes("sft", ["--recipe", str(recipe)])
-        assert (importlib.util.find_spec("bitsandbytes") is not None) is kept, (qlora, cuda)
-        if not kept:
-            with pytest.raises(ImportError):
-                import bitsandbytes  # noqa: F401
+    judge = {"name": "smollm2-135m-instruct", "engine": "vllm"}
+    cases = [  # stage, its section, models, GPU driver -> (bitsandbytes kept, vllm kept)
+        ("sft", {"lora": {"qlora": False}}, {}, True, (False, True)),  # TRL's SFT imports no vLLM: left alone
+        ("sft", {"lora": {"qlora": "auto"}}, {}, False, (False, True)),
+        ("sft", {"lora": {"qlora": "auto"}}, {}, True, (True, True)),
+        ("dpo", {"lora": {"qlora": True}}, {}, False, (True, True)),
+        ("grpo", {}, {}, False, (False, False)),  # use_vllm unset: TRL generates with vLLM on CUDA only
+        ("grpo", {}, {}, True, (False, True)),
+        ("grpo", {"use_vllm": True}, {}, False, (False, True)),
+        ("grpo", {"reward_weights": {"format": 1.0, "judge": 1.0}}, {"judge": judge}, False, (False, True)),
+        ("grpo", {"reward_weights": {"format": 1.0, "judge": 1.0}}, {"judge": {**judge, "engine": "hf"}}, False,
+         (False, False)),
+        ("grpo", {"reward_weights": {"format": 1.0}}, {"judge": judge}, False, (False, False)),  # no judge reward
+        ("distill", {"use_vllm": False}, {}, True, (False, False)),
+        ("selftrain", {}, {"judge": judge}, False, (False, True)),  # its judge may run on vLLM in the trainer
+    ]
+    for stage, section, models, gpu, kept in cases:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "run": {"name": "r", "dir": str(tmp_path / "runs"), "stages": [stage]},
+            "models": {"student": {"name": "tiny-random"}, **models}, stage: section}))
+        for package in ("bitsandbytes", "vllm"):
+            monkeypatch.delitem(sys.modules, package, raising=False)
+        monkeypatch.setattr("toushi.plan.cuda_possible", lambda gpu=gpu: gpu)
+        leave_out_unused(stage, ["--recipe", str(recipe)])
+        found = tuple(importlib.util.find_spec(p) is not None for p in ("bitsandbytes", "vllm"))
+        assert found == kept, (stage, section, models, gpu)
+    with pytest.raises(ImportError):  # the last case left bitsandbytes out
+        import bitsandbytes  # noqa: F401
 
 
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):

@@ -35,20 +35,31 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def leave_out_bitsandbytes(stage: str, argv: list[str] | None = None) -> None:
-    """A trainer run as a script calls this before it imports peft or TRL: unless the stage may load its base in
-    4 bits, the process gets no bitsandbytes. peft imports bitsandbytes whenever it is installed, and its CPU
-    backend wraps kernels in torch.compile at import, which loads torch's inductor: about 1.2 s of each launch of
-    the rehearsal's sft trainer on the AVX512-BF16 CPU (10.4 s with it, 9.2 without), for a library only QLoRA uses.
-    None in sys.modules is Python's own "cannot be imported": `import` raises ImportError and find_spec answers
-    None, so peft and transformers take the paths they take where bitsandbytes is not installed."""
+def leave_out_unused(stage: str, argv: list[str] | None = None) -> None:
+    """A trainer run as a script calls this before it imports peft or TRL. Those import some packages whenever they
+    are installed, at a cost on every launch; where the stage's recipe says it cannot use one, this process gets
+    none. None in sys.modules is Python's own "cannot be imported": `import` raises ImportError and find_spec
+    answers None, so the libraries take the paths they take where the package is not installed.
+    - bitsandbytes, imported by peft: only QLoRA uses it (lora.qlora true, or auto where a GPU driver exists). Its
+      CPU backend wraps kernels in torch.compile at import, which loads torch's inductor: about 1.2 s of each launch
+      of the rehearsal's sft trainer on the AVX512-BF16 CPU (10.4 s with it, 9.2 without).
+    - vllm, imported by TRL's GRPO and distillation trainers: only their colocated generation uses it (use_vllm
+      true, or unset where a GPU driver exists), and GRPO's judge and adherence rewards when models.judge runs on
+      vLLM in this process. `from trl import GRPOTrainer` took 9.1 s with it, 5.8 without.
+    The other trainers' TRL classes do not import vLLM, and selftrain's judge may need it: those keep it."""
     from toushi.plan import cuda_possible
 
     args = parse_args(stage, argv)
-    qlora = getattr(load_recipe(args.recipe, args.overrides), stage).lora.qlora
-    if qlora is True or (qlora == "auto" and cuda_possible()):  # auto picks QLoRA on CUDA cards only
-        return
-    sys.modules.setdefault("bitsandbytes", None)
+    recipe = load_recipe(args.recipe, args.overrides)
+    section, gpu = getattr(recipe, stage), cuda_possible()
+    if not (section.lora.qlora is True or (section.lora.qlora == "auto" and gpu)):  # auto: QLoRA on CUDA cards only
+        sys.modules.setdefault("bitsandbytes", None)
+    if hasattr(section, "use_vllm"):  # grpo, distill
+        judge = recipe.models.judge
+        judged = any(getattr(section, "reward_weights", {}).get(k) for k in ("judge", "adherence"))
+        if not (section.use_vllm is True or (section.use_vllm is None and gpu)
+                or (judged and judge is not None and judge.engine == "vllm")):
+            sys.modules.setdefault("vllm", None)
 
 
 def load_and_save_recipe(args: argparse.Namespace, stage: str, is_main: bool) -> RecipeView:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from toushi.training import leave_out_bitsandbytes  # noqa: E402
+from toushi.training import leave_out_unused  # noqa: E402
 
 if __name__ == "__main__":
-    leave_out_bitsandbytes("sft")  # before peft is imported: bitsandbytes only where this run may use QLoRA
+    leave_out_unused("sft")  # before peft and TRL are imported: what this run cannot use, they do not load
 
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
