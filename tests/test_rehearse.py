@@ -28,8 +28,8 @@ def completions(record: dict):
             yield from ((key, c) for c in value)
 
 
-# In `make test`: 2 min 14-33 s alone on 2 cores of the AVX512-BF16 kind (five training launches, five engine starts;
-# 3 min 50 s before Python kept its bytecode, 2 min 50 s before the trainers left bitsandbytes out); the suite's
+# In `make test`: 2 min 10-33 s alone on 2 cores of the AVX512-BF16 kind (five training launches, five engine starts;
+# 3 min 50 s before Python kept its bytecode, 2 min 50 s before the trainers left bitsandbytes and vLLM out); the suite's
 # budget counts it (README, "Suite time").
 def test_rehearse_r1_qwen_recipe_end_to_end(twins, tmp_path):
     cmd = [sys.executable, "-m", "toushi.cli", "run", str(RECIPE), "--rehearse", "--set", f"run.dir={tmp_path}"]
