@@ -211,7 +211,7 @@ def test_trainer_script_leaves_out_what_its_stage_cannot_use(tmp_path, monkeypat
     from toushi.training import leave_out_unused
 
     judge = {"name": "smollm2-135m-instruct", "engine": "vllm"}
-    cases = [  # stage, its section, models, GPU driver -> (bitsandbytes kept, vllm kept)
+    cases = [  # stage, its section, models, a CUDA device -> (bitsandbytes kept, vllm kept)
         ("sft", {"lora": {"qlora": False}}, {}, True, (False, True)),  # TRL's SFT imports no vLLM: left alone
         ("sft", {"lora": {"qlora": "auto"}}, {}, False, (False, True)),
         ("sft", {"lora": {"qlora": "auto"}}, {}, True, (True, True)),
@@ -233,7 +233,7 @@ def test_trainer_script_leaves_out_what_its_stage_cannot_use(tmp_path, monkeypat
             "models": {"student": {"name": "tiny-random"}, **models}, stage: section}))
         for package in ("bitsandbytes", "vllm"):
             monkeypatch.delitem(sys.modules, package, raising=False)
-        monkeypatch.setattr("toushi.plan.cuda_possible", lambda gpu=gpu: gpu)
+        monkeypatch.setattr("torch.cuda.is_available", lambda gpu=gpu: gpu)  # this machine has no CUDA device
         leave_out_unused(stage, ["--recipe", str(recipe)])
         found = tuple(importlib.util.find_spec(p) is not None for p in ("bitsandbytes", "vllm"))
         assert found == kept, (stage, section, models, gpu)

@@ -117,6 +117,13 @@ RULE_REWARDS: dict[str, Callable[..., list[float]]] = {
     "opening": trl_reward(opening_reward, "opening", uses_post=False),
 }
 
+
+def calls_judge(weights: dict[str, float]) -> bool:
+    """Whether these GRPO reward weights turn on a reward that asks the judge (every one but the rule rewards): the
+    trainer then opens models.judge in its own process."""
+    return any(weight and name not in RULE_REWARDS for name, weight in weights.items())
+
+
 _SCORE = re.compile(r"score\s*[:：]\s*(10|[1-9])(?!\d)", re.IGNORECASE)
 # The verdict line the judge_score template asks for, enforced while decoding where the engine can.
 SCORE_FORMAT = Structured(regex=r"Score: (10|[1-9])")

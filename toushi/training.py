@@ -40,24 +40,28 @@ def leave_out_unused(stage: str, argv: list[str] | None = None) -> None:
     are installed, at a cost on every launch; where the stage's recipe says it cannot use one, this process gets
     none. None in sys.modules is Python's own "cannot be imported": `import` raises ImportError and find_spec
     answers None, so the libraries take the paths they take where the package is not installed.
-    - bitsandbytes, imported by peft: only QLoRA uses it (lora.qlora true, or auto where a GPU driver exists). Its
+    - bitsandbytes, imported by peft: only QLoRA uses it (lora.qlora true, or auto on a CUDA device). Its
       CPU backend wraps kernels in torch.compile at import, which loads torch's inductor: about 1.2 s of each launch
       of the rehearsal's sft trainer on the AVX512-BF16 CPU (10.4 s with it, 9.2 without).
     - vllm, imported by TRL's GRPO and distillation trainers: only their colocated generation uses it (use_vllm
-      true, or unset where a GPU driver exists), and GRPO's judge and adherence rewards when models.judge runs on
-      vLLM in this process. `from trl import GRPOTrainer` took 9.1 s with it, 5.8 without.
-    The other trainers' TRL classes do not import vLLM, and selftrain's judge may need it: those keep it."""
-    from toushi.plan import cuda_possible
+      true, or unset on a CUDA device), and GRPO's judge and adherence rewards when models.judge runs on vLLM in
+      this process. `from trl import GRPOTrainer` took 9.1 s with it, 5.8 without.
+    The other trainers' TRL classes do not import vLLM, and selftrain's judge may need it: those keep it.
+    "A CUDA device" is asked of torch, as the trainer asks it later (resolve_auto's card, use_vllm's default): torch
+    is imported next anyway, and no other answer can disagree with the trainer's."""
+    import torch
+
+    from toushi.rewards import calls_judge
 
     args = parse_args(stage, argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    section, gpu = getattr(recipe, stage), cuda_possible()
-    if not (section.lora.qlora is True or (section.lora.qlora == "auto" and gpu)):  # auto: QLoRA on CUDA cards only
+    section, cuda = getattr(recipe, stage), torch.cuda.is_available()
+    if not (section.lora.qlora is True or (section.lora.qlora == "auto" and cuda)):  # auto: QLoRA on CUDA cards only
         sys.modules.setdefault("bitsandbytes", None)
-    if hasattr(section, "use_vllm"):  # grpo, distill
+    if hasattr(section, "use_vllm"):  # grpo, distill: the trainers whose TRL class imports vLLM
         judge = recipe.models.judge
-        judged = any(getattr(section, "reward_weights", {}).get(k) for k in ("judge", "adherence"))
-        if not (section.use_vllm is True or (section.use_vllm is None and gpu)
+        judged = calls_judge(getattr(section, "reward_weights", {}))  # distill has no rewards
+        if not (section.use_vllm is True or (section.use_vllm is None and cuda)
                 or (judged and judge is not None and judge.engine == "vllm")):
             sys.modules.setdefault("vllm", None)
 

@@ -31,7 +31,7 @@ from toushi.datasets import load_grpo  # noqa: E402
 from toushi.digests import path_digest  # noqa: E402
 from toushi.engines.adapters import complete_adapter  # noqa: E402
 from toushi.models import resolve_model  # noqa: E402
-from toushi.rewards import build_rewards  # noqa: E402
+from toushi.rewards import build_rewards, calls_judge  # noqa: E402
 from toushi.store import StageStore  # noqa: E402
 from toushi.tracking import end as end_tracking  # noqa: E402
 from toushi.tracking import start as start_tracking  # noqa: E402
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    judged = any(cfg.reward_weights.get(k) for k in ("judge", "adherence"))
+    judged = calls_judge(cfg.reward_weights)
     fingerprint = checkpoint_fingerprint(
         model_path, cfg.model_dump(mode="json"), recipe.run.seed, examples,
         start_adapter=sft_adapter if cfg.from_sft else None,
