@@ -12,15 +12,17 @@ and vLLM are available).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from toushi.training import leave_out_unused  # noqa: E402
+from toushi.training import imports_done, leave_out_unused  # noqa: E402
 
 if __name__ == "__main__":
+    gc.disable()  # until imports_done(), below: the imports' objects are not garbage (toushi/training.py)
     leave_out_unused("grpo")  # before peft and TRL are imported: what this run cannot use, they do not load
 
 import torch  # noqa: E402
@@ -145,4 +147,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    imports_done()  # the collector back on, what the imports built frozen
     main()

@@ -17,6 +17,7 @@ and judges while the others wait; every process trains.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -25,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from toushi.training import leave_out_unused  # noqa: E402
+from toushi.training import imports_done, leave_out_unused  # noqa: E402
 
 if __name__ == "__main__":
+    gc.disable()  # until imports_done(), below: the imports' objects are not garbage (toushi/training.py)
     leave_out_unused("selftrain")  # before peft and TRL are imported: what this run cannot use, they do not load
 
 import torch  # noqa: E402
@@ -246,4 +248,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    imports_done()  # the collector back on, what the imports built frozen
     main()

@@ -11,14 +11,16 @@ completion, which TRL masks with any chat template (no `{% generation %}` marker
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from toushi.training import leave_out_unused  # noqa: E402
+from toushi.training import imports_done, leave_out_unused  # noqa: E402
 
 if __name__ == "__main__":
+    gc.disable()  # until imports_done(), below: the imports' objects are not garbage (toushi/training.py)
     leave_out_unused("sft")  # before peft and TRL are imported: what this run cannot use, they do not load
 
 from datasets import Dataset  # noqa: E402
@@ -122,4 +124,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    imports_done()  # the collector back on, what the imports built frozen
     main()
