@@ -8,7 +8,6 @@ arguments common to SFT and DPO, and the manifest written at the end.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import resource
 import shutil
@@ -65,17 +64,6 @@ def leave_out_unused(stage: str, argv: list[str] | None = None) -> None:
         if not (section.use_vllm is True or (section.use_vllm is None and cuda)
                 or (judged and judge is not None and judge.engine == "vllm")):
             sys.modules.setdefault("vllm", None)
-
-
-def imports_done() -> None:
-    """A launched trainer turns Python's cyclic garbage collector off before its imports and calls this after
-    them. The imports build about 700,000 long-lived objects, and the full collections Python runs while they grow
-    walked them all again and again: 9 collections, about 1 s of each launch of the rehearsal's sft (its script
-    took 9.0 s instead of 10.9, four alternated runs, AVX512-BF16 kind). Here what they built (modules, classes,
-    functions: never garbage) is frozen and the collector turned back on, so a later collection walks only what
-    training allocates, as vLLM does after its engine starts (freeze_gc_heap)."""
-    gc.freeze()
-    gc.enable()
 
 
 def load_and_save_recipe(args: argparse.Namespace, stage: str, is_main: bool) -> RecipeView:

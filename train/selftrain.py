@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from toushi.training import imports_done, leave_out_unused  # noqa: E402
+from toushi.heap import imports_done  # noqa: E402
+from toushi.training import leave_out_unused  # noqa: E402
 
 if __name__ == "__main__":
-    gc.disable()  # until imports_done(), below: the imports' objects are not garbage (toushi/training.py)
+    gc.disable()  # the imports' objects are not garbage: no collections while they grow (toushi/heap.py)
     leave_out_unused("selftrain")  # before peft and TRL are imported: what this run cannot use, they do not load
 
 import torch  # noqa: E402
@@ -248,5 +249,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    imports_done()  # the collector back on, what the imports built frozen
+    imports_done()  # what the imports built frozen, the collector back on
     main()
