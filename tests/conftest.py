@@ -172,7 +172,14 @@ def pytest_sessionfinish(session):
             workers += 1
     began = getattr(session.config, "_toushi_began", None)
     if began is not None:
-        times["session::pytest"] = {"wall_s": round(time.perf_counter() - began, 2), "workers": workers}
+        import subprocess
+
+        from toushi.hardware import cpu_kind
+
+        # where and what ran, so a record read on another machine, or against another commit's, still says it
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        times["session::pytest"] = {"wall_s": round(time.perf_counter() - began, 2), "workers": workers,
+                                    "cpu": cpu_kind(), "commit": commit.stdout.strip() or None}
     _write_times(times)
 
 

@@ -51,3 +51,49 @@ def test_budget_under_workers_checks_the_runs_own_wall_and_shows_each_worker(tmp
     assert "pytest ran 2.5 min on 2 xdist workers" in out
     assert "  120.0    1  gw0" in out and "  120.0    2  gw1" in out
     assert budget()([str(record), "--budget-min", "2"]) == 1
+
+
+def test_budget_against_an_earlier_run_and_where_each_ran(tmp_path, capsys):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({
+        "tests/test_a.py::test_slow": {"wall_s": 120.0, "cpu_s": 100.0},
+        "tests/test_gone.py::test_x": {"wall_s": 5.0, "cpu_s": 5.0},
+        "session::pytest": {"wall_s": 130.0, "workers": 2},  # a record from before it said where it ran
+    }))
+    new.write_text(json.dumps({
+        "tests/test_a.py::test_slow": {"wall_s": 90.0, "cpu_s": 80.0},
+        "tests/test_b.py::test_new": {"wall_s": 10.0, "cpu_s": 9.0},
+        "session::pytest": {"wall_s": 100.0, "workers": 2, "cpu": "flags avx2", "commit": "abc1234"},
+    }))
+    assert budget()([str(new), "--against", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 tests, 1.7 min wall, 1.5 min CPU (flags avx2, commit abc1234)")
+    against = out.split("against the earlier run")[1]
+    assert "pytest ran 1.7 min (flags avx2, commit abc1234); the earlier run 2.2 min (its CPU kind not recorded)" \
+        in against
+    rows = [line.split() for line in against.splitlines() if line.strip().startswith(("9", "1", "0", "-"))]
+    # the largest change first; a file only one run has counts 0 in the other
+    assert rows[0] == ["90.0", "120.0", "-30.0", "80.0", "100.0", "tests/test_a.py"]
+    assert ["10.0", "0.0", "+10.0", "9.0", "0.0", "tests/test_b.py"] in rows
+    assert ["0.0", "5.0", "-5.0", "0.0", "5.0", "tests/test_gone.py"] in rows
+    assert budget()([str(new), "--against", str(tmp_path / "missing.json")]) == 2
+
+
+def test_a_run_records_its_cpu_kind_and_commit(tmp_path):
+    """The record pytest writes (tests/conftest.py) says where and what ran, for the budget script to print."""
+    import os
+    import subprocess
+    import sys
+
+    from toushi.hardware import cpu_kind
+
+    record = tmp_path / "times.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a run of its own, no worker
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_think.py"],
+                          cwd=REPO, env={**env, "TOUSHI_TEST_TIMES": str(record)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    session = json.loads(record.read_text())["session::pytest"]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert session["cpu"] == cpu_kind() and session["commit"] == (head.stdout.strip() or None)
+    assert session["wall_s"] > 0 and session["workers"] == 0
