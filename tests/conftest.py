@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import toushi  # noqa: F401  before any test module imports torch: CPU tensors on huge pages (toushi/__init__.py)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 

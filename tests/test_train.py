@@ -241,6 +241,26 @@ def test_trainer_script_leaves_out_what_its_stage_cannot_use(tmp_path, monkeypat
         import bitsandbytes  # noqa: F401
 
 
+def test_toushi_processes_put_large_cpu_tensors_on_huge_pages():
+    """A process that imports toushi before torch (the CLI, the trainers, the engines they start) allocates its
+    large CPU tensors on transparent huge pages (toushi/__init__.py); THP_MEM_ALLOC_ENABLE=0 still turns it off."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel gives no process transparent huge pages")
+    code = ("import toushi, torch; x = torch.ones(64 * 2**20); print(sum(int(line.split()[1]) for line in "
+            "open('/proc/self/smaps_rollup') if line.startswith('AnonHugePages')))")  # kB, of a 256 MB tensor
+
+    def huge_kb(**env) -> int:
+        base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        done = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    assert huge_kb() >= 200 * 1024
+    assert huge_kb(THP_MEM_ALLOC_ENABLE="0") < 200 * 1024
+
+
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):
     import shutil
 
