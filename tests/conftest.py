@@ -179,9 +179,13 @@ def pytest_sessionfinish(session):
         from toushi.hardware import cpu_kind
 
         # where and what ran, so a record read on another machine, or against another commit's, still says it
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+            commit = head.stdout.strip() or None
+        except OSError:  # no git here (an unpacked tarball): the record says no commit
+            commit = None
         times["session::pytest"] = {"wall_s": round(time.perf_counter() - began, 2), "workers": workers,
-                                    "cpu": cpu_kind(), "commit": commit.stdout.strip() or None}
+                                    "cpu": cpu_kind(), "commit": commit}
     _write_times(times)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 
+import pytest
 import yaml
 
 from toushi.engines.pool import EnginePool, engine_key, fits_together
@@ -78,4 +79,15 @@ def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
         assert rec["strong"][0]["completion_tokens"] <= 16 and rec["weak"][0]["completion_tokens"] <= 12
     # the engine froze the heap before it started (toushi/heap.py); closed, it leaves the collector on and nothing
     # frozen: a frozen object that died in a reference cycle later would never be freed
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_failed_engine_start_leaves_the_collector_as_it_was(tmp_path):
+    """The engine froze the heap before vLLM failed to build it: with no engine to close, the heap is unfrozen
+    at once (a frozen object that died in a reference cycle later would never be freed)."""
+    from toushi.engines.vllm_engine import VLLMEngine
+
+    (tmp_path / "config.json").write_text("{}")  # a directory that is no model
+    with pytest.raises(Exception):  # noqa: B017  which error vLLM raises is its own; the heap is what is tested
+        VLLMEngine(ModelSpec(name=str(tmp_path), engine="vllm", enforce_eager=True, kv_cache_gb=0.25))
     assert gc.isenabled() and gc.get_freeze_count() == 0

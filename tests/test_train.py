@@ -258,7 +258,8 @@ def test_toushi_processes_put_large_cpu_tensors_on_huge_pages():
         return int(done.stdout.split()[-1])
 
     assert huge_kb() >= 200 * 1024
-    assert huge_kb(THP_MEM_ALLOC_ENABLE="0") < 200 * 1024
+    if "[madvise]" in thp.read_text():  # under "always" every large allocation gets huge pages, asked or not
+        assert huge_kb(THP_MEM_ALLOC_ENABLE="0") < 200 * 1024
 
 
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):

@@ -127,16 +127,6 @@ class VLLMEngine(Engine):
         from toushi.heap import imports_done
         from toushi.lifetime import tracking_new_children
 
-        # The first engine of a process imports vLLM here, with the collector off (toushi/heap.py); the heap is
-        # then frozen before the engine starts, every time, so vLLM's collections while it builds the engine
-        # (model loader, model runner, its own freeze_gc_heap) walk only what the engine adds, not the imports'
-        # objects: a SmolLM2 engine started in 1.45 s instead of 2.7. The engine's shutdown unfreezes it all.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            from vllm import LLM
-        finally:
-            imports_done(enable=enabled)
         self.spec = spec
         if spec.data_parallel_size > 1:
             # vllm.LLM raises on it too ("not supported for single-process usage"); this says what to do.
@@ -144,16 +134,30 @@ class VLLMEngine(Engine):
                 f"model {spec.name}: data_parallel_size={spec.data_parallel_size} needs vLLM's server: run "
                 "`toushi serve` for this role and point a role with engine: openai at its base_url"
             )
-        self._lora_ids: dict[str, int] = {}
-        self.kwargs = engine_kwargs(spec)
-        extra = offline_cpu_env()  # read while LLM() builds the engine; then this process is as it was
-        os.environ.update(extra)
+        # The first engine of a process imports vLLM here, with the collector off (toushi/heap.py); the heap is
+        # then frozen before the engine starts, every time, so vLLM's collections while it builds the engine
+        # (model loader, model runner, its own freeze_gc_heap) walk only what the engine adds, not the imports'
+        # objects: a SmolLM2 engine started in 1.45 s instead of 2.7 (AVX512-BF16 kind). close() unfreezes it.
+        enabled = gc.isenabled()
+        gc.disable()
         try:
-            with tracking_new_children():  # an engine core (GPU) must not outlive this process, even on SIGKILL
-                self.llm = LLM(**self.kwargs)
+            from vllm import LLM
         finally:
-            for k in extra:
-                os.environ.pop(k, None)
+            imports_done(enable=enabled)
+        try:
+            self._lora_ids: dict[str, int] = {}
+            self.kwargs = engine_kwargs(spec)
+            extra = offline_cpu_env()  # read while LLM() builds the engine; then this process is as it was
+            os.environ.update(extra)
+            try:
+                with tracking_new_children():  # an engine core (GPU) must not outlive this process, even on SIGKILL
+                    self.llm = LLM(**self.kwargs)
+            finally:
+                for k in extra:
+                    os.environ.pop(k, None)
+        except BaseException:
+            gc.unfreeze()  # no engine to close(): the heap collectable again, as it was before
+            raise
         if spec.reasoning:  # (<think>, </think>) ids, for telling whether a thinking budget cut the reasoning
             tok = self.llm.get_tokenizer()
             self._think_ids = (tok.convert_tokens_to_ids(OPEN), tok.convert_tokens_to_ids(CLOSE))
