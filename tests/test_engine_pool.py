@@ -85,9 +85,12 @@ def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
 def test_a_failed_engine_start_leaves_the_collector_as_it_was(tmp_path):
     """The engine froze the heap before vLLM failed to build it: with no engine to close, the heap is unfrozen
     at once (a frozen object that died in a reference cycle later would never be freed)."""
+    from toushi.engines import GenerationError
     from toushi.engines.vllm_engine import VLLMEngine
 
     (tmp_path / "config.json").write_text("{}")  # a directory that is no model
-    with pytest.raises(Exception):  # noqa: B017  which error vLLM raises is its own; the heap is what is tested
-        VLLMEngine(ModelSpec(name=str(tmp_path), engine="vllm", enforce_eager=True, kv_cache_gb=0.25))
+    spec = ModelSpec(name=str(tmp_path), engine="vllm", enforce_eager=True, kv_cache_gb=0.25)  # valid: built outside
+    with pytest.raises(Exception) as failed:  # noqa: B017  which error vLLM raises is its own; the heap is tested
+        VLLMEngine(spec)
+    assert not isinstance(failed.value, GenerationError), failed.value  # vLLM failed, past the heap's freeze
     assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -247,19 +247,24 @@ def test_toushi_processes_put_large_cpu_tensors_on_huge_pages():
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not thp.exists() or "[never]" in thp.read_text():
         pytest.skip("this kernel gives no process transparent huge pages")
-    code = ("import toushi, torch; x = torch.ones(64 * 2**20); print(sum(int(line.split()[1]) for line in "
-            "open('/proc/self/smaps_rollup') if line.startswith('AnonHugePages')))")  # kB, of a 256 MB tensor
+    code = ("import os, toushi, torch; x = torch.ones(64 * 2**20); print(os.environ.get('THP_MEM_ALLOC_ENABLE'), "
+            "sum(int(line.split()[1]) for line in open('/proc/self/smaps_rollup') "
+            "if line.startswith('AnonHugePages')))")  # the setting torch read, and kB on huge pages (256 MB tensor)
 
-    def huge_kb(**env) -> int:
+    def run(**env) -> tuple[str, int]:
         base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
         done = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        return int(done.stdout.split()[-1])
+        setting, kb = done.stdout.split()[-2:]
+        return setting, int(kb)
 
-    assert huge_kb() >= 200 * 1024
-    if "[madvise]" in thp.read_text():  # under "always" every large allocation gets huge pages, asked or not
-        assert huge_kb(THP_MEM_ALLOC_ENABLE="0") < 200 * 1024
+    on, off = run(), run(THP_MEM_ALLOC_ENABLE="0")
+    assert on[0] == "1" and off[0] == "0"  # set before torch's import; a value already set stands
+    assert on[1] >= 200 * 1024
+    # under "always" every large allocation gets huge pages, asked or not: only "madvise" shows the setting's effect
+    if "[madvise]" in thp.read_text():
+        assert off[1] < 200 * 1024
 
 
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):
