@@ -75,8 +75,9 @@ def trained_run(tmp_path_factory, offline_model):
 
     root = tmp_path_factory.mktemp("train")
     run_dir = write_run(root / "runs" / "smol")
-    # two packed rows a step: SFT's 6 steps see 2,280 tokens (16 s of training; 4 rows a step took 33 s) and its
-    # loss still falls by a quarter, with bf16 (AVX512-BF16 kind) and in fp32 on the AVX2 code paths alike
+    # two packed rows a step: SFT's 6 steps see 2,280 tokens (16 s of training run alone on the AVX512-BF16 kind,
+    # against 33 s at four rows) and its loss still falls by a quarter, in bf16 there and in fp32 on the AVX2 code
+    # paths (scripts/avx2_emulation) alike
     train = {"per_device_train_batch_size": 2, "max_length": 256, "logging_steps": 1, "save_steps": 100,
              "lr_scheduler_type": "constant", "eval_fraction": 0.1}
     recipe_path = write_recipe(
