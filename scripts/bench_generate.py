@@ -79,11 +79,11 @@ def timed_raw(spec: ModelSpec, convs, sampling: Sampling) -> dict:
     """The baseline: vllm.LLM.chat with the same engine settings, all prompts in one call."""
     from vllm import LLM, SamplingParams
 
-    from toushi.engines.vllm_engine import engine_kwargs, offline_cpu_env
+    from toushi.engines.vllm_engine import cpu_engine_env, engine_kwargs
 
     # the same CPU settings toushi's engine gets (all cores for the model, the engine in this process, the
     # dtype): raw vLLM at its best, not as shipped for many-core machines
-    extra = offline_cpu_env()
+    extra = cpu_engine_env()
     os.environ.update(extra)
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(spec))

@@ -342,7 +342,7 @@ def server_recipe(root: Path, port: int, adapter: Path):
     })
 
 
-# ---- servers started in the background. Each takes most of a minute to start (three processes importing vLLM,
+# ---- servers started in the background. Each takes most of a minute to start (two processes importing vLLM,
 # mostly on one core) while the suite leaves the second core idle much of the time (CPU/wall was 1.16), so when
 # the session starts, the servers its selected tests use are started one after another in a background thread,
 # and a test waits only for what is not up yet. One at a time: their imports then take the idle core rather than

@@ -194,6 +194,20 @@ def test_serve_every_route_needs_the_key(served):
     assert uncapped.status_code == 200 and uncapped.json()["usage"]["completion_tokens"] <= 64
 
 
+def test_cpu_server_runs_the_model_in_its_engine_core(served):
+    """On a CPU a one-engine server is two processes, the API server and its engine core holding the model
+    worker, not vLLM's three (toushi.engines.vllm_engine.cpu_engine_env: healthy about 10 s sooner here, one
+    vLLM import fewer); the engine core's threads may use every core. That it answers as offline vLLM does is
+    test_openai_engine_on_vllm_server_matches_offline_vllm."""
+    import psutil
+
+    _, server = served
+    names = {p.pid: p.name() for p in psutil.Process(server.proc.pid).children(recursive=True)}
+    engine_cores = [pid for pid, name in names.items() if name.startswith("VLLM::EngineCor")]  # comm: 15 chars
+    assert len(engine_cores) == 1 and not [n for n in names.values() if n.startswith("VLLM::Work")], names
+    assert set(psutil.Process(engine_cores[0]).cpu_affinity()) == os.sched_getaffinity(0)
+
+
 # ------------------------------------------------------------------------- (4) toushi generate resumes
 
 

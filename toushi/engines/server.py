@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from toushi.engines.guard import GUARD_ENV, guard_env
-from toushi.engines.vllm_engine import cpu_thread_env, engine_kwargs
+from toushi.engines.vllm_engine import cpu_engine_env, cpu_thread_env, engine_kwargs
 from toushi.errors import ToushiError
 from toushi.recipe import ModelSpec, RequestLimits
 
@@ -110,6 +110,7 @@ class VLLMServer:
         self.limits = limits or RequestLimits()
         self.allow_unsafe_env = allow_unsafe_env
         self.cmd = server_command(spec, host, port, served_name, self.limits)
+        self.data_parallel = spec.data_parallel_size > 1
         self.host, self.port, self.api_key = host, port, api_key
         self.served_name = served_name or spec.served_model or spec.name
         self.log_path = log_path
@@ -132,7 +133,9 @@ class VLLMServer:
         one core): a caller with other work to do meanwhile calls :meth:`wait_healthy` when it needs it."""
         check_env(self.allow_unsafe_env)
         env = dict(os.environ)
-        env.update(cpu_thread_env())
+        # one engine: on a CPU its worker runs in the engine core's process (cpu_engine_env); engines side by side
+        # (--data-parallel-size) keep vLLM's own layout
+        env.update(cpu_thread_env() if self.data_parallel else cpu_engine_env())
         env.pop("VLLM_API_KEY", None)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
@@ -145,7 +148,7 @@ class VLLMServer:
 
         ensure_watchdog()  # the server must not outlive this process, even on SIGKILL
         log = open(self.log_path, "ab") if self.log_path else None
-        # Own process group, so stop() reaches the engine core and worker processes too.
+        # Own process group, so stop() reaches the engine core (and any worker processes) too.
         self.proc = subprocess.Popen(
             self.cmd, env=env, stdout=log or None, stderr=subprocess.STDOUT if log else None, start_new_session=True
         )

@@ -52,14 +52,18 @@ def cpu_thread_env() -> dict[str, str]:
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
-def offline_cpu_env() -> dict[str, str]:
-    """Environment for an offline engine on a CPU: the engine core and its worker run in this process.
+def cpu_engine_env() -> dict[str, str]:
+    """Environment for a vLLM engine on a CPU: its model worker runs in the engine core's process.
 
-    vLLM otherwise spawns an engine-core process that spawns a worker process, each importing vLLM and
-    torch again. Measured here (2 cores, SmolLM2-135M): start 31 s -> 12 s, shutdown 5.7 s -> 1.8 s, and
-    the same generation throughput (216 vs 226 out tok/s on 44 prompts), since on a CPU the model's
-    threads do the work either way. On a GPU the engine-core process overlaps scheduling with the GPU's
-    work, so it stays. Not for `toushi serve` (the server keeps vLLM's own process layout).
+    With VLLM_ENABLE_V1_MULTIPROCESSING=0 the CPU platform keeps vLLM's one-process executor instead of
+    spawning a worker process that imports vLLM and torch again. On a CPU the model's threads do the work
+    either way, so nothing is lost by it (2 cores, SmolLM2-135M, AVX512-BF16 kind):
+    - offline (``LLM()``), the engine core runs in the calling process too: start 31 s -> 12 s, shutdown
+      5.7 -> 1.8 s, the same throughput (216 vs 226 out tok/s on 44 prompts);
+    - a server (``AsyncLLM``) always keeps its engine-core process, so it runs two processes instead of
+      three: healthy after 27-32 s instead of 39-46, and 200 greedy tokens in 4.4-5.0 s instead of 5.4-5.9
+      (no hand-off between the engine core and a worker competing with the model's threads for 2 cores).
+    On a GPU the engine-core process overlaps scheduling with the GPU's work, so the layout stays vLLM's.
     """
     env = cpu_thread_env()
     if on_cpu() and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
@@ -147,7 +151,7 @@ class VLLMEngine(Engine):
         try:
             self._lora_ids: dict[str, int] = {}
             self.kwargs = engine_kwargs(spec)
-            extra = offline_cpu_env()  # read while LLM() builds the engine; then this process is as it was
+            extra = cpu_engine_env()  # read while LLM() builds the engine; then this process is as it was
             os.environ.update(extra)
             try:
                 with tracking_new_children():  # an engine core (GPU) must not outlive this process, even on SIGKILL
