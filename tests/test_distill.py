@@ -104,11 +104,10 @@ def test_guided_distill_moves_student_toward_guided_teacher_on_heldout(guided_ru
     tok = AutoTokenizer.from_pretrained(base_path)
     teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     teacher_prompts = [teacher_prompt_ids(tok, conversation(p["prompt"], s)) for p, (_, s) in zip(held, systems)]
-    answers = []
-    with torch.no_grad():
-        for ids in teacher_prompts:
-            out = teacher.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)
-            answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    with torch.no_grad():  # one left-padded batch (tests/test_effect.py: the same answers, half the time)
+        enc = tok.pad({"input_ids": teacher_prompts}, padding_side="left", return_tensors="pt")
+        out = teacher.generate(**enc, max_new_tokens=40, do_sample=False)
+    answers = [a.strip() for a in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
     assert all(answers)
 
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),

@@ -128,11 +128,10 @@ def test_distill_from_a_trained_teacher_lowers_reverse_kl_to_it(effect):
     tok = AutoTokenizer.from_pretrained(teacher_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
     prompts = [teacher_prompt_ids(tok, conversation(p["prompt"], None)) for p in held]
-    answers = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = teacher.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-            answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    with torch.no_grad():  # one left-padded batch: the same greedy answers as one prompt at a time, in half the time
+        enc = tok.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        out = teacher.generate(**enc, max_new_tokens=24, do_sample=False)
+    answers = [a.strip() for a in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
     assert all(answers)
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(effect["base"], dtype=torch.float32),
                                         str(effect["run_dir"] / "distill" / "adapter")).eval()

@@ -114,8 +114,9 @@ def answer_divergence(student, student_tok, student_conv: list[dict], teacher, t
     p_ids = student_tok(prompt, add_special_tokens=False)["input_ids"]
     a_ids = student_tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
     n = len(a_ids)
-    s_logits = student(input_ids=torch.tensor([p_ids + a_ids])).logits[0, -n - 1 : -1].float()
-    t_logits = teacher(input_ids=torch.tensor([teacher_prompt + a_ids])).logits[0, -n - 1 : -1].float()
+    # the head only where an answer token is predicted (the last n + 1 positions, the very last predicting past it)
+    s_logits = student(input_ids=torch.tensor([p_ids + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
+    t_logits = teacher(input_ids=torch.tensor([teacher_prompt + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
     rows = min(s_logits.shape[-1], t_logits.shape[-1])
     s_logp = torch.log_softmax(s_logits[:, :rows], -1)
     t_logp = torch.log_softmax(t_logits[:, :rows], -1)
