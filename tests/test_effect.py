@@ -84,6 +84,25 @@ def effect(tmp_path_factory, shared_data, offline_model):
             "result": result}
 
 
+def test_opening_rate_batches_by_length_and_keeps_each_posts_rate(tiny_model):
+    """opening_rate runs its forward passes in batches of similar length: each post's rate comes back in its
+    place, as it is when read alone (the paired differences of compare() rely on it)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toushi.effect import opening_rate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    posts = ["My exam went badly and I keep thinking about what my parents will say. " * 3, "I lost my job.",
+             "My cat is sick and the vet is expensive; I do not know what to do.", "Nobody came.",
+             "I moved to a new city and the evenings are long without friends. " * 2, "I failed."]
+    batched = opening_rate(model, tok, posts, batch_size=4)  # lengths out of order: the batches regroup them
+    alone = [opening_rate(model, tok, [p])[0] for p in posts]
+    assert batched == pytest.approx(alone, rel=1e-5)
+    assert max(alone) - min(alone) > 100 * 1e-5 * max(alone)  # the posts' rates differ: a mix-up would show
+
+
 def test_the_trait_is_planted_in_the_teacher_side_only(effect):
     from toushi.effect import TRAIT_OPENERS
     from toushi.metrics import apology_open

@@ -28,7 +28,7 @@ TRAIT_OPENERS = ("You", "That", "It", "What", "This")
 
 @torch.no_grad()
 def opening_rate(model, tok, prompts: list[str], openers: tuple[str, ...] = TRAIT_OPENERS,
-                 system_prompts: list[str] | None = None, batch_size: int = 16) -> list[float]:
+                 system_prompts: list[str] | None = None, batch_size: int = 4) -> list[float]:
     """Per prompt, the probability that the model's answer opens with one of ``openers`` (each one token): the
     rate at which its temperature-1 samples would open that way, read exactly from one forward pass instead of
     estimated from samples (a 135M model's greedy answer opens the same way almost every time, which hides a
@@ -43,15 +43,21 @@ def opening_rate(model, tok, prompts: list[str], openers: tuple[str, ...] = TRAI
     systems = system_prompts or [None] * len(prompts)
     texts = [tok.apply_chat_template(([{"role": "system", "content": s}] if s else []) + user_conversation(p),
                                      add_generation_prompt=True, tokenize=False) for p, s in zip(prompts, systems)]
+    # Batches of similar length, so little of a batch is padding: 14 ESConv posts (100-212 tokens) in batches of
+    # 4 by length took 2.5 s against 4.8-5.6 in one padded batch of 14, the per-post rates the same
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
     side, tok.padding_side = tok.padding_side, "left"  # the last position is every row's next token
-    out: list[float] = []
+    out = [0.0] * len(texts)
     try:
-        for start in range(0, len(texts), batch_size):
-            enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
             # only the last position's logits: for SmolLM2-135M the head over every position (576 x 49,152 per
             # token against about 107M other weights) is a fifth of the forward pass's multiply-adds
             logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
-            out += torch.softmax(logits, -1)[:, ids].sum(-1).tolist()
+            for i, rate in zip(rows, torch.softmax(logits, -1)[:, ids].sum(-1).tolist()):
+                out[i] = rate
     finally:
         tok.padding_side = side
     return out
