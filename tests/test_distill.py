@@ -93,22 +93,24 @@ def test_guided_distill_moves_student_toward_guided_teacher_on_heldout(guided_ru
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from toushi.engines import make_engine
     from toushi.guided import guided_systems
     from toushi.pairs import conversation
+    from toushi.recipe import ModelSpec, Sampling
     from toushi.teacher import answer_divergence, teacher_prompt_ids
 
     run_dir, recipe, base_path = guided_run
     pairs = StageStore(run_dir, "pairs").records()
     held = [p for p in pairs if p["split"] == "heldout"]
     systems = guided_systems(held, pairs, GUIDANCE, recipe.guided.retrieved_examples, "en")
+    convs = [conversation(p["prompt"], s) for p, (_, s) in zip(held, systems)]
+    # greedy answers through toushi's hf engine; at most 40 tokens each, a fixed text to measure over, not a target
+    with make_engine(ModelSpec(name=str(base_path), engine="hf", dtype="float32")) as engine:
+        answers = [c[0].text.strip() for c in engine.generate(convs, Sampling(temperature=0.0, max_tokens=40))]
+    assert all(answers)
     tok = AutoTokenizer.from_pretrained(base_path)
     teacher = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-    teacher_prompts = [teacher_prompt_ids(tok, conversation(p["prompt"], s)) for p, (_, s) in zip(held, systems)]
-    with torch.no_grad():  # one left-padded batch (tests/test_effect.py: the same answers, half the time)
-        enc = tok.pad({"input_ids": teacher_prompts}, padding_side="left", return_tensors="pt")
-        out = teacher.generate(**enc, max_new_tokens=40, do_sample=False)
-    answers = [a.strip() for a in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-    assert all(answers)
+    teacher_prompts = [teacher_prompt_ids(tok, c) for c in convs]
 
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                                         str(run_dir / "distill" / "adapter")).eval()
