@@ -196,8 +196,8 @@ def test_serve_every_route_needs_the_key(served):
 
 def test_cpu_server_runs_the_model_in_its_engine_core(served):
     """On a CPU a one-engine server is two processes, the API server and its engine core holding the model
-    worker, not vLLM's three (toushi.engines.vllm_engine.cpu_engine_env: healthy about 10 s sooner here, one
-    vLLM import fewer); the engine core may use every core this process may (a pinned xdist worker: its one).
+    worker, not vLLM's three (toushi.engines.vllm_engine.cpu_engine_env: healthy about 10 s sooner on the AVX512-BF16
+    kind, one vLLM import fewer); the engine core may use every core this process may (a pinned xdist worker: its one).
     That it answers as offline vLLM does is test_openai_engine_on_vllm_server_matches_offline_vllm."""
     import psutil
 
