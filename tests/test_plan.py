@@ -218,10 +218,11 @@ def test_largest_micro_batch_keeps_the_step_and_fits_the_card():
 def test_run_refuses_on_a_gpu_what_cannot_fit_before_any_stage(tmp_path, monkeypatch):
     """`toushi run` on a 24 GiB card: distill (teacher and student in one process) is refused by the plan before
     the first stage, naming it; on a CPU the run is not checked; on an H200 the recipe passes."""
+    import toushi.hardware
     import toushi.plan
     from toushi.cli import refuse_what_cannot_fit
 
-    monkeypatch.setattr(toushi.plan, "cuda_possible", lambda: True)  # this machine has no driver files
+    monkeypatch.setattr(toushi.hardware, "cuda_possible", lambda: True)  # this machine has no driver files
     monkeypatch.setattr(toushi.plan, "card_memory", lambda: (24 * GIB, True, "NVIDIA L4"))
     bad = CliRunner().invoke(app, ["run", str(GPU_RECIPE), "--set", f"run.dir={tmp_path}"])
     assert bad.exit_code == 2, bad.output
@@ -232,6 +233,6 @@ def test_run_refuses_on_a_gpu_what_cannot_fit_before_any_stage(tmp_path, monkeyp
     monkeypatch.setattr(toushi.plan, "card_memory", lambda: (24 * GIB, False, "this machine's RAM"))
     refuse_what_cannot_fit(load_recipe(GPU_RECIPE))
     # no driver files: torch is not even asked (a CPU `toushi run` does not pay its import for this)
-    monkeypatch.setattr(toushi.plan, "cuda_possible", lambda: False)
+    monkeypatch.setattr(toushi.hardware, "cuda_possible", lambda: False)
     monkeypatch.setattr(toushi.plan, "card_memory", lambda: pytest.fail("card_memory asked without a GPU driver"))
     refuse_what_cannot_fit(load_recipe(GPU_RECIPE))

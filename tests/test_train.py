@@ -270,6 +270,49 @@ def test_toushi_processes_put_large_cpu_tensors_on_huge_pages():
         assert off[1] < 200 * 1024
 
 
+def test_toushi_processes_keep_freed_cpu_memory_for_the_next_tensors(monkeypatch):
+    """On a CPU-only machine a process that imports toushi reuses the memory of the large tensors it freed: no new
+    page faults (each one a page the kernel zeroes) for the next ones, the processes it starts likewise (through
+    GLIBC_TUNABLES), and release_freed_memory (an engine's close) hands the memory back. A malloc tunable already
+    set is left as it is, and so is a GPU machine."""
+    import toushi.hardware
+    from toushi.heap import MALLOC_TUNABLES, keep_freed_memory
+
+    code = (
+        "import os, resource, subprocess, sys, toushi, torch\n"
+        "from toushi.heap import release_freed_memory\n"
+        "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "rss_mb = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20\n"
+        "def churn():\n"
+        "    for _ in range(5):\n"
+        "        t = torch.empty(64 * 2**20); t.fill_(1.0); del t\n"  # 256 MB: far above glibc's mmap threshold
+        "churn(); f = faults(); churn(); again = faults() - f; held = rss_mb()\n"
+        "release_freed_memory(); back = rss_mb()\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"GLIBC_TUNABLES\"))'],\n"
+        "                       capture_output=True, text=True).stdout.strip()\n"
+        "print(again, held, back, child)\n")
+
+    def run(**env) -> tuple[int, int, int, str]:
+        base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        done = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        again, held, back, child = done.stdout.split()[-4:]
+        return int(again), int(held), int(back), child
+
+    again, held, back, child = run()
+    assert again < 100, again  # five more 256 MB tensors, from memory the process kept
+    assert held - back > 200, (held, back)  # handed back on request
+    assert child == MALLOC_TUNABLES
+    chosen = "glibc.malloc.mmap_threshold=131072"
+    again, _, _, child = run(GLIBC_TUNABLES=chosen)
+    assert again > 5 * 100, again  # glibc's way: each tensor new pages (128 huge ones, or 65,536 small)
+    assert child == chosen
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(toushi.hardware, "cuda_possible", lambda: True)
+    assert keep_freed_memory() is False and "GLIBC_TUNABLES" not in os.environ
+
+
 def test_no_chat_template_error_and_rank_warning(tmp_path, tiny_model):
     import shutil
 

@@ -11,4 +11,10 @@ import os
 # process toushi starts (trainers, servers) inherits it; a value already set stands (0 turns it off).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+# Freed memory stays in the process on a CPU-only machine, for the next step's tensors (toushi/heap.py): set
+# here for the same reason, and for every process toushi starts.
+from toushi.heap import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()
+
 __version__ = "0.1.0"

@@ -109,9 +109,10 @@ def refuse_what_cannot_fit(r) -> None:
     """On a CUDA machine, before the first stage: what `toushi plan` says cannot fit this card is refused now,
     not hours later when that stage runs out of memory. A CPU run is not checked (its card is the RAM, and
     its models are small); a shape the plan cannot read is said and left to the run."""
+    from toushi import hardware
     from toushi import plan as planner
 
-    if not planner.cuda_possible():
+    if not hardware.cuda_possible():
         return
     card, on_gpu, what = planner.card_memory()
     if not on_gpu:

@@ -60,3 +60,9 @@ def cpu_native_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic in hardware. Measured on a 2-core EPYC with AVX512-BF16
     (SmolLM2-135M): vLLM generation 225 -> 352 tok/s, LoRA SFT 81 -> 122 tok/s against fp32."""
     return bool(BF16_FLAGS & cpu_flags())
+
+
+def cuda_possible() -> bool:
+    """Whether this machine may have a CUDA (or ROCm) device, from its driver's files: asking torch costs its
+    import (1-2 s), which a CPU-only `toushi run` of light stages would otherwise pay for nothing."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))

@@ -372,12 +372,6 @@ def plan(recipe, card_bytes: float, on_gpu: bool = True) -> tuple[list[Item], li
     return items, problems
 
 
-def cuda_possible() -> bool:
-    """Whether this machine may have a CUDA (or ROCm) device, from its driver's files: asking torch costs its
-    import (1-2 s), which a CPU-only `toushi run` of light stages would otherwise pay for nothing."""
-    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd"))
-
-
 def card_memory() -> tuple[float, bool, str]:
     """(bytes, is a GPU, what it is) of the card this machine would run on: the first CUDA device, else RAM."""
     import torch

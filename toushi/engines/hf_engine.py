@@ -29,6 +29,7 @@ from toushi.engines import (
     thinking_budget,
     top_logprobs,
 )
+from toushi.heap import release_freed_memory
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
 from toushi.think import CLOSE, OPEN, prompt_think_tail
@@ -274,6 +275,7 @@ class HFEngine(Engine):
 
         self.model = None
         gc.collect()
+        release_freed_memory()  # the model's memory back to the kernel, not kept in this process's heap
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

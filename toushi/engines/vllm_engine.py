@@ -26,6 +26,7 @@ from toushi.engines import (
     top_logprobs,
 )
 from toushi.engines.adapters import max_lora_rank
+from toushi.heap import release_freed_memory
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
 from toushi.think import CLOSE, OPEN, think_budget_hit
@@ -267,6 +268,7 @@ class VLLMEngine(Engine):
         del self.llm, llm, core
         gc.unfreeze()  # ours, from __init__, where the core ran in a subprocess
         gc.collect()  # the engine's objects, KV cache included, before another engine or a trainer needs the memory
+        release_freed_memory()  # and the C heap hands that memory back (toushi/heap.py)
         if not in_process:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
