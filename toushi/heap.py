@@ -29,7 +29,7 @@ import platform
 
 # glibc's mallopt parameters (malloc.h) and the values toushi sets; GLIBC_TUNABLES says the same to the processes
 # toushi starts, which read it when they start (a trainer, a vLLM server). mallopt takes a C int: 2 GiB - 1 is the
-# highest trim threshold it can be given, and a CPU step's transient tensors stay well below it.
+# highest trim threshold it can be given (the small models a CPU runs free far less than that in a step).
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 TRIM_THRESHOLD = 2**31 - 1
 MALLOC_TUNABLES = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
