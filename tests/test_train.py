@@ -278,6 +278,8 @@ def test_toushi_processes_keep_freed_cpu_memory_for_the_next_tensors(monkeypatch
     import toushi.hardware
     from toushi.heap import MALLOC_TUNABLES, keep_freed_memory
 
+    if toushi.hardware.cuda_possible():
+        pytest.skip("a machine with a GPU driver keeps glibc's defaults (its tensors live on the card)")
     code = (
         "import os, resource, subprocess, sys, toushi, torch\n"
         "from toushi.heap import release_freed_memory\n"

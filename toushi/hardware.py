@@ -1,5 +1,6 @@
-"""What the CPU can do, where it changes a default: bf16 is worth using on a CPU only when the CPU computes
-in it natively (AVX512-BF16 or AMX). Elsewhere bf16 is emulated and slower than fp32."""
+"""What the machine can do, where it changes a default: bf16 is worth using on a CPU only when the CPU computes
+in it natively (AVX512-BF16 or AMX), elsewhere it is emulated and slower than fp32; and whether a GPU may be there
+at all, read from its driver's files without importing torch."""
 
 from __future__ import annotations
 
