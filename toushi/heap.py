@@ -14,10 +14,11 @@ The C heap. glibc serves an allocation above its mmap threshold (32 MB at most) 
 when freed. Training and generation on a CPU allocate and free tensors that large at every step (a batch's
 logits over a 49k or 152k vocabulary, their log-softmax, the embedding's gradient), so each step asked the kernel
 for new pages and the kernel zeroed every one: clear_page was a fifth of all CPU samples in a rehearsal run, more
-than any kernel of the model's. Huge pages (toushi/__init__.py) make those faults fewer, not the zeroing. On a
-machine without a GPU, toushi therefore keeps freed memory in the process (no mmap for large blocks, no trimming
-of the heap's top below 2 GiB) and hands it back where a whole model's worth is freed at once: when an engine
-closes (``release_freed_memory``). A GPU machine's tensors live on the card; its processes keep glibc's defaults.
+than any kernel of the model's (2-core AMD EPYC, AVX512-BF16 kind). Huge pages (toushi/__init__.py) make those
+faults fewer, not the zeroing. On a machine without a GPU, toushi therefore keeps freed memory in the process (no
+mmap for large blocks, no trimming of the heap's top below 2 GiB) and hands it back where a whole model's worth is
+freed at once: when an engine closes (``release_freed_memory``). A GPU machine's tensors live on the card; its
+processes keep glibc's defaults.
 """
 
 from __future__ import annotations
