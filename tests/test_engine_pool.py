@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 
 import pytest
 import yaml
@@ -58,12 +59,27 @@ def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
                    "max_posts": 6},
     }))
     recipe = load_recipe(p)
+    from toushi.engines.vllm_engine import VLLMEngine
+
+    closing = []  # the whole-heap collections run while an engine closes
+
+    def inside_close(phase, info):
+        frame = sys._getframe(1)
+        while phase == "start" and info["generation"] == 2 and frame is not None:
+            if frame.f_code is VLLMEngine.close.__code__:
+                closing.append(frame)
+                break
+            frame = frame.f_back
     guidance = StageStore(recipe.run_dir, "guidance")
     guidance.dir.mkdir(parents=True)
     (guidance.dir / "guidance.json").write_text(json.dumps({"dimensions": [{
         "name": "Validation", "definition": "Name the feeling first.",
         "rules": [{"text": "Say what the person seems to feel", "support": 1, "pair_ids": []}]}]}))
-    assert run_stages(recipe, STAGES) == {s: "ran" for s in stages}
+    gc.callbacks.append(inside_close)
+    try:
+        assert run_stages(recipe, STAGES) == {s: "ran" for s in stages}
+    finally:
+        gc.callbacks.remove(inside_close)
     # dtype auto: the CPU decides (bf16 only where it computes it natively), and each manifest says what it chose
     # and why, beside the CPU's kind
     pairs = StageStore(recipe.run_dir, "pairs").manifest()
@@ -80,6 +96,13 @@ def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
     # the engine froze the heap before it started (toushi/heap.py); closed, it leaves the collector on and nothing
     # frozen: a frozen object that died in a reference cycle later would never be freed
     assert gc.isenabled() and gc.get_freeze_count() == 0
+    # and it collected the heap once, after dropping the engine (vLLM's teardown would collect it twice more while
+    # the engine still held the model, 0.5 s each), which freed the whole engine
+    assert len(closing) == 1, len(closing)
+    del closing[:]
+    from vllm import LLM
+
+    assert not [o for o in gc.get_objects() if type(o) is LLM]  # type(): isinstance wakes deprecated proxies
 
 
 def test_a_failed_engine_start_leaves_the_collector_as_it_was(tmp_path):

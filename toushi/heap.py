@@ -23,6 +23,7 @@ processes keep glibc's defaults.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -42,6 +43,19 @@ def imports_done(enable: bool = True) -> None:
     gc.freeze()
     if enable:
         gc.enable()
+
+
+@contextlib.contextmanager
+def collections_deferred():
+    """Inside: ``gc.collect()`` collects nothing. For a library's teardown that collects the whole heap itself while
+    the caller still holds what it tears down, when the caller collects once right after dropping it (vLLM's
+    in-process engine: toushi.engines.vllm_engine). Automatic collections still run."""
+    collect = gc.collect
+    gc.collect = lambda generation=2: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
 
 
 def _glibc():

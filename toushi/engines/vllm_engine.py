@@ -26,7 +26,7 @@ from toushi.engines import (
     top_logprobs,
 )
 from toushi.engines.adapters import max_lora_rank
-from toushi.heap import release_freed_memory
+from toushi.heap import collections_deferred, release_freed_memory
 from toushi.models import resolve_model
 from toushi.recipe import ModelSpec, Sampling
 from toushi.think import CLOSE, OPEN, think_budget_hit
@@ -263,7 +263,12 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.core_client import InprocClient
 
         core = llm.llm_engine.engine_core
-        core.shutdown()  # a core in this process (CPU) unfreezes the heap and tears down vLLM's state itself
+        # A core in this process (CPU) unfreezes the heap and tears down vLLM's state itself. That teardown also
+        # collects the whole heap twice (model runner, distributed state), about 0.5 s each with torch and vLLM
+        # imported (2-core AMD EPYC, AVX512-BF16 kind), while this engine still holds the model, so they free
+        # little; the one collection below, once the references are dropped, frees all of it.
+        with collections_deferred():
+            core.shutdown()
         in_process = isinstance(core, InprocClient)
         del self.llm, llm, core
         gc.unfreeze()  # ours, from __init__, where the core ran in a subprocess
