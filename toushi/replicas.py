@@ -104,22 +104,23 @@ class Replicas:
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         waiting = dict(enumerate(self.urls))
-        while waiting:
-            for i, url in list(waiting.items()):
-                if self.procs[i].poll() is not None:
-                    where = f" (log: {self.log_dir / f'replica-{i}.log'})" if self.log_dir else ""
-                    code = self.procs[i].returncode
-                    raise ReplicaError(f"replica {i} exited with code {code} while starting{where}")
-                try:
-                    if httpx.get(url.removesuffix("/v1") + "/health", timeout=2.0).status_code == 200:
-                        del waiting[i]
-                except httpx.HTTPError:
-                    pass
-            if waiting and time.monotonic() > deadline:
-                raise ReplicaError(f"replicas not healthy after {self.startup_timeout_s:.0f}s: "
-                                   f"{', '.join(waiting.values())}")
-            if waiting:
-                time.sleep(1.0)
+        with httpx.Client(timeout=2.0) as client:  # one for every poll (VLLMServer.wait_healthy says why)
+            while waiting:
+                for i, url in list(waiting.items()):
+                    if self.procs[i].poll() is not None:
+                        where = f" (log: {self.log_dir / f'replica-{i}.log'})" if self.log_dir else ""
+                        code = self.procs[i].returncode
+                        raise ReplicaError(f"replica {i} exited with code {code} while starting{where}")
+                    try:
+                        if client.get(url.removesuffix("/v1") + "/health").status_code == 200:
+                            del waiting[i]
+                    except httpx.HTTPError:
+                        pass
+                if waiting and time.monotonic() > deadline:
+                    raise ReplicaError(f"replicas not healthy after {self.startup_timeout_s:.0f}s: "
+                                       f"{', '.join(waiting.values())}")
+                if waiting:
+                    time.sleep(1.0)
 
     def stop(self, grace_s: float = 60.0) -> None:
         """SIGINT to each worker (it stops its vLLM server), SIGKILL to any still there after ``grace_s``."""
