@@ -274,7 +274,13 @@ def test_toushi_processes_keep_freed_cpu_memory_for_the_next_tensors(monkeypatch
     """On a CPU-only machine a process that imports toushi reuses the memory of the large tensors it freed: no new
     page faults (each one a page the kernel zeroes) for the next ones, the processes it starts likewise (through
     GLIBC_TUNABLES), and release_freed_memory (an engine's close) hands the memory back. A malloc tunable already
-    set is left as it is, and so is a GPU machine."""
+    set is left as it is, and so is a GPU machine.
+
+    Each next tensor is smaller than the one freed before it. torch asks for page-aligned blocks (posix_memalign),
+    and glibc 2.36 serves one only from a free block a page larger than the request, so a hole exactly the
+    tensor's size is reused only where it joins free memory beside it, which depends on where small allocations
+    happened to land. Five tensors of one size in a row failed here about one run in ten (3,200 faults: CI,
+    stop 47); a smaller tensor always fits where a larger one was."""
     import toushi.hardware
     from toushi.heap import MALLOC_TUNABLES, keep_freed_memory
 
@@ -285,10 +291,11 @@ def test_toushi_processes_keep_freed_cpu_memory_for_the_next_tensors(monkeypatch
         "from toushi.heap import release_freed_memory\n"
         "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "rss_mb = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20\n"
-        "def churn():\n"
-        "    for _ in range(5):\n"
-        "        t = torch.empty(64 * 2**20); t.fill_(1.0); del t\n"  # 256 MB: far above glibc's mmap threshold
-        "churn(); f = faults(); churn(); again = faults() - f; held = rss_mb()\n"
+        "t = torch.empty(2**27); t.fill_(1.0); del t\n"  # 512 MB: far above glibc's mmap threshold
+        "f = faults()\n"
+        "for n in (2**26, 2**25, 2**24):\n"  # 256, 128, 64 MB
+        "    t = torch.empty(n); t.fill_(1.0); del t\n"
+        "again = faults() - f; held = rss_mb()\n"
         "release_freed_memory(); back = rss_mb()\n"
         "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"GLIBC_TUNABLES\"))'],\n"
         "                       capture_output=True, text=True).stdout.strip()\n"
@@ -303,12 +310,12 @@ def test_toushi_processes_keep_freed_cpu_memory_for_the_next_tensors(monkeypatch
         return int(again), int(held), int(back), child
 
     again, held, back, child = run()
-    assert again < 100, again  # five more 256 MB tensors, from memory the process kept
-    assert held - back > 200, (held, back)  # handed back on request
+    assert again < 100, again  # 448 MB of tensors, from memory the process kept
+    assert held - back > 400, (held, back)  # the 512 MB handed back on request
     assert child == MALLOC_TUNABLES
     chosen = "glibc.malloc.mmap_threshold=131072"
     again, _, _, child = run(GLIBC_TUNABLES=chosen)
-    assert again > 5 * 100, again  # glibc's way: each tensor new pages (128 huge ones, or 65,536 small)
+    assert again > 3 * 100, again  # glibc's way: each tensor new pages (1,760 faults here, on huge pages)
     assert child == chosen
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(toushi.hardware, "cuda_possible", lambda: True)
