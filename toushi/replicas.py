@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 
+from toushi.engines.server import answers_health, health_client
 from toushi.errors import ToushiError
 from toushi.recipe import Recipe
 from toushi.serve import role_spec
@@ -104,18 +104,15 @@ class Replicas:
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         waiting = dict(enumerate(self.urls))
-        with httpx.Client(timeout=2.0) as client:  # one for every poll (VLLMServer.wait_healthy says why)
+        with health_client() as client:
             while waiting:
                 for i, url in list(waiting.items()):
                     if self.procs[i].poll() is not None:
                         where = f" (log: {self.log_dir / f'replica-{i}.log'})" if self.log_dir else ""
                         code = self.procs[i].returncode
                         raise ReplicaError(f"replica {i} exited with code {code} while starting{where}")
-                    try:
-                        if client.get(url.removesuffix("/v1") + "/health").status_code == 200:
-                            del waiting[i]
-                    except httpx.HTTPError:
-                        pass
+                    if answers_health(client, url):
+                        del waiting[i]
                 if waiting and time.monotonic() > deadline:
                     raise ReplicaError(f"replicas not healthy after {self.startup_timeout_s:.0f}s: "
                                        f"{', '.join(waiting.values())}")
