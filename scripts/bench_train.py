@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -162,16 +163,20 @@ def main() -> None:
     kwargs.update(report_to=[], save_strategy="no", torch_compile=args.torch_compile)
     config = SFTConfig(**kwargs, packing=args.packing, completion_only_loss=True)
 
-    marks: list[tuple[int, float, int]] = []  # (step, time, tokens seen) at the end of each step
+    # (step, time, tokens seen, page faults) at the end of each step. The faults are this process's minor ones:
+    # on a CPU each is a fresh page the kernel zeroes, which is what toushi/heap.py's settings are for
+    # (GLIBC_TUNABLES=glibc.malloc.perturb=0 gives glibc's defaults: toushi leaves a malloc tunable already set).
+    marks: list[tuple[int, float, int, int]] = []
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # noqa: E731
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
-            marks.append((0, time.perf_counter(), 0))
+            marks.append((0, time.perf_counter(), 0, faults()))
 
         def on_step_end(self, a, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            marks.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen or 0)))
+            marks.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen or 0), faults()))
 
     data = make_dataset(args.batch * total_steps * 4, args.seq, 0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
@@ -179,7 +184,7 @@ def main() -> None:
                          callbacks=[Clock()])
     trainer.train()
 
-    (_, t0, k0), (_, t1, k1) = marks[args.warmup], marks[-1]
+    (_, t0, k0, f0), (_, t1, k1, f1) = marks[args.warmup], marks[-1]
     tokens_per_s = (k1 - k0) / (t1 - t0)
     device, peak = peak_flops(args.peak_tflops)
     mfu = 6 * n_params * tokens_per_s / peak if peak else None
@@ -189,6 +194,7 @@ def main() -> None:
         "gradient_checkpointing": args.gradient_checkpointing, "torch_compile": args.torch_compile,
         "optim": str(trainer.args.optim), "bf16": bf16, "steps": args.steps,
         "tokens_per_s": round(tokens_per_s, 1), "mfu": round(mfu, 4) if mfu else None,
+        "s_per_step": round((t1 - t0) / args.steps, 2), "page_faults_per_step": round((f1 - f0) / args.steps),
         "peak_memory_gib": peak_memory_gib(),
         "peak_memory_kind": "GPU allocated" if torch.cuda.is_available() else "process max RSS",
     }

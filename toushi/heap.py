@@ -20,14 +20,16 @@ mmap for large blocks, no trimming of the heap's top below 2 GiB) and hands it b
 freed at once: when an engine closes (``release_freed_memory``). A GPU machine's tensors live on the card; its
 processes keep glibc's defaults.
 
-What that buys: a training step of SmolLM2-135M (AdamW, a fixed batch of 4 x 256 tokens, one core) took 485-534
-page faults and 8.9-9.4 s, against 69,000 and 10.5-10.7 s with glibc's defaults (2-core AMD EPYC, AVX512-BF16
-kind). It is not certain for every tensor: torch asks for a large block page-aligned (posix_memalign), and glibc
-2.36 serves that only from a free block at least a page larger than the request. A tensor that fits in a larger
-freed block always reuses it; one the same size as the block freed just before reuses it only where that block
-has joined the free memory beside it, which depends on where small allocations landed meanwhile (five 256 MB
-tensors in a row: new pages again in 1 of 24 to 33 of 40 processes, by batch of runs). Turning glibc's fastbins
-off made that reliable but changed neither the training step nor the effect test's fixture, so it was left out.
+What that buys: `python scripts/bench_train.py --steps 6 --seq 256 --batch 4` (LoRA SFT of SmolLM2-135M through
+TRL, pinned to one core, two runs each, alternated) ran 175 and 183 tokens/s with 41,000 and 16,000 page faults a
+step, against 134 and 130 tokens/s and 742,000 with glibc's defaults (GLIBC_TUNABLES=glibc.malloc.perturb=0;
+2-core AMD EPYC, AVX512-BF16 kind). It is not certain for every tensor: torch asks for a large block page-aligned
+(posix_memalign), and glibc 2.36 serves that only from a free block at least a page larger than the request. A
+tensor that fits in a larger freed block always reuses it; one the same size as the block freed just before
+reuses it only where that block has joined the free memory beside it, which depends on where small allocations
+landed meanwhile (five 256 MB tensors in a row: new pages again in 1 of 24 to 33 of 40 processes, by batch of
+runs). Turning glibc's fastbins off made that reliable but did not help training (the same benchmark: 177 and
+145 tokens/s against 183 and 174) or the effect test's fixture, so it was left out.
 """
 
 from __future__ import annotations
