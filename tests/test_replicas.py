@@ -34,6 +34,24 @@ def test_gpu_slices_give_each_replica_its_own_gpus():
         gpu_slices(2, 2, ["0", "1", "2"])
 
 
+def test_visible_gpus_reads_the_driver_before_torch():
+    """The replicas' launcher asks torch for GPUs only where a GPU driver is installed: on this CPU machine it
+    finds none without importing torch (1-2 s of the launch); CUDA_VISIBLE_DEVICES still stands."""
+    import sys
+
+    from toushi.hardware import cuda_possible
+
+    if cuda_possible():
+        pytest.skip("a machine with a GPU driver asks torch")
+    code = "import sys; from toushi.replicas import visible_gpus; print(visible_gpus(), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["[]", "False"], out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "CUDA_VISIBLE_DEVICES": "0,2"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["['0',", "'2']", "False"], out.stderr[-2000:]
+
+
 POSTS = [
     "I failed my exam and my parents will be so disappointed.",
     "My best friend moved away and I feel so alone.",

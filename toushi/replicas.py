@@ -22,6 +22,7 @@ from rich.console import Console
 
 from toushi.engines.server import answers_health, health_client
 from toushi.errors import ToushiError
+from toushi.hardware import cuda_possible
 from toushi.recipe import Recipe
 from toushi.serve import role_spec
 
@@ -45,6 +46,8 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d for d in env.split(",") if d.strip()]
+    if not cuda_possible():  # no driver: no GPU, and no torch import (1-2 s) to say so
+        return []
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
