@@ -143,25 +143,30 @@ def pytest_runtest_protocol(item, nextitem):
         bg.close()
 
 
-# Whether the heap may hold objects that are not frozen since the last freeze here: set by every gc.unfreeze()
-# (see _track_unfreezes), so a test boundary need not ask gc.get_freeze_count(), which counts the frozen objects
-# one by one: 0.08 s a call with 820,000 of them (SmolLM2 and vLLM imported), after every test.
-_UNFROZEN = True
+# The heap since the last freeze here: "unfrozen" is set by every gc.unfreeze() (see _track_unfreezes), so a test
+# boundary need not ask gc.get_freeze_count(), which counts the frozen objects one by one (0.08 s a call with
+# 820,000 of them, SmolLM2 and vLLM imported, after every test); "collected" by a full collection after it (an
+# engine's close runs one: the boundary need not walk the heap a second time to freeze it).
+_HEAP = {"unfrozen": True, "collected": False}
 
 
 def _track_unfreezes() -> None:
     """Note every gc.unfreeze() in this process (vLLM's engine close and its model runner call it; so does
-    toushi.engines.vllm_engine), so _keep_heap_frozen knows when the heap is collectable again."""
+    toushi.engines.vllm_engine) and every full collection after it, for _keep_heap_frozen."""
     import gc
 
     unfreeze = gc.unfreeze
 
     def tracked() -> None:
-        global _UNFROZEN
-        _UNFROZEN = True
+        _HEAP.update(unfrozen=True, collected=False)
         unfreeze()
 
+    def collected(phase: str, info: dict) -> None:
+        if phase == "stop" and info["generation"] == 2 and _HEAP["unfrozen"]:
+            _HEAP["collected"] = True
+
     gc.unfreeze = tracked
+    gc.callbacks.append(collected)
 
 
 def _keep_heap_frozen() -> None:
@@ -171,14 +176,14 @@ def _keep_heap_frozen() -> None:
     engine closes, accelerate's cache clearing and Python's own: 70 s in all, 44-46 s with this (2-core AMD EPYC,
     AVX512-BF16 kind). Frozen objects are still freed by their reference counts; one that dies in a reference
     cycle waits for the next unfreeze (a vLLM engine's close does one), after which the next test boundary
-    collects the heap and freezes what survived, so no garbage is frozen with it."""
+    collects the heap, unless a full collection has run since, and freezes what survived."""
     import gc
 
-    global _UNFROZEN
-    if _UNFROZEN:
-        gc.collect()
+    if _HEAP["unfrozen"]:
+        if not _HEAP["collected"]:
+            gc.collect()
         gc.freeze()
-        _UNFROZEN = False
+        _HEAP.update(unfrozen=False, collected=False)
 
 
 def _times_path() -> Path:
