@@ -4,6 +4,7 @@ acceptance gate's decision, the repair path, human edits, and every mode end to 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -345,13 +346,19 @@ class Counting:
         return self.engine.generate(conversations, sampling, **kwargs)
 
 
+@functools.cache
+def _counter(model_path: str):
+    """One tokenizer a module for the sessions' token counts (a load each is 0.3 s of the test)."""
+    return token_counter(model_path)
+
+
 def _session(tmp_path, engine, pairs, mode, **kw) -> Session:
     store = StageStore(tmp_path, "guidance")
     spec_path = str(Path(engine.spec.name))
     return Session(
         store=store, lang="en", calls=Calls(store, "smollm2", lambda: engine, Sampling(temperature=0.3, max_tokens=768), kind="guidance"),
         pairs=pairs, blind=kw.get("blind", True), cap=3, max_dimensions=4, batch_size=kw.get("batch_size", 3),
-        count_tokens=token_counter(spec_path), prompt_budget=kw.get("budget", 1200), drift_threshold=0.3, mode=mode,
+        count_tokens=_counter(spec_path), prompt_budget=kw.get("budget", 1200), drift_threshold=0.3, mode=mode,
         gate=kw.get("gate"), seeds={d["name"]: d["definition"] for d in rubric("en")[:kw.get("seeds", 3)]},
     )
 
