@@ -34,11 +34,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
-model: $(MODEL) $(TINY)
+# The tiny model first: make-tiny fetches SmolLM2 itself (cached, under a lock), so `make model` is one process
+# that imports torch and transformers once, and $(MODEL) is then up to date.
+model: $(TINY) $(MODEL)
 $(MODEL): $(STAMP)
 	$(BIN)/toushi models fetch smollm2-135m-instruct
 # the tests' random 2-layer model (SmolLM2's tokenizer); the demo does not need it
-$(TINY): $(MODEL)
+$(TINY): $(STAMP)
 	$(BIN)/toushi models make-tiny
 
 demo: $(MODEL)
