@@ -167,7 +167,9 @@ def main() -> None:
     # on a CPU each is a fresh page the kernel zeroes, which is what toushi/heap.py's settings are for
     # (GLIBC_TUNABLES=glibc.malloc.perturb=0 gives glibc's defaults: toushi leaves a malloc tunable already set).
     marks: list[tuple[int, float, int, int]] = []
-    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # noqa: E731
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):

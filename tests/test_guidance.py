@@ -348,7 +348,7 @@ class Counting:
 
 @functools.cache
 def _counter(model_path: str):
-    """One tokenizer a module for the sessions' token counts (a load each is 0.3 s of the test)."""
+    """One tokenizer a module for the sessions' token counts (a load each is 0.3 s of the test; AVX512-BF16 kind)."""
     return token_counter(model_path)
 
 

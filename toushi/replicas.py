@@ -46,7 +46,7 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d for d in env.split(",") if d.strip()]
-    if not cuda_possible():  # no driver: no GPU, and no torch import (1-2 s) to say so
+    if not cuda_possible():  # no driver: no GPU, and no torch import (1.2 s, AVX512-BF16 kind) to say so
         return []
     import torch
 
