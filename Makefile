@@ -12,11 +12,12 @@ export VLLM_LOGGING_LEVEL ?= WARNING
 # time: 13 of a small trainer's 33 s (the rehearsal's sft on its Qwen twin; AVX512-BF16 kind), in every trainer, engine and `toushi run`.
 unexport PYTHONDONTWRITEBYTECODE
 STAMP := $(VENV)/.installed
-# uv does not read pip's configuration: the indexes and wheel folders pip is set to use (its files and PIP_*
-# variables, as `pip config list` shows them) come along as uv's flags, one flag a value, and uv picks the best
-# version across them all as pip does (its default takes the first index that has the package at all)
-pip_setting = $(foreach v,$(shell $(PY) -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p"),--$(1) $(v))
-UV_SOURCES = --index-strategy unsafe-best-match $(call pip_setting,index-url) $(call pip_setting,extra-index-url) $(call pip_setting,find-links)
+# uv does not read pip's configuration: the indexes, wheel folders and constraints pip is set to use (its files
+# and PIP_* variables, as `pip config list` shows them) come along as uv's flags, one flag a value, and uv picks
+# the best version across the indexes as pip does (its default takes the first index that has the package at all)
+pip_setting = $(foreach v,$(shell $(PY) -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p"),--$(or $(2),$(1)) $(v))
+UV_SOURCES = --index-strategy unsafe-best-match $(call pip_setting,index-url) $(call pip_setting,extra-index-url) \
+	$(call pip_setting,find-links) $(call pip_setting,constraint,constraints)
 MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
 TINY := $(TOUSHI_HOME)/models/tiny-random/toushi_model.json
 PYTEST_ARGS ?=
