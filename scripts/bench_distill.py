@@ -128,13 +128,13 @@ def heldout_scores(model_path: str, adapters: dict[str, Path], held: list[dict],
     for name, path in list(adapters.items())[1:]:
         model.load_adapter(str(path), adapter_name=name)
     model.eval()
-    out = {}
+    out, memo = {}, {}  # memo: the teacher's logits over each answer, read once for every student
     for name in ["base", *adapters]:
         if name != "base":
             model.set_adapter(name)
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             convs = [[{"role": "user", "content": r["prompt"]}] for r in held]
-            rows = [answer_divergence(model, tok, c, teacher, ids, a)
+            rows = [answer_divergence(model, tok, c, teacher, ids, a, memo)
                     for c, ids, a in zip(convs, teacher_ids, answers)]
             batch = tok.apply_chat_template(convs, add_generation_prompt=True, return_tensors="pt", padding=True,
                                             return_dict=True)

@@ -115,8 +115,10 @@ def test_guided_distill_moves_student_toward_guided_teacher_on_heldout(guided_ru
     student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                                         str(run_dir / "distill" / "adapter")).eval()
 
+    memo: dict = {}  # the teacher's logits over each answer, read once for both students
+
     def measure(model):
-        rows = [answer_divergence(model, tok, [{"role": "user", "content": p["prompt"]}], teacher, ids, a)
+        rows = [answer_divergence(model, tok, [{"role": "user", "content": p["prompt"]}], teacher, ids, a, memo)
                 for p, ids, a in zip(held, teacher_prompts, answers)]
         n = sum(r["tokens"] for r in rows)
         return (sum(r["kl"] * r["tokens"] for r in rows) / n, sum(r["nll"] * r["tokens"] for r in rows) / n)
