@@ -31,9 +31,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# uv resolves the same versions as pip (checked: the same 194 pins) and unpacks the wheels in parallel:
-	# `make install` 23 s against 41 s with pip, empty caches (AVX512-BF16 kind). Neither byte-compiles (pip's --no-compile:
-	# it would compile every module of torch, vLLM and transformers on one core); Python compiles what a run
-	# imports, once, on first use. pip does the install wherever uv cannot.
+	# `make install` 23 s against 41 s with pip, empty caches (AVX512-BF16 kind). Neither byte-compiles
+	# (pip's --no-compile: it would compile every module of torch, vLLM and transformers on one core); Python
+	# compiles what a run imports, once, on first use. pip does the install wherever uv cannot.
 	{ $(BIN)/pip install -q 'uv==0.13.9' && \
 	  $(BIN)/uv pip install -q --python $(BIN)/python $(UV_SOURCES) -e '.[cpu,dev]'; } || \
 	{ $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q --no-compile -e '.[cpu,dev]'; }
