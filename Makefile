@@ -15,7 +15,8 @@ STAMP := $(VENV)/.installed
 # uv does not read pip's configuration: the indexes, wheel folders and constraints pip is set to use (its files
 # and PIP_* variables, as `pip config list` shows them) come along as uv's flags, one flag a value, and uv picks
 # the best version across the indexes as pip does (its default takes the first index that has the package at all)
-pip_setting = $(foreach v,$(shell $(PY) -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p"),--$(or $(2),$(1)) $(v))
+pip_setting = $(foreach v,$(shell $(PY) -m pip config list 2>/dev/null | \
+	sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p"),--$(or $(2),$(1)) $(v))
 UV_SOURCES = --index-strategy unsafe-best-match $(call pip_setting,index-url) $(call pip_setting,extra-index-url) \
 	$(call pip_setting,find-links) $(call pip_setting,constraint,constraints)
 MODEL := $(TOUSHI_HOME)/models/smollm2-135m-instruct/toushi_model.json
