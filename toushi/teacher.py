@@ -109,8 +109,9 @@ def answer_divergence(student, student_tok, student_conv: list[dict], teacher, t
     """Per-token reverse KL(student || teacher) and the student's NLL over ``answer`` (the student's tokens and
     its end-of-turn), the student reading ``student_conv`` and the teacher ``teacher_prompt`` ids before the same
     answer tokens: what the distill loss measures on sampled answers, here on a fixed one (eval, tests, bench).
-    ``teacher_memo``: one dict passed with every student measured against this teacher keeps the teacher's
-    logits per (prompt, answer) tokens, so its forward pass runs once, not once a student."""
+    ``teacher_memo``: one dict passed with every student measured keeps the teacher's logits per teacher object
+    and (prompt, answer) tokens, so its forward pass runs once, not once a student (a teacher whose weights change
+    in place, e.g. by toggling an adapter, needs a fresh dict)."""
     prompt = student_tok.apply_chat_template(student_conv, add_generation_prompt=True, tokenize=False)
     full = student_tok.apply_chat_template(student_conv + [{"role": "assistant", "content": answer}], tokenize=False)
     p_ids = student_tok(prompt, add_special_tokens=False)["input_ids"]
@@ -118,7 +119,7 @@ def answer_divergence(student, student_tok, student_conv: list[dict], teacher, t
     n = len(a_ids)
     # the head only where an answer token is predicted (the last n + 1 positions, the very last predicting past it)
     s_logits = student(input_ids=torch.tensor([p_ids + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
-    key = (tuple(teacher_prompt), tuple(a_ids))
+    key = (id(teacher), tuple(teacher_prompt), tuple(a_ids))
     t_logits = teacher_memo.get(key) if teacher_memo is not None else None
     if t_logits is None:
         t_logits = teacher(input_ids=torch.tensor([teacher_prompt + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
