@@ -119,12 +119,10 @@ def answer_divergence(student, student_tok, student_conv: list[dict], teacher, t
     n = len(a_ids)
     # the head only where an answer token is predicted (the last n + 1 positions, the very last predicting past it)
     s_logits = student(input_ids=torch.tensor([p_ids + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
-    key = (id(teacher), tuple(teacher_prompt), tuple(a_ids))
-    t_logits = teacher_memo.get(key) if teacher_memo is not None else None
-    if t_logits is None:
-        t_logits = teacher(input_ids=torch.tensor([teacher_prompt + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
-        if teacher_memo is not None:
-            teacher_memo[key] = t_logits
+    memo, key = (teacher_memo if teacher_memo is not None else {}), (id(teacher), tuple(teacher_prompt), tuple(a_ids))
+    if key not in memo:
+        memo[key] = teacher(input_ids=torch.tensor([teacher_prompt + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
+    t_logits = memo[key]
     rows = min(s_logits.shape[-1], t_logits.shape[-1])
     s_logp = torch.log_softmax(s_logits[:, :rows], -1)
     t_logp = torch.log_softmax(t_logits[:, :rows], -1)
