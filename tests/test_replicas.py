@@ -65,7 +65,7 @@ def kill_server_of(launcher: subprocess.Popen, port: int) -> None:
     which is what a crashed node looks like to clients; its `toushi serve` worker then exits by itself."""
     for child in psutil.Process(launcher.pid).children(recursive=True):
         cmd = child.cmdline()
-        if "vllm.entrypoints.openai.api_server" in cmd and cmd[cmd.index("--port") + 1] == str(port):
+        if "toushi.engines.api_server" in cmd and cmd[cmd.index("--port") + 1] == str(port):
             os.killpg(child.pid, signal.SIGKILL)
             child.wait(timeout=30)
             return

@@ -202,10 +202,25 @@ def test_cpu_server_runs_the_model_in_its_engine_core(served):
     import psutil
 
     _, server = served
+    assert psutil.Process(server.proc.pid).cmdline()[1:3] == ["-m", "toushi.engines.api_server"]  # the next test's
     names = {p.pid: p.name() for p in psutil.Process(server.proc.pid).children(recursive=True)}
     engine_cores = [pid for pid, name in names.items() if name.startswith("VLLM::EngineCor")]  # comm: 15 chars
     assert len(engine_cores) == 1 and not [n for n in names.values() if n.startswith("VLLM::Work")], names
     assert set(psutil.Process(engine_cores[0]).cpu_affinity()) == os.sched_getaffinity(0)
+
+
+def test_server_entry_imports_vllm_frozen_and_collects_again():
+    """The module toushi starts its servers with (toushi/engines/api_server.py) imports vLLM's server with the
+    collector off, freezes what that built, and turns the collector back on: a server left with it off would never
+    free its cyclic garbage. Imported, as a spawned engine core imports it (__mp_main__), it starts no server."""
+    code = ("import gc, toushi.engines.api_server as m; "
+            "print(gc.isenabled(), gc.get_freeze_count(), m.main.__module__, len(gc.get_objects()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    enabled, frozen, module, tracked = done.stdout.split()
+    assert enabled == "True" and module == "vllm.entrypoints.launchers.api_server.entry"
+    assert int(frozen) > 100_000 and int(tracked) < int(frozen) // 10, done.stdout  # the imports' objects, frozen
 
 
 # ------------------------------------------------------------------------- (4) toushi generate resumes

@@ -1,4 +1,5 @@
-"""vLLM's OpenAI-compatible server as a subprocess: ``python -m vllm.entrypoints.openai.api_server``.
+"""vLLM's OpenAI-compatible server as a subprocess: ``python -m toushi.engines.api_server``, which runs what
+``python -m vllm.entrypoints.openai.api_server`` runs, its imports made with the collector off (that module's doc).
 
 Used by ``toushi serve`` / ``infer/serve.py`` and by the tests' ``vllm_server`` fixture. Every server
 toushi starts runs toushi's deny-by-default middleware (:mod:`toushi.engines.guard`: the key on every route
@@ -59,7 +60,7 @@ def server_command(spec: ModelSpec, host: str, port: int, served_name: str | Non
     """The api_server command line for a spec (the same engine settings as the offline vLLM engine)."""
     kw = engine_kwargs(spec)  # also checks the LoRA adapters (rank, modules_to_save)
     limits = limits or RequestLimits()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", kw["model"]]
+    cmd = [sys.executable, "-m", "toushi.engines.api_server", "--model", kw["model"]]
     cmd += ["--served-model-name", served_name or spec.served_model or spec.name, "--host", host, "--port", str(port)]
     # the guard is the outermost layer (vLLM adds --middleware last); the engine enforces the logprobs cap too,
     # and a request that sets no max_tokens gets the cap instead of the whole context
