@@ -261,16 +261,24 @@ def test_openai_falls_back_when_an_endpoint_refuses_the_constraint():
     assert seen[3]["structured_outputs"] == {"regex": "Sure! .*"} and regex[0][0].text == "Sure! You feel sad."
 
 
-def test_hf_engine_adapters_per_conversation(offline_model, lora_adapter):
+def test_hf_engine_adapters_per_conversation(offline_model, lora_adapter, monkeypatch):
     """The transformers engine (eval's fallback when vLLM's LoRA fails) takes an adapter per conversation:
-    each group runs under its adapter, and the answers equal those of separate calls."""
+    each group runs under its adapter, and the answers equal those of separate calls. Closed, it frees the model
+    and its adapters by their reference counts, without a full collection."""
+    import gc
+    import weakref
+
     spec = ModelSpec(name="smollm2-135m-instruct", engine="hf", dtype="float32", hf_batch_size=8,
                      lora_adapters={"tiny": lora_adapter})
     short = GREEDY.model_copy(update={"max_tokens": 8})  # PEFT's generate is slow on a CPU: 8 tokens tell
+    collections = []
     with make_engine(spec) as hf:
         base = hf.generate(CONVS[:2], short)
         adapted = hf.generate(CONVS[:2], short, lora_name="tiny")
         mixed = hf.generate([CONVS[0], CONVS[1], CONVS[0]], short, lora_name=["tiny", None, None])
+        model, weight = weakref.ref(hf.model), weakref.ref(next(hf.model.parameters()))
+        monkeypatch.setattr(gc, "collect", lambda generation=2: collections.append(generation) or 0)
+    assert model() is None and weight() is None and collections == []
     assert [c[0].text for c in adapted] != [c[0].text for c in base]
     assert [c[0].text for c in mixed] == [adapted[0][0].text, base[1][0].text, base[0][0].text]
     assert [c[0].model for c in mixed] == ["tiny", "smollm2-135m-instruct", "smollm2-135m-instruct"]
