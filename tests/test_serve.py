@@ -202,7 +202,7 @@ def test_cpu_server_runs_the_model_in_its_engine_core(served):
     import psutil
 
     _, server = served
-    assert psutil.Process(server.proc.pid).cmdline()[1:3] == ["-m", "toushi.engines.api_server"]  # the next test's
+    assert psutil.Process(server.proc.pid).cmdline()[1:3] == ["-m", "toushi.engines.api_server"]  # see the next test
     names = {p.pid: p.name() for p in psutil.Process(server.proc.pid).children(recursive=True)}
     engine_cores = [pid for pid, name in names.items() if name.startswith("VLLM::EngineCor")]  # comm: 15 chars
     assert len(engine_cores) == 1 and not [n for n in names.values() if n.startswith("VLLM::Work")], names
@@ -215,8 +215,7 @@ def test_server_entry_imports_vllm_frozen_and_collects_again():
     free its cyclic garbage. Imported, as a spawned engine core imports it (__mp_main__), it starts no server."""
     code = ("import gc, toushi.engines.api_server as m; "
             "print(gc.isenabled(), gc.get_freeze_count(), m.main.__module__, len(gc.get_objects()))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     enabled, frozen, module, tracked = done.stdout.split()
     assert enabled == "True" and module == "vllm.entrypoints.launchers.api_server.entry"
