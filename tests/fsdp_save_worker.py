@@ -16,22 +16,28 @@ two CPU processes), trains two steps, and saves the adapter twice from rank 0:
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+gc.disable()  # as the trainers do (train/*.py, toushi/heap.py): no collections while the imports' heap grows
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from toushi.heap import imports_done  # noqa: E402
 from toushi.training import lora_config, save_adapter  # noqa: E402
+
+imports_done()
 
 TEXTS = ["I failed my exam and I feel awful about it.", "My dog is sick and I can't afford the vet."]
 
