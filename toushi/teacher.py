@@ -119,7 +119,9 @@ def answer_divergence(student, student_tok, student_conv: list[dict], teacher, t
     n = len(a_ids)
     # the head only where an answer token is predicted (the last n + 1 positions, the very last predicting past it)
     s_logits = student(input_ids=torch.tensor([p_ids + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
-    memo, key = (teacher_memo if teacher_memo is not None else {}), (id(teacher), tuple(teacher_prompt), tuple(a_ids))
+    # keyed on the teacher itself (a module hashes by identity), not its id(): the key keeps it alive, so another
+    # teacher built later cannot take its id and be handed its logits
+    memo, key = (teacher_memo if teacher_memo is not None else {}), (teacher, tuple(teacher_prompt), tuple(a_ids))
     if key not in memo:
         memo[key] = teacher(input_ids=torch.tensor([teacher_prompt + a_ids]), logits_to_keep=n + 1).logits[0, :-1].float()
     t_logits = memo[key]
