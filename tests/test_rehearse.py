@@ -13,7 +13,7 @@ import pytest
 
 from toushi.paths import repo_root
 from toushi.recipe import RecipeError, load_recipe
-from toushi.rehearse import rehearse
+from toushi.rehearse import _samplings, rehearse
 from toushi.store import StageStore
 
 RECIPE = repo_root() / "recipes" / "r1-qwen-gpu.yaml"
@@ -108,6 +108,12 @@ def test_rehearsal_transforms_the_loaded_recipe(twins):
         assert r.section_hash(key) == shipped.section_hash(key), key
     assert r.sft.train.max_steps == 1 and r.sft.train.accelerate_config is None and r.models.weak.kv_cache_gb == 0.25
     assert r.pairs.strong_sampling.stop == ["e"] and not r.models.strong.sampling.stop  # free text only, not JSON
+    # every sampling samples the whole vocabulary at toy width (a random model's nucleus is most of it), none of
+    # them at real width; the samplings the rehearsal adds (pairs' two, guided's) are among them
+    toy, real = ([(type(o).__name__, f, getattr(o, f).top_p) for o, f in _samplings(x)]
+                 for x in (r, rehearse(shipped, width="real")))
+    assert len(toy) == 13 and {p for *_, p in toy} == {1.0}
+    assert [k for *k, _ in real] == [k for *k, _ in toy] and min(p for *_, p in real) < 1.0
     with pytest.raises(RecipeError, match="models.judge.name: meta-llama/Llama-3.1-8B has no twin"):
         rehearse(shipped.model_copy(update={"models": shipped.models.model_copy(update={
             "judge": shipped.models.weak.model_copy(update={"name": "meta-llama/Llama-3.1-8B"})})}))

@@ -32,6 +32,11 @@ Field by field, what is changed and why (every other field is the recipe's):
   answer after it; a budget of 1 forces it at once (R1's prompt ends ``<think>\n``, which vLLM counts as the
   first token of reasoning), so R1's answers carry no reasoning of their own: random reasoning proves nothing
   more, and it keeps the stop below out of the think block.
+- every sampling's ``top_p`` 1 at toy width: a random model's next-token distribution is nearly flat, so a
+  nucleus keeps most of the vocabulary and rehearses nothing, while vLLM's CPU sampler sorts the whole vocabulary
+  (152k for these twins) for every token of a batch in which any request has ``top_p`` below 1: with R1's 0.95
+  that sort was 13 s of a rehearsal's 93 on one core (py-spy; 2-core AMD EPYC, AVX512-BF16 kind). The recipe's
+  ``top_p`` reaches the engine by the same field as ``temperature``, which is kept; at real width it is kept too.
 - free-text answers that become targets or are compared (pairs, guided, eval's student answers) stop at STOP,
   the letter e: random weights never emit an end token, so without a stop every answer would be cut at
   max_tokens, and a cut answer is never a target (no SFT, DPO or guidance pair). Random tokens hold an e every
@@ -61,6 +66,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
+
+from pydantic import BaseModel
 
 from toushi.recipe import ModelSpec, Recipe, RecipeError, Sampling, TrainSpec, apply_overrides
 
@@ -139,6 +146,9 @@ def rehearse(recipe: Recipe, width: Width = "toy", overrides: list[str] | None =
     e.simulate.max_posts, e.simulate.turns = min(e.simulate.max_posts or POSTS, POSTS), 1
     e.simulate.sampling = _tokens(e.simulate.sampling, JSON_TOKENS)
     e.simulate.reply_sampling = _tokens(e.simulate.reply_sampling, ANSWER_TOKENS)
+    if toy:
+        for owner, field in _samplings(r):
+            setattr(owner, field, getattr(owner, field).model_copy(update={"top_p": 1.0}))
     if not overrides:
         return r
     return _validated(apply_overrides(r.model_dump(mode="json"), overrides))
@@ -200,6 +210,18 @@ def serve_openai_roles(recipe: Recipe, log_dir: Path) -> Iterator[Recipe]:
             setattr(r.models, role, spec.model_copy(update={"base_url": servers[spec.name].base_url,
                                                             "served_model": None, "api_key_env": None}))
         yield r
+
+
+def _samplings(section: BaseModel) -> Iterator[tuple[BaseModel, str]]:
+    """(owner, field name) of every Sampling in ``section`` and the sections under it."""
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, Sampling):
+            yield section, name
+            continue
+        for item in value if isinstance(value, list) else [value]:  # corpus.sources is a list of sections
+            if isinstance(item, BaseModel):
+                yield from _samplings(item)
 
 
 def _tokens(sampling: Sampling, most: int) -> Sampling:
