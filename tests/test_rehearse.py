@@ -96,7 +96,7 @@ def test_rehearse_r1_qwen_recipe_end_to_end(twins, tmp_path):
     assert (run_dir / "report" / "index.html").stat().st_size > 0
 
 
-def test_rehearsal_transforms_the_loaded_recipe(twins):
+def test_rehearsal_transforms_the_loaded_recipe(twins, monkeypatch):
     """No rehearsal copy to drift: what the rehearsal does not scale is the shipped recipe's own, --set wins over
     the rehearsal, and a hub model without a twin is refused by name."""
     shipped = load_recipe(RECIPE)
@@ -110,8 +110,13 @@ def test_rehearsal_transforms_the_loaded_recipe(twins):
     assert r.pairs.strong_sampling.stop == ["e"] and not r.models.strong.sampling.stop  # free text only, not JSON
     # every sampling samples the whole vocabulary at toy width (a random model's nucleus is most of it), none of
     # them at real width; the samplings the rehearsal adds (pairs' two, guided's) are among them
+    import toushi.twins
+
+    built = []  # the real-width twins are gigabytes of random weights, for a GPU: only their names are needed here
+    monkeypatch.setattr(toushi.twins, "make_twin", lambda name, real_width=False: built.append((name, real_width)))
     toy, real = ([(type(o).__name__, f, getattr(o, f).top_p) for o, f in _samplings(x)]
                  for x in (r, rehearse(shipped, width="real")))
+    assert built and all(real_width for _, real_width in built)
     assert len(toy) == 13 and {p for *_, p in toy} == {1.0}
     assert [k for *k, _ in real] == [k for *k, _ in toy] and min(p for *_, p in real) < 1.0
     with pytest.raises(RecipeError, match="models.judge.name: meta-llama/Llama-3.1-8B has no twin"):
