@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from toushi.paths import repo_root
-from toushi.recipe import RecipeError, load_recipe
-from toushi.rehearse import _samplings, rehearse
+from toushi.recipe import RecipeError, Sampling, load_recipe, walk
+from toushi.rehearse import rehearse
 from toushi.store import StageStore
 
 RECIPE = repo_root() / "recipes" / "r1-qwen-gpu.yaml"
@@ -114,11 +114,11 @@ def test_rehearsal_transforms_the_loaded_recipe(twins, monkeypatch):
 
     built = []  # the real-width twins are gigabytes of random weights, for a GPU: only their names are needed here
     monkeypatch.setattr(toushi.twins, "make_twin", lambda name, real_width=False: built.append((name, real_width)))
-    toy, real = ([(type(o).__name__, f, getattr(o, f).top_p) for o, f in _samplings(x)]
+    toy, real = ([(key, value.top_p) for key, _, _, value in walk(x) if isinstance(value, Sampling)]
                  for x in (r, rehearse(shipped, width="real")))
     assert built and all(real_width for _, real_width in built)
-    assert len(toy) == 13 and {p for *_, p in toy} == {1.0}
-    assert [k for *k, _ in real] == [k for *k, _ in toy] and min(p for *_, p in real) < 1.0
+    assert len(toy) == 13 and {p for _, p in toy} == {1.0}
+    assert [k for k, _ in real] == [k for k, _ in toy] and min(p for _, p in real) < 1.0
     with pytest.raises(RecipeError, match="models.judge.name: meta-llama/Llama-3.1-8B has no twin"):
         rehearse(shipped.model_copy(update={"models": shipped.models.model_copy(update={
             "judge": shipped.models.weak.model_copy(update={"name": "meta-llama/Llama-3.1-8B"})})}))

@@ -839,21 +839,28 @@ def local_model_dir(name: str) -> Path | None:
     return None
 
 
-def iter_paths(obj: BaseModel, prefix: str = ""):
-    """(dotted key, Path) for every input file the recipe names (outputs such as run.dir excluded), a local
-    model directory included: its weights updated in place make what reads that role stale."""
+def walk(obj: BaseModel, prefix: str = ""):
+    """(dotted key, owner, field name, value) for every field of a recipe section and of the sections under it,
+    a section before its fields (a list's sections keyed by their index)."""
     for name in type(obj).model_fields:
         val = getattr(obj, name)
         key = f"{prefix}{name}"
-        local = local_model_dir(val) if isinstance(obj, ModelSpec) and name == "name" and obj.engine != "openai" else None
-        if local is not None:
-            yield key, local
-        elif isinstance(val, BaseModel):
-            yield from iter_paths(val, key + ".")
+        yield key, obj, name, val
+        if isinstance(val, BaseModel):
+            yield from walk(val, key + ".")
         elif isinstance(val, list):
             for i, v in enumerate(val):
                 if isinstance(v, BaseModel):
-                    yield from iter_paths(v, f"{key}.{i}.")
+                    yield from walk(v, f"{key}.{i}.")
+
+
+def iter_paths(obj: BaseModel, prefix: str = ""):
+    """(dotted key, Path) for every input file the recipe names (outputs such as run.dir excluded), a local
+    model directory included: its weights updated in place make what reads that role stale."""
+    for key, owner, name, val in walk(obj, prefix):
+        local = local_model_dir(val) if isinstance(owner, ModelSpec) and name == "name" and owner.engine != "openai" else None
+        if local is not None:
+            yield key, local
         elif isinstance(val, Path) and key != "run.dir":
             yield key, val
         elif isinstance(val, dict):

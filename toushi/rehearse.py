@@ -67,9 +67,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
-
-from toushi.recipe import ModelSpec, Recipe, RecipeError, Sampling, TrainSpec, apply_overrides
+from toushi.recipe import ModelSpec, Recipe, RecipeError, Sampling, TrainSpec, apply_overrides, walk
 
 SUFFIX = "-rehearsal"
 POSTS = 6  # with HELDOUT_FRACTION: 4 train posts and 2 held out from the shipped data
@@ -147,8 +145,9 @@ def rehearse(recipe: Recipe, width: Width = "toy", overrides: list[str] | None =
     e.simulate.sampling = _tokens(e.simulate.sampling, JSON_TOKENS)
     e.simulate.reply_sampling = _tokens(e.simulate.reply_sampling, ANSWER_TOKENS)
     if toy:
-        for owner, field in _samplings(r):
-            setattr(owner, field, getattr(owner, field).model_copy(update={"top_p": 1.0}))
+        for _, owner, field, value in list(walk(r)):
+            if isinstance(value, Sampling):
+                setattr(owner, field, value.model_copy(update={"top_p": 1.0}))
     if not overrides:
         return r
     return _validated(apply_overrides(r.model_dump(mode="json"), overrides))
@@ -210,18 +209,6 @@ def serve_openai_roles(recipe: Recipe, log_dir: Path) -> Iterator[Recipe]:
             setattr(r.models, role, spec.model_copy(update={"base_url": servers[spec.name].base_url,
                                                             "served_model": None, "api_key_env": None}))
         yield r
-
-
-def _samplings(section: BaseModel) -> Iterator[tuple[BaseModel, str]]:
-    """(owner, field name) of every Sampling in ``section`` and the sections under it."""
-    for name in type(section).model_fields:
-        value = getattr(section, name)
-        if isinstance(value, Sampling):
-            yield section, name
-            continue
-        for item in value if isinstance(value, list) else [value]:  # corpus.sources is a list of sections
-            if isinstance(item, BaseModel):
-                yield from _samplings(item)
 
 
 def _tokens(sampling: Sampling, most: int) -> Sampling:
