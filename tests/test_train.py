@@ -207,11 +207,19 @@ def test_qlora_sft(fresh_run):
 
 def test_trainer_script_leaves_out_what_its_stage_cannot_use(tmp_path, monkeypatch):
     """A launched trainer imports peft without bitsandbytes (about 1.2 s of each launch) unless its stage may quantize,
-    and TRL's GRPO and distillation trainers without vLLM (3.3 s) unless they may generate with it or judge on it.
-    The launched trainers of this suite, the rehearsal's too, train with them left out."""
+    TRL's GRPO and distillation trainers without vLLM (3.3 s) unless they may generate with it or judge on it, and
+    without mlflow (0.4 s) unless the stage reports to it. The launched trainers of this suite, the rehearsal's too,
+    train with them left out."""
     import importlib.util
 
+    from transformers.integrations import is_mlflow_available
+
     from toushi.training import leave_out_unused
+
+    # leave_out_unused sets DISABLE_MLFLOW_INTEGRATION in this process: unset here, and unset again afterwards
+    monkeypatch.setenv("DISABLE_MLFLOW_INTEGRATION", "FALSE")
+    monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION")
+    assert is_mlflow_available()  # installed with the dev extra: what is left out below is there to import
 
     judge = {"name": "smollm2-135m-instruct", "engine": "vllm"}
     cases = [  # stage, its section, models, a CUDA device -> (bitsandbytes kept, vllm kept)
@@ -242,6 +250,13 @@ def test_trainer_script_leaves_out_what_its_stage_cannot_use(tmp_path, monkeypat
         assert found == kept, (stage, section, models, gpu)
     with pytest.raises(ImportError):  # the last case left bitsandbytes out
         import bitsandbytes  # noqa: F401
+    for report_to, kept in (("mlflow", True), ("tensorboard", False)):  # TRL's profiling imports mlflow if it may
+        monkeypatch.delenv("DISABLE_MLFLOW_INTEGRATION", raising=False)
+        recipe.write_text(yaml.safe_dump({
+            "run": {"name": "r", "dir": str(tmp_path / "runs"), "stages": ["grpo"]},
+            "models": {"student": {"name": "tiny-random"}}, "train": {"report_to": report_to}}))
+        leave_out_unused("grpo", ["--recipe", str(recipe)])
+        assert is_mlflow_available() == kept, report_to
 
 
 def test_toushi_processes_put_large_cpu_tensors_on_huge_pages():

@@ -47,6 +47,10 @@ def leave_out_unused(stage: str, argv: list[str] | None = None) -> None:
       true, or unset on a CUDA device), and GRPO's judge and adherence rewards when models.judge runs on vLLM in
       this process. `from trl import GRPOTrainer` took 9.1 s with it, 5.8 without.
     The other trainers' TRL classes do not import vLLM, and selftrain's judge may need it: those keep it.
+    - mlflow, imported by TRL's profiling (GRPO's and distillation's trainers) whenever it is installed, to log
+      timings where report_to names it: where train.report_to is not mlflow, DISABLE_MLFLOW_INTEGRATION (the
+      switch transformers reads) tells both it is not there. `from trl import GRPOTrainer` took 2.23-2.27 s with
+      it, 1.87-1.91 without (vLLM and bitsandbytes already left out; one core, AVX512-BF16 kind).
     "A CUDA device" is asked of torch, as the trainer asks it later (resolve_auto's card, use_vllm's default): torch
     is imported next anyway, and no other answer can disagree with the trainer's."""
     import torch
@@ -58,6 +62,8 @@ def leave_out_unused(stage: str, argv: list[str] | None = None) -> None:
     section, cuda = getattr(recipe, stage), torch.cuda.is_available()
     if not (section.lora.qlora is True or (section.lora.qlora == "auto" and cuda)):  # auto: QLoRA on CUDA cards only
         sys.modules.setdefault("bitsandbytes", None)
+    if recipe.train.report_to != "mlflow":
+        os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
     if hasattr(section, "use_vllm"):  # grpo, distill: the trainers whose TRL class imports vLLM
         judge = recipe.models.judge
         judged = calls_judge(getattr(section, "reward_weights", {}))  # distill has no rewards
