@@ -35,8 +35,9 @@ Field by field, what is changed and why (every other field is the recipe's):
 - every sampling's ``top_p`` 1 at toy width: a random model's next-token distribution is nearly flat, so a
   nucleus keeps most of the vocabulary and rehearses nothing, while vLLM's CPU sampler sorts the whole vocabulary
   (152k for these twins) for every token of a batch in which any request has ``top_p`` below 1: with R1's 0.95
-  that sort was 13 s of a rehearsal's 93 on one core (py-spy; 2-core AMD EPYC, AVX512-BF16 kind). The recipe's
-  ``top_p`` reaches the engine by the same field as ``temperature``, which is kept; at real width it is kept too.
+  that sort was 13 s of a rehearsal's 93 on one core (py-spy; 2-core AMD EPYC, AVX512-BF16 kind). What the
+  rehearsal checks of sampling is kept: each engine is handed ``top_p`` where it is handed ``temperature``, and
+  that is the recipe's. At real width ``top_p`` is the recipe's too.
 - free-text answers that become targets or are compared (pairs, guided, eval's student answers) stop at STOP,
   the letter e: random weights never emit an end token, so without a stop every answer would be cut at
   max_tokens, and a cut answer is never a target (no SFT, DPO or guidance pair). Random tokens hold an e every
