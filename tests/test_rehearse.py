@@ -119,6 +119,8 @@ def test_rehearsal_transforms_the_loaded_recipe(twins, monkeypatch):
     assert built and all(real_width for _, real_width in built)
     assert len(toy) == 13 and {p for _, p in toy} == {1.0}
     assert [k for k, _ in real] == [k for k, _ in toy] and min(p for _, p in real) < 1.0
+    recipes = dict((key, value.top_p) for key, _, _, value in walk(shipped) if isinstance(value, Sampling))
+    assert all(p == recipes[k] for k, p in real if k in recipes) and len(set(recipes) & {k for k, _ in real}) >= 10
     with pytest.raises(RecipeError, match="models.judge.name: meta-llama/Llama-3.1-8B has no twin"):
         rehearse(shipped.model_copy(update={"models": shipped.models.model_copy(update={
             "judge": shipped.models.weak.model_copy(update={"name": "meta-llama/Llama-3.1-8B"})})}))
