@@ -122,3 +122,72 @@ def test_check_prints_r1_qwen_pairs(twins, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "toushi refuses: the dpo adapter was trained with another tokenizer" in result.output
+
+
+def test_trl_trains_only_the_answer_on_qwen25s_template(twins, tmp_path):
+    """The SFT and DPO sets built from R1's answers, tokenized by TRL's trainers with Qwen2.5's real template and
+    tokenizer (the GPU recipe's student): the loss covers the answer and its end of turn, never the prompt or R1's
+    reasoning (unless sft.keep_think asks for it); padding is Qwen's <|endoftext|>, out of the loss, and the end
+    token <|im_end|> is in it, so the student learns to stop."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from toushi.datasets import build_dpo, build_sft
+    from toushi.engines import make_completion
+    from toushi.paths import repo_root
+    from toushi.training import load_tokenizer
+
+    def script(name):  # the trainer script's own data function, as `accelerate launch train/<name>.py` runs it
+        spec = importlib.util.spec_from_file_location(f"train_{name}", repo_root() / "train" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    def answer(raw, **kw):
+        return make_completion(raw, finish_reason="stop", prompt_tokens=0, completion_tokens=0, latency_s=0.0,
+                               model="m", **kw).to_dict()
+
+    posts = {"zh": ("我考试没过，好难受。", "That sounds heavy. 先歇一会儿吧。"),
+             "en": ("I lost my job today and I cannot tell my family.", "That is a lot to carry alone.")}
+    # R1's raw output has no opening tag (its template puts <think> in the prompt); the reasoning is split off
+    pairs = [{"id": lang, "split": "train", "prompt": post,
+              "strong": [answer(f"They feel low, be brief.\n</think>\n\n{reply}", opened_think=True)],
+              "weak": [answer("I'm so sorry to hear that.")]} for lang, (post, reply) in posts.items()]
+    path = twins["qwen2.5-1.5b-instruct"]
+    tok = load_tokenizer(str(path), "qwen2.5-1.5b-instruct-twin", None, "sft.train")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    system = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    rendered = {lang: f"{system}<|im_start|>user\n{post}<|im_end|>\n<|im_start|>assistant\n"
+                for lang, (post, _) in posts.items()}
+    common = dict(report_to="none", use_cpu=True, max_steps=1, dataset_num_proc=None)
+
+    sft = script("sft")
+    for keep_think in (False, True):
+        examples, _ = build_sft(pairs, [], keep_think=keep_think)
+        trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=sft.to_prompt_completion(examples),
+                             args=SFTConfig(output_dir=str(tmp_path / "sft"), completion_only_loss=True, **common))
+        rows = [trainer.train_dataset[i] for i in range(len(examples))]
+        batch = trainer.data_collator(rows)
+        for row, ids, labels in zip(rows, batch["input_ids"].tolist(), batch["labels"].tolist()):
+            lang = next(k for k, (post, _) in posts.items() if post in tok.decode(row["input_ids"]))
+            think = "<think>\nThey feel low, be brief.\n</think>\n\n" if keep_think else ""
+            n = len(row["input_ids"])
+            assert tok.decode(ids[:n]) == rendered[lang] + think + posts[lang][1] + "<|im_end|>\n"
+            learned = [i for i, label in zip(ids, labels) if label != -100]
+            assert tok.decode(learned) == think + posts[lang][1] + "<|im_end|>\n", (keep_think, lang)
+            assert 151645 in learned  # <|im_end|>: the student learns to end its turn
+            assert ids[n:] == [tok.pad_token_id] * (len(ids) - n) and set(labels[n:]) <= {-100}
+        assert tok.pad_token_id == 151643 != tok.eos_token_id == 151645
+        assert len(set(map(len, batch["input_ids"].tolist()))) == 1 and any(
+            len(r["input_ids"]) < batch["input_ids"].shape[1] for r in rows)  # one row was padded
+
+    examples, _ = build_dpo(pairs, [])
+    trainer = DPOTrainer(model=model, processing_class=tok, train_dataset=script("dpo").to_preference(examples),
+                         args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common))
+    for row in trainer.train_dataset:
+        lang = next(k for k, (post, _) in posts.items() if post in tok.decode(row["prompt_ids"]))
+        assert tok.decode(row["prompt_ids"]) == rendered[lang]
+        assert tok.decode(row["chosen_ids"]) == posts[lang][1] + "<|im_end|>\n"
+        assert tok.decode(row["rejected_ids"]) == "I'm so sorry to hear that.<|im_end|>\n"
