@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_datasets import GUIDANCE, write_run
+from test_train import train_script
 
 from toushi.store import StageStore
 
@@ -30,17 +31,6 @@ def write_guidance(run_dir: Path) -> Path:
     (run_dir / "guidance").mkdir(parents=True, exist_ok=True)
     (run_dir / "guidance" / "guidance.json").write_text(json.dumps({"system_prompt": GUIDANCE}))
     return run_dir
-
-
-def load_distill_main():
-    import importlib.util
-
-    from toushi.paths import repo_root
-
-    spec = importlib.util.spec_from_file_location("train_distill", repo_root() / "train" / "distill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 # ------------------------------------------------------------------------ SmolLM2, guided teacher
@@ -170,7 +160,7 @@ def test_strong_teacher_with_padding_rows_and_foreign_end_token(tmp_path, tiny_m
                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                     "train": {**SMALL_TRAIN, "max_steps": 2, "learning_rate": 1e-3}},
     }))
-    load_distill_main()(["--recipe", str(recipe)])
+    train_script("distill").main(["--recipe", str(recipe)])
     m = json.loads((run_dir / "distill" / "manifest.json").read_text())
     pre = m["preflight"]
     assert pre["student_rows"] == 49152 and pre["teacher_rows"] == 49152 + 64 and pre["rows"] == 49152
@@ -254,7 +244,7 @@ def test_distill_refuses_mismatched_teacher_before_loading_weights(tmp_path, tin
         "distill": {"teacher": "strong", "train": {"max_steps": 1}},
     }))
     with pytest.raises(IncompatibleTeacher, match=rf"teacher {len(other)} tokens / {len(other)} rows"):
-        load_distill_main()(["--recipe", str(recipe)])
+        train_script("distill").main(["--recipe", str(recipe)])
     assert not (run_dir / "distill" / "checkpoints").exists()
 
 
@@ -340,7 +330,7 @@ def test_guided_distill_with_vllm_rollouts_on_gpu(tmp_path, offline_model):
                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                     "train": {**SMALL_TRAIN, "max_steps": 4, "learning_rate": 1e-3}},
     }))
-    load_distill_main()(["--recipe", str(recipe)])
+    train_script("distill").main(["--recipe", str(recipe)])
     m = json.loads((run_dir / "distill" / "manifest.json").read_text())
     assert m["use_vllm"] is True and m["training"]["steps"] == 4 and m["training"]["teacher_calls"] == 4
     assert all(math.isfinite(v) for v in m["training"]["kl"])

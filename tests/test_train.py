@@ -41,14 +41,19 @@ def launch(script: str, recipe: Path, *extra: str, config: str | None = None) ->
     return proc
 
 
-def train_in_process(script: str, recipe: Path, *extra: str) -> None:
-    """Run a training script's main() in this process (one process, no launcher start-up cost)."""
+def train_script(script: str):
+    """train/<script>.py as a module, loaded as `accelerate launch` would run it, minus its `__main__` block."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"train_{script}", repo_root() / "train" / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(["--recipe", str(recipe), *extra])
+    return module
+
+
+def train_in_process(script: str, recipe: Path, *extra: str) -> None:
+    """Run a training script's main() in this process (one process, no launcher start-up cost)."""
+    train_script(script).main(["--recipe", str(recipe), *extra])
 
 
 def manifest(run_dir: Path, stage: str) -> dict:

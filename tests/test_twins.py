@@ -129,21 +129,13 @@ def test_trl_trains_only_the_answer_on_qwen25s_template(twins, tmp_path):
     tokenizer (the GPU recipe's student): the loss covers the answer and its end of turn, never the prompt or R1's
     reasoning (unless sft.keep_think asks for it); padding is Qwen's <|endoftext|>, out of the loss, and the end
     token <|im_end|> is in it, so the student learns to stop."""
-    import importlib.util
-
+    from test_train import train_script
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from toushi.datasets import build_dpo, build_sft
     from toushi.engines import make_completion
-    from toushi.paths import repo_root
     from toushi.training import load_tokenizer
-
-    def script(name):  # the trainer script's own data function, as `accelerate launch train/<name>.py` runs it
-        spec = importlib.util.spec_from_file_location(f"train_{name}", repo_root() / "train" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
     def answer(raw, **kw):
         return make_completion(raw, finish_reason="stop", prompt_tokens=0, completion_tokens=0, latency_s=0.0,
@@ -163,7 +155,7 @@ def test_trl_trains_only_the_answer_on_qwen25s_template(twins, tmp_path):
                 for lang, (post, _) in posts.items()}
     common = dict(report_to="none", use_cpu=True, max_steps=1, dataset_num_proc=None)
 
-    sft = script("sft")
+    sft = train_script("sft")  # the scripts' own data functions
     for keep_think in (False, True):
         examples, _ = build_sft(pairs, [], keep_think=keep_think)
         trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=sft.to_prompt_completion(examples),
@@ -184,7 +176,7 @@ def test_trl_trains_only_the_answer_on_qwen25s_template(twins, tmp_path):
             len(r["input_ids"]) < batch["input_ids"].shape[1] for r in rows)  # one row was padded
 
     examples, _ = build_dpo(pairs, [])
-    trainer = DPOTrainer(model=model, processing_class=tok, train_dataset=script("dpo").to_preference(examples),
+    trainer = DPOTrainer(model=model, processing_class=tok, train_dataset=train_script("dpo").to_preference(examples),
                          args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common))
     for row in trainer.train_dataset:
         lang = next(k for k, (post, _) in posts.items() if post in tok.decode(row["prompt_ids"]))
