@@ -128,7 +128,7 @@ def test_trl_trains_only_the_answer_on_qwen25s_template(twins, tmp_path):
     """The SFT and DPO sets built from R1's answers, tokenized by TRL's trainers with Qwen2.5's real template and
     tokenizer (the GPU recipe's student): the loss covers the answer and its end of turn, never the prompt or R1's
     reasoning (unless sft.keep_think asks for it); padding is Qwen's <|endoftext|>, out of the loss, and the end
-    token <|im_end|> is in it, so the student learns to stop."""
+    token <|im_end|> is in it, so the student learns to stop; packed (as the GPU recipe trains), the same."""
     from test_train import train_script
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -156,15 +156,22 @@ def test_trl_trains_only_the_answer_on_qwen25s_template(twins, tmp_path):
     common = dict(report_to="none", use_cpu=True, max_steps=1, dataset_num_proc=None)
 
     sft = train_script("sft")  # the scripts' own data functions
-    for keep_think in (False, True):
+    for keep_think, packing in ((False, False), (True, False), (False, True)):  # the GPU recipe packs its SFT
         examples, _ = build_sft(pairs, [], keep_think=keep_think)
         trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=sft.to_prompt_completion(examples),
-                             args=SFTConfig(output_dir=str(tmp_path / "sft"), completion_only_loss=True, **common))
-        rows = [trainer.train_dataset[i] for i in range(len(examples))]
+                             args=SFTConfig(output_dir=str(tmp_path / "sft"), completion_only_loss=True,
+                                            packing=packing, **common))
+        rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
         batch = trainer.data_collator(rows)
+        think = "<think>\nThey feel low, be brief.\n</think>\n\n" if keep_think else ""
+        if packing:  # padding-free: both examples in one row, each one's positions from 0, no pad token
+            ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+            assert len(rows) == 1 and batch["position_ids"][0].tolist().count(0) == 2 and tok.pad_token_id not in ids
+            learned = tok.decode([i for i, label in zip(ids, labels) if label != -100]).split("<|im_end|>\n")
+            assert sorted(learned) == sorted(["", *(reply for _, reply in posts.values())]), learned
+            continue
         for row, ids, labels in zip(rows, batch["input_ids"].tolist(), batch["labels"].tolist()):
             lang = next(k for k, (post, _) in posts.items() if post in tok.decode(row["input_ids"]))
-            think = "<think>\nThey feel low, be brief.\n</think>\n\n" if keep_think else ""
             n = len(row["input_ids"])
             assert tok.decode(ids[:n]) == rendered[lang] + think + posts[lang][1] + "<|im_end|>\n"
             learned = [i for i, label in zip(ids, labels) if label != -100]
