@@ -70,3 +70,17 @@ def test_json_constrained_after_think(engines, path):
     if path != "server":  # without a budget the block never closes: no JSON, counted as unstructured
         (c,) = engines(path, None).generate(CONVS[:1], sampling, structured=Structured(json_schema=FEELING))[0]
         assert "unterminated_think" in c.flags and "unstructured" in c.flags
+
+
+@pytest.mark.parametrize("path", ["vllm", "server", "hf"])
+def test_stop_string_ends_the_answer_after_think(engines, path):
+    """The rehearsal's samplings: a budget of one token (the prompt's own "<think>\\n": R1 answers at once, with no
+    reasoning) and a stop string ("e", which random text holds every few tokens). Each answer ends at the stop as a
+    stop, not cut at max_tokens, so it can be a training target; on every path alike."""
+    sampling = SAMPLING.model_copy(update={"stop": ["e"]})
+    done = [c for (c,) in engines(path, 1).generate(CONVS, sampling)]
+    for c in done:
+        assert c.finish_reason == "stop" and "truncated" not in c.flags and "think_budget_hit" in c.flags, c
+        assert not c.reasoning and "e" not in c.text and "</think>" not in c.text, c
+        assert c.completion_tokens < SAMPLING.max_tokens, c
+    assert any(c.text for c in done), done

@@ -84,6 +84,7 @@ def test_rehearse_r1_qwen_recipe_end_to_end(twins, tmp_path):
         assert "think_budget_hit" in c["flags"] and isinstance(json.loads(c["text"]), dict), record
     e = counts["eval"]
     assert e["judge_calls"] > 0 and e["judge_invalid_calls"] == 0
+    assert set(e["truncated"]) >= {"strong", "student", "distill"} and not any(e["truncated"].values()), e  # answers
     assert e["seeker_calls"] > 0 and e["seeker_invalid_calls"] == 0
 
     # every training stage took its step; distill with the strong teacher across the two vocabularies
@@ -94,6 +95,36 @@ def test_rehearse_r1_qwen_recipe_end_to_end(twins, tmp_path):
     assert d["training"]["teacher_calls"] >= 1 and all(math.isfinite(k) for k in d["training"]["kl"])
     assert counts["selftrain"]["trained_rounds"] == 1
     assert (run_dir / "report" / "index.html").stat().st_size > 0
+
+
+def test_rehearsal_on_the_hf_engine_as_gpu_check_runs_it(twins, tmp_path):
+    """`scripts/gpu_check.sh rehearse` runs the rehearsal with every role on the hf engine (no CUDA vLLM travels to
+    a lent GPU): its generation stages, here at toy width, with the script's own flags. R1's answers come from the
+    engine's two steps (the budget closes the think block, then the answer ends at the rehearsal's stop), so they
+    are complete and become pairs; the guidance calls parse. A GPU's few minutes are not spent finding that out."""
+    import re
+    import shlex
+
+    script = (repo_root() / "scripts" / "gpu_check.sh").read_text()
+    hf = shlex.split(re.search(r"^HF=\((.*)\)$", script, re.M).group(1))
+    assert hf.count("--set") == 3 and all(f"models.{r}.engine=hf" in hf for r in ("weak", "strong", "student"))
+    cmd = [sys.executable, "-m", "toushi.cli", "run", str(RECIPE), "--rehearse", "--set", f"run.dir={tmp_path}", *hf,
+           "--set", "run.stages=[corpus,pairs,guidance,guided]"]
+    done = subprocess.run(cmd, cwd=repo_root(), env=os.environ, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_dir = tmp_path / "r1-qwen-rehearsal"
+    assert load_recipe(run_dir / "recipe.yaml", check_files=False).models.strong.engine == "hf"
+    counts = {s: StageStore(run_dir, s).manifest()["counts"] for s in ("corpus", "pairs", "guidance", "guided")}
+    assert counts["corpus"]["tagged"] == counts["corpus"]["kept"] > 0 and counts["corpus"]["tag_invalid"] == 0
+    p = counts["pairs"]
+    assert p["pairs"] == p["prompts"] and p["weak_truncated"] == p["strong_truncated"] == 0, p
+    assert p["strong_think_budget_hit"] == p["strong_generated"] > 0
+    g = counts["guidance"]
+    assert g["calls"] > 0 and g["malformed_ops"] == g["unstructured"] == 0 and g["rules"] > 0, g
+    assert counts["guided"]["guided_truncated"] == 0
+    for record in StageStore(run_dir, "pairs").records():
+        for role, c in completions(record):
+            assert c["finish_reason"] == "stop" and "<think>" not in c["text"] and "</think>" not in c["text"], c
 
 
 def test_rehearsal_transforms_the_loaded_recipe(twins, monkeypatch):

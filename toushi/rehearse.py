@@ -41,8 +41,11 @@ Field by field, what is changed and why (every other field is the recipe's):
 - free-text answers that become targets or are compared (pairs, guided, eval's student answers) stop at STOP,
   the letter e: random weights never emit an end token, so without a stop every answer would be cut at
   max_tokens, and a cut answer is never a target (no SFT, DPO or guidance pair). Random tokens hold an e every
-  few tokens and rarely start with one, so answers end within ANSWER_TOKENS and are seldom empty. Role
-  samplings get no stop: the judge reads its verdicts with them, and a stop would cut the JSON.
+  few tokens and rarely start with one, so answers end within ANSWER_TOKENS and are seldom empty. Such an answer
+  the recipe decodes greedily (eval's students: temperature 0) is sampled at GREEDY_TEMPERATURE instead: a random
+  model's greedy answer repeats one token, which may hold no e, to max_tokens (every student answer of eval was
+  cut so, on vLLM and the hf engine alike, and was judged as a cut answer). Role samplings get no stop: the judge
+  reads its verdicts with them, and a stop would cut the JSON.
 - corpus: at most POSTS posts (``per_scene`` 1, scene-balanced), HELDOUT_FRACTION of them held out (eval
   needs some); ``guidance``: batches and context to match, ``dev_prompts`` 1, at most SEED_DIMENSIONS seeded
   dimension (random weights fill every string of an analysis answer to its bound, and each seeded dimension
@@ -79,6 +82,7 @@ ANSWER_TOKENS = 32
 JSON_TOKENS = 256  # the longest constrained answer random weights write (strings at their bounds) is ~190 tokens
 THINKING_BUDGET = 1
 STOP = ["e"]
+GREEDY_TEMPERATURE = 1.0  # what a greedy answer that must end at STOP samples at instead
 STEPS = 1
 REAL_STEPS = 3
 BATCH = 2
@@ -218,7 +222,8 @@ def _tokens(sampling: Sampling, most: int) -> Sampling:
 
 def _stop(sampling: Sampling) -> Sampling:
     return sampling.model_copy(update={"max_tokens": min(sampling.max_tokens, ANSWER_TOKENS),
-                                       "stop": sorted({*sampling.stop, *STOP})})
+                                       "stop": sorted({*sampling.stop, *STOP}),
+                                       "temperature": sampling.temperature or GREEDY_TEMPERATURE})
 
 
 def _train(train: TrainSpec, toy: bool) -> TrainSpec:

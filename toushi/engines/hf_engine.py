@@ -5,7 +5,9 @@ default structured-output backend, so both engines follow the same grammar for a
 
 A reasoning model with a thinking budget or a constraint is run in two steps per sample, as vLLM's reasoning
 support does in one: the think block free, up to the budget (then ``</think>`` is appended: close the think and
-answer), and the answer after it, under the constraint.
+answer), and the answer after it, under the constraint. Stop strings end the answer, not the reasoning: vLLM's
+detokenizer checks them over the think block too (vllm-project/vllm#52393), which the rehearsal's budget of one
+token sidesteps.
 """
 
 from __future__ import annotations
@@ -188,12 +190,14 @@ class HFEngine(Engine):
         if budget is not None:  # counted as vLLM counts it: R1's prompt already holds "<think>\n"
             room = budget - prompt_think_tail(prompt[0].tolist(), open_id, close_id)
         kwargs = self._sampling_kwargs(sampling, k)
+        thinking = {key: v for key, v in kwargs.items() if key != "stopping_criteria"}  # stops end the answer only
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._adapters(lora_name):
-            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **{
-                **kwargs, "max_new_tokens": max(1, min(room, sampling.max_tokens)),
-                "eos_token_id": [*eos_ids, close_id]})
-        thought = out[0, prompt.shape[1]:].tolist()
+        thought = []  # a budget the prompt's own "<think>\n" spends: closed at once, as vLLM closes it
+        if room > 0:
+            with torch.inference_mode(), self._adapters(lora_name):
+                out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **{
+                    **thinking, "max_new_tokens": min(room, sampling.max_tokens), "eos_token_id": [*eos_ids, close_id]})
+            thought = out[0, prompt.shape[1]:].tolist()
         closed = close_id in thought
         ended = bool(set(thought) & set(eos_ids))
         budget_hit = budget is not None and not closed and not ended and len(thought) < sampling.max_tokens
@@ -217,11 +221,16 @@ class HFEngine(Engine):
             top = self._top(out.scores, 0, logprobs) if logprobs is not None else None
         cut = next((j for j, t in enumerate(answer_ids) if t in eos_ids), None)
         kept = answer_ids if cut is None else answer_ids[:cut]
-        raw = self.tokenizer.decode(thought + kept, skip_special_tokens=True)
+        # decoded apart at </think> (a token of its own), so a stop string is looked for in the answer alone
+        answer, stopped = self.tokenizer.decode(kept, skip_special_tokens=True), cut is not None or ended
+        for s in sampling.stop:  # generate stops *after* a stop string; the answer ends before it
+            if s in answer:
+                answer, stopped = answer.split(s, 1)[0], True
+        raw = self.tokenizer.decode(thought, skip_special_tokens=True) + answer
         c = make_completion(
             raw,
             opened_think=True,
-            finish_reason="stop" if cut is not None or ended else "length",
+            finish_reason="stop" if stopped else "length",
             prompt_tokens=prompt.shape[1],
             completion_tokens=len(thought) + len(kept) + (1 if cut is not None else 0),
             latency_s=time.perf_counter() - t0,
