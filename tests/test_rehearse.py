@@ -123,7 +123,7 @@ def test_rehearsal_on_the_hf_engine_as_gpu_check_runs_it(twins, tmp_path):
     assert g["calls"] > 0 and g["malformed_ops"] == g["unstructured"] == 0 and g["rules"] > 0, g
     assert counts["guided"]["guided_truncated"] == 0
     for record in StageStore(run_dir, "pairs").records():
-        for role, c in completions(record):
+        for _, c in completions(record):
             assert c["finish_reason"] == "stop" and "<think>" not in c["text"] and "</think>" not in c["text"], c
 
 
