@@ -108,10 +108,15 @@ def test_rehearsal_on_the_hf_engine_as_gpu_check_runs_it(twins, tmp_path):
     script = (repo_root() / "scripts" / "gpu_check.sh").read_text()
     hf = shlex.split(re.search(r"^HF=\((.*)\)$", script, re.M).group(1))
     assert hf.count("--set") == 3 and all(f"models.{r}.engine=hf" in hf for r in ("weak", "strong", "student"))
-    cmd = [sys.executable, "-m", "toushi.cli", "run", str(RECIPE), "--rehearse", "--set", f"run.dir={tmp_path}", *hf,
-           "--set", "run.stages=[corpus,pairs,guidance,guided]"]
-    done = subprocess.run(cmd, cwd=repo_root(), env=os.environ, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    from typer.testing import CliRunner
+
+    from toushi.cli import app
+
+    # the CLI in this process (no vLLM engine starts: every role is on the hf engine), as the subprocess would run it
+    args = ["run", str(RECIPE), "--rehearse", "--set", f"run.dir={tmp_path}", *hf,
+            "--set", "run.stages=[corpus,pairs,guidance,guided]"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, (done.output[-4000:], done.exception)
     run_dir = tmp_path / "r1-qwen-rehearsal"
     assert load_recipe(run_dir / "recipe.yaml", check_files=False).models.strong.engine == "hf"
     counts = {s: StageStore(run_dir, s).manifest()["counts"] for s in ("corpus", "pairs", "guidance", "guided")}
