@@ -38,6 +38,13 @@ from toushi.recipe import ModelSpec, Sampling
 from toushi.think import CLOSE, OPEN, prompt_think_tail
 
 
+def before_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop string, and whether one was there: generate stops *after* a stop string, and
+    the answer ends before it (as vLLM's and the OpenAI API's answers do)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=None)
+    return (text, False) if cut is None else (text[:cut], True)
+
+
 class HFEngine(Engine):
     def __init__(self, spec: ModelSpec):
         import torch
@@ -222,10 +229,8 @@ class HFEngine(Engine):
         cut = next((j for j, t in enumerate(answer_ids) if t in eos_ids), None)
         kept = answer_ids if cut is None else answer_ids[:cut]
         # decoded apart at </think> (a token of its own), so a stop string is looked for in the answer alone
-        answer, stopped = self.tokenizer.decode(kept, skip_special_tokens=True), cut is not None or ended
-        for s in sampling.stop:  # generate stops *after* a stop string; the answer ends before it
-            if s in answer:
-                answer, stopped = answer.split(s, 1)[0], True
+        answer, at_stop = before_stop(self.tokenizer.decode(kept, skip_special_tokens=True), sampling.stop)
+        stopped = cut is not None or ended or at_stop
         raw = self.tokenizer.decode(thought, skip_special_tokens=True) + answer
         c = make_completion(
             raw,
@@ -258,11 +263,8 @@ class HFEngine(Engine):
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         cut = next((j for j, t in enumerate(ids) if t in eos_ids), None)
         kept = ids if cut is None else ids[:cut]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        stopped = cut is not None
-        for s in sampling.stop:  # generate stops *after* a stop string; the answer ends before it
-            if s in text:
-                text, stopped = text.split(s, 1)[0], True
+        text, at_stop = before_stop(self.tokenizer.decode(kept, skip_special_tokens=True), sampling.stop)
+        stopped = cut is not None or at_stop
         return make_completion(
             text,
             opened_think=self.spec.reasoning,
